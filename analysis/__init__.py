@@ -1,0 +1,1 @@
+"""Analysis: imaging, the vision client, findings and the structured report (later issues)."""

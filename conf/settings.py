@@ -1,0 +1,155 @@
+"""The node's configuration: one validated, frozen object built at start and passed in.
+
+Values come from a TOML file (DESIGN.md §4) and are overridden by environment variables named
+``AINODE_<SECTION>__<KEY>``. Nothing else in the code reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # Part 5 §6.2 AE: no backslash
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line naming the key and the value."""
+
+
+def _check_ae_title(value: str, name: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f'{name} must be 1 to 16 printable characters without "\\", got {value!r}')
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NodeSettings(_Section):
+    ae_title: str = "AINODE"
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)
+    allowed_calling_aets: tuple[str, ...] = ()
+    network_timeout_seconds: float = Field(default=30.0, gt=0)
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    max_pdu_bytes: int = Field(default=1_048_576, ge=0)
+    max_associations: int = Field(default=128, ge=1)
+    max_associations_per_peer: int = Field(default=64, ge=1)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value, "node.ae_title")
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _allowed(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_ae_title(v, "node.allowed_calling_aets") for v in value)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+
+class StorageSettings(_Section):
+    root: Path = Path("var/ainode")
+    database_url: str = "sqlite:///var/ainode/ainode.db"
+    min_free_mb: int = Field(default=1024, ge=0)
+
+
+class StudySettings(_Section):
+    settle_seconds: float = Field(default=10.0, ge=0)
+
+
+class HttpSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class DestinationSettings(_Section):
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value, "destinations.ae_title")
+
+
+class Settings(BaseSettings):
+    """Everything the node is configured with. Sections mirror the TOML file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AINODE_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    study: StudySettings = StudySettings()
+    http: HttpSettings = HttpSettings()
+    destinations: tuple[DestinationSettings, ...] = ()
+    # Sections owned by later parts of the node (vision, worker, routing) are accepted as
+    # tables so a complete configuration file loads today.
+    vision: dict[str, Any] = Field(default_factory=dict)
+    worker: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init arguments; the environment must override them.
+        return env_settings, init_settings
+
+
+def default_config_path(environ: dict[str, str] | None = None) -> Path:
+    """``$AINODE_CONFIG``, else ``conf/ainode.toml`` in the working directory, else the packaged
+    default (so a ``pip install``-ed node starts anywhere)."""
+    env = os.environ if environ is None else environ
+    if env.get("AINODE_CONFIG"):
+        return Path(env["AINODE_CONFIG"])
+    local = Path("conf/ainode.toml")
+    if local.is_file():
+        return local
+    return Path(__file__).with_name("ainode.toml")
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read and validate the configuration; raise :class:`ConfigError` with a one-line reason."""
+    config_path = path if path is not None else default_config_path()
+    try:
+        with config_path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {str(config_path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {str(config_path)!r} is not valid TOML: {exc}") from None
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        got = first.get("input")
+        raise ConfigError(
+            f"{config_path}: {where}: {first['msg']} (got {got!r}; {exc.error_count()} error(s) in all)"
+        ) from None

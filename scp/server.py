@@ -1,0 +1,376 @@
+"""The storage SCP: Verification and every storage SOP class, durable before acknowledged.
+
+For each C-STORE: pynetdicom streams the dataset to a file under ``storage.root/tmp`` as the
+P-DATA arrives (``STORE_RECV_CHUNKED_DATASET``), so memory stays flat for any instance size; the
+handler checks that the file is a complete dataset matching the request, fsyncs and renames it
+into place, commits one transaction, and only then answers 0x0000. It makes no HTTP calls and
+decodes no pixels, and never raises into pynetdicom.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pynetdicom
+import pynetdicom.dimse_messages
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from conf import Settings
+from scp.dataset_check import check_dataset_file
+from scp.errors import DatasetCorrupt, DatasetMismatch
+from scp.statuses import StoreStatus
+from scp.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
+from storage.db import transaction
+from storage.errors import StorageUnavailable
+from storage.files import InstanceStore, is_safe_uid, sha256_of
+from storage.studies import (
+    IngestOutcome,
+    ReceivedInstance,
+    extend_settle,
+    record_instance,
+    settle_due,
+)
+
+log = logging.getLogger("ainode.scp")
+Clock = Callable[[], dt.datetime]
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def configure_pynetdicom(tmp_dir: Path) -> None:
+    """Process-wide pynetdicom settings the node relies on.
+
+    pynetdicom creates the chunked-receive file with ``tempfile.NamedTemporaryFile`` in the
+    system temp folder; pointing it at ``storage.root/tmp`` keeps the later rename on one file
+    system (atomic, no copy).
+    """
+    pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True
+    pynetdicom._config.LOG_REQUEST_IDENTIFIERS = False  # never log patient identifiers
+    pynetdicom._config.LOG_RESPONSE_IDENTIFIERS = False
+    pynetdicom.dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment]
+        tempfile.NamedTemporaryFile, dir=str(tmp_dir)
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Nagle's algorithm on a DIMSE socket holds each small PDU ~40 ms: ~20 instances/s."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class NodeServer(ThreadedAssociationServer):  # type: ignore[misc]
+    """pynetdicom's threaded server with TCP_NODELAY, a per-peer connection cap, and the TLS
+    handshake moved off the accept loop (a client that never finishes it would otherwise block
+    every other caller)."""
+
+    max_per_peer: int = 64
+    handshake_timeout: float = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tls: ssl.SSLContext | None = self._ssl_context
+        self._ssl_context = None  # wrap in the connection's own thread instead
+        self._per_peer: Counter[str] = Counter()
+        self._peer_lock = threading.Lock()
+        self.daemon_threads = True
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        if self.socket is None:
+            raise OSError("the DICOM listener socket is closed")
+        client, address = self.socket.accept()
+        set_nodelay(client)
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host = str(client_address[0])
+        with self._peer_lock:
+            if self._per_peer[host] >= self.max_per_peer:
+                log.warning(
+                    "refused connection from %s: %d associations already open "
+                    "(node.max_associations_per_peer)",
+                    host,
+                    self._per_peer[host],
+                )
+                return False
+            self._per_peer[host] += 1
+        return True
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        host = str(client_address[0])
+        try:
+            if self._tls is not None:
+                request.settimeout(self.handshake_timeout)
+                try:
+                    request = self._tls.wrap_socket(request, server_side=True)
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("TLS handshake with %s failed: %s", host, exc)
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._peer_lock:
+                self._per_peer[host] -= 1
+                if self._per_peer[host] <= 0:
+                    del self._per_peer[host]
+
+
+def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    node = settings.node
+    if node.tls_cert is None:
+        return None
+    if node.tls_key is None:
+        raise ValueError("node.tls_key must be set when node.tls_cert is set")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(node.tls_cert), str(node.tls_key))
+    if node.tls_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(str(node.tls_ca))
+    return context
+
+
+class StorageSCP:
+    """The node's DICOM listener and the settle loop that queues studies."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        clock: Clock = utc_now,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.clock = clock
+        self.store = InstanceStore(settings.storage.root)
+        self._open: dict[int, set[str]] = {}
+        self._open_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._server: NodeServer | None = None
+        self._housekeeper: threading.Thread | None = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.network_timeout = node.network_timeout_seconds
+        ae.acse_timeout = node.acse_timeout_seconds
+        ae.dimse_timeout = node.dimse_timeout_seconds
+        ae.maximum_pdu_size = node.max_pdu_bytes
+        ae.maximum_associations = node.max_associations
+        if node.allowed_calling_aets:
+            ae.require_calling_aet = list(node.allowed_calling_aets)
+        ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES)
+        for context in AllStoragePresentationContexts:
+            if context.abstract_syntax is not None:
+                ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the SCP is not running")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self.store.prepare()
+        configure_pynetdicom(self.store.tmp_dir)
+        node = self.settings.node
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        NodeServer.max_per_peer = node.max_associations_per_peer
+        NodeServer.handshake_timeout = node.network_timeout_seconds
+        server = self.ae.make_server(
+            (node.host, node.port),
+            evt_handlers=handlers,
+            ssl_context=make_ssl_context(self.settings),
+            server_class=NodeServer,
+        )
+        if not isinstance(server, NodeServer):
+            raise TypeError(f"pynetdicom made a {type(server).__name__}, not a NodeServer")
+        self._server = server
+        self.ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="settle", daemon=True)
+        self._housekeeper.start()
+        log.info(
+            "listening for DICOM as %s on %s:%d%s",
+            node.ae_title,
+            node.host,
+            self.port,
+            " with TLS" if node.tls_enabled else "",
+        )
+
+    def stop(self, grace_seconds: float = 30.0) -> None:
+        """Stop accepting, let open associations finish (up to ``grace_seconds``), stop."""
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            assoc.abort()
+        if self._housekeeper is not None:
+            self._housekeeper.join(timeout=5)
+        log.info("DICOM listener stopped")
+
+    # -- association bookkeeping -------------------------------------------------------------
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        with self._open_lock:
+            self._open[id(event.assoc)] = set()
+        log.info(
+            "association accepted from %s (%s)",
+            event.assoc.requestor.ae_title,
+            event.assoc.requestor.address,
+        )
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        log.warning(
+            "association from %s (%s) rejected",
+            event.assoc.requestor.ae_title,
+            event.assoc.requestor.address,
+        )
+
+    def _on_closed(self, event: evt.Event) -> None:
+        with self._open_lock:
+            studies = self._open.pop(id(event.assoc), None)
+        if studies:
+            self._push_settle(studies)
+
+    def _push_settle(self, studies: set[str]) -> None:
+        until = self.clock() + dt.timedelta(seconds=self.settings.study.settle_seconds)
+        try:
+            with transaction(self.sessions) as session:
+                extend_settle(session, studies, until)
+        except Exception:
+            log.exception("could not extend the settle time of %d open studies", len(studies))
+
+    def _housekeeping(self) -> None:
+        interval = min(1.0, max(self.settings.study.settle_seconds / 4, 0.05))
+        while not self._stop.wait(interval):
+            with self._open_lock:
+                sending = set().union(*self._open.values()) if self._open else set()
+            if sending:
+                self._push_settle(sending)
+            try:
+                with transaction(self.sessions) as session:
+                    settled = settle_due(session, self.clock())
+                for uid in settled:
+                    log.info("study %s settled and queued for analysis", uid)
+            except Exception:
+                log.exception("settle loop failed; will retry")
+
+    # -- C-STORE -----------------------------------------------------------------------------
+
+    def _on_c_store(self, event: evt.Event) -> Dataset | int:
+        started = time.perf_counter()
+        request = event.request
+        if not isinstance(request, C_STORE):
+            return int(StoreStatus.PROCESSING_FAILURE)
+        sop_class = str(request.AffectedSOPClassUID)
+        sop_instance = str(request.AffectedSOPInstanceUID)
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        received: Path | None = None
+        try:
+            received = Path(event.dataset_path)
+            status, reason, study = self._store(received, sop_class, sop_instance, calling_ae)
+        except Exception as exc:  # a handler must never raise into pynetdicom
+            log.exception("C-STORE of %s failed unexpectedly", sop_instance)
+            status, reason, study = StoreStatus.PROCESSING_FAILURE, type(exc).__name__, None
+        finally:
+            if received is not None:
+                received.unlink(missing_ok=True)
+        if study is not None:
+            with self._open_lock:
+                self._open.setdefault(id(event.assoc), set()).add(study)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        if status.is_success:
+            log.info(
+                "stored %s (study %s) from %s in %.1f ms: %s",
+                sop_instance,
+                study,
+                calling_ae,
+                elapsed_ms,
+                reason,
+            )
+            return int(status)
+        log.warning("C-STORE %s from %s answered 0x%04X: %s", sop_instance, calling_ae, int(status), reason)
+        response = Dataset()
+        response.Status = int(status)
+        response.ErrorComment = reason[:64]
+        return response
+
+    def _store(
+        self, received: Path, sop_class: str, sop_instance: str, calling_ae: str
+    ) -> tuple[StoreStatus, str, str | None]:
+        try:
+            self.store.check_free_space(self.settings.storage.min_free_mb)
+        except StorageUnavailable as exc:
+            return StoreStatus.OUT_OF_RESOURCES, str(exc), None
+        try:
+            summary = check_dataset_file(received, sop_class, sop_instance)
+        except DatasetCorrupt as exc:
+            return StoreStatus.CANNOT_UNDERSTAND, str(exc), None
+        except DatasetMismatch as exc:
+            return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc), None
+        uids = (summary.study_instance_uid, summary.series_instance_uid, sop_instance)
+        if not all(is_safe_uid(uid) for uid in uids):
+            return (
+                StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "a UID is not a valid DICOM UID",
+                None,
+            )
+
+        sha256 = sha256_of(received)
+        relative = self.store.relative_path(*uids, sha256)
+        final = self.store.absolute(relative)
+        created = not final.exists()  # same name means same bytes: already durable
+        try:
+            if created:
+                self.store.install(received, relative)
+            instance = ReceivedInstance(
+                sop_instance_uid=sop_instance,
+                study_instance_uid=summary.study_instance_uid,
+                series_instance_uid=summary.series_instance_uid,
+                sop_class_uid=sop_class,
+                transfer_syntax_uid=summary.transfer_syntax_uid,
+                path=relative,
+                size=final.stat().st_size,
+                sha256=sha256,
+                calling_ae_title=calling_ae,
+            )
+            with transaction(self.sessions) as session:
+                result = record_instance(session, instance, self.settings.study.settle_seconds, self.clock())
+        except StorageUnavailable as exc:
+            if created:
+                self.store.remove(relative)  # not referenced by any row: drop it
+            return StoreStatus.OUT_OF_RESOURCES, str(exc), None
+        if result.superseded_path:
+            self.store.remove(result.superseded_path)
+        if result.outcome is IngestOutcome.DUPLICATE and created:
+            self.store.remove(relative)  # unreachable in practice: same hash, same name
+        return StoreStatus.SUCCESS, result.outcome.value, summary.study_instance_uid

@@ -1,0 +1,62 @@
+"""``ainode status``: the studies the node holds, as a table or as JSON (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from storage.models import Job, Study
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value is not None else None
+
+
+def study_rows(session: Session) -> list[dict[str, Any]]:
+    jobs: dict[str, Job | None] = {}
+    for job in session.scalars(select(Job).order_by(Job.study_instance_uid, Job.study_version)):
+        jobs[job.study_instance_uid] = job  # the newest version's job wins
+    rows: list[dict[str, Any]] = []
+    for study in session.scalars(select(Study).order_by(Study.first_received_at)):
+        job = jobs.get(study.study_instance_uid)
+        current = job if job is not None and job.study_version == study.version else None
+        rows.append(
+            {
+                "study_instance_uid": study.study_instance_uid,
+                "state": study.state,
+                "version": study.version,
+                "instance_count": study.instance_count,
+                "series_count": study.series_count,
+                "calling_ae_title": study.calling_ae_title,
+                "first_received_at": _iso(study.first_received_at),
+                "last_received_at": _iso(study.last_received_at),
+                "settle_at": _iso(study.settle_at),
+                "attempts": current.attempts if current is not None else 0,
+                "last_error": study.last_error or (current.last_error if current is not None else None),
+                "sr_sop_instance_uid": study.sr_sop_instance_uid,
+                "cost_usd": None,
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    columns = [
+        ("study_instance_uid", "STUDY"),
+        ("state", "STATE"),
+        ("instance_count", "INST"),
+        ("series_count", "SER"),
+        ("calling_ae_title", "FROM"),
+        ("last_received_at", "LAST RECEIVED"),
+        ("attempts", "TRIES"),
+        ("last_error", "LAST ERROR"),
+    ]
+    table = [[h for _, h in columns]]
+    table += [["" if r[k] is None else str(r[k]) for k, _ in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table
+    )

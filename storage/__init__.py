@@ -1,0 +1,1 @@
+"""Durable state: instance files, the database, the study and job queue."""

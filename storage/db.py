@@ -1,0 +1,99 @@
+"""Database engine and sessions, created once at start and passed in.
+
+SQLite (the default) runs in WAL mode with ``synchronous=FULL`` so a committed instance survives a
+power cut, a busy timeout so concurrent associations wait instead of failing, and every
+transaction starts with ``BEGIN IMMEDIATE``: taking the write lock up front avoids the deadlock
+where two readers both try to upgrade to writers (SQLITE_BUSY that no busy timeout can resolve).
+PostgreSQL needs none of that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.errors import DatabaseUnavailable
+
+SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def make_engine(database_url: str) -> Engine:
+    """Create the engine for ``storage.database_url`` (SQLite file or PostgreSQL)."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            # isolation_level=None hands transaction control to us (the "begin" hook below);
+            # pysqlite's own implicit BEGIN is deferred and cannot be made IMMEDIATE.
+            connect_args={
+                "isolation_level": None,
+                "timeout": SQLITE_BUSY_TIMEOUT_SECONDS,
+                "check_same_thread": False,
+            },
+            pool_size=8,
+            max_overflow=64,
+        )
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+    return create_engine(url, pool_size=8, max_overflow=64, pool_pre_ping=True)
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_on_begin(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One committed transaction; database connection failures become
+    :class:`DatabaseUnavailable` so callers can answer 0xA700 instead of crashing."""
+    try:
+        with factory.begin() as session:
+            yield session
+    except DBAPIError as exc:
+        if exc.connection_invalidated or _is_operational(exc):
+            raise DatabaseUnavailable(f"database unavailable: {type(exc.orig).__name__}") from exc
+        raise
+
+
+def _is_operational(exc: DBAPIError) -> bool:
+    from sqlalchemy.exc import OperationalError
+
+    return isinstance(exc, OperationalError)
+
+
+def alembic_config(engine: Engine) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest migration (run at every start; a no-op when current)."""
+    command.upgrade(alembic_config(engine), "head")

@@ -1,0 +1,114 @@
+"""Instance files: written once, fsynced, renamed into place atomically.
+
+Layout under ``storage.root``::
+
+    tmp/                         partial files (received data, not yet durable); purged at start
+    instances/<study>/<series>/<sop>.<sha256[:16]>.dcm
+
+The content hash in the name means a replacement (same SOP Instance UID, different bytes) is a
+new file: the old file stays until the database row points at the new one, so a crash at any
+moment leaves a complete, referenced file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.errors import DiskFull
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def is_safe_uid(value: str) -> bool:
+    """A UID that is safe as a path component: digits and dots, at most 64 characters."""
+    return len(value) <= 64 and bool(_UID.match(value))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class InstanceStore:
+    root: Path
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.root / "instances"
+
+    def prepare(self) -> None:
+        """Create the folders and delete partial files a previous run left behind."""
+        for folder in (self.tmp_dir, self.instances_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp_dir.iterdir():
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+
+    def check_free_space(self, min_free_mb: int) -> None:
+        free_mb = shutil.disk_usage(self.root).free // (1 << 20)
+        if free_mb < min_free_mb:
+            raise DiskFull(
+                f"free space under {str(self.root)!r} is {free_mb} MB, below storage.min_free_mb "
+                f"= {min_free_mb}"
+            )
+
+    def relative_path(self, study: str, series: str, sop: str, sha256: str) -> str:
+        for name, uid in (("study", study), ("series", series), ("sop", sop)):
+            if not is_safe_uid(uid):
+                raise ValueError(f"Argument {name!r} must be a DICOM UID, got {uid!r}")
+        return f"instances/{study}/{series}/{sop}.{sha256[:16]}.dcm"
+
+    def absolute(self, relative: str) -> Path:
+        return self.root / relative
+
+    def install(self, received: Path, relative: str) -> Path:
+        """Make ``received`` durable at ``relative``: fsync the bytes, rename into place, fsync
+        the folder (and any folder created on the way). Idempotent for the same content."""
+        final = self.root / relative
+        try:
+            fsync_path(received)
+            self._make_dirs_durably(final.parent)
+            os.replace(received, final)
+            fsync_path(final.parent)
+        except OSError as exc:
+            if exc.errno == 28:  # ENOSPC
+                raise DiskFull(f"no space left writing under {str(self.root)!r}") from exc
+            raise
+        return final
+
+    def _make_dirs_durably(self, folder: Path) -> None:
+        missing: list[Path] = []
+        probe = folder
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        for path in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                path.mkdir()
+            fsync_path(path.parent)
+
+    def remove(self, relative: str) -> None:
+        (self.root / relative).unlink(missing_ok=True)

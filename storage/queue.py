@@ -1,0 +1,256 @@
+"""The job queue: claim with a lease, heartbeat, complete, fail with backoff, reap expired leases.
+
+Every state change after the claim is one UPDATE guarded by (id, state, lease_token) whose row
+count is checked: a worker whose lease expired and whose job was handed to another worker gets
+:class:`LeaseLost` instead of overwriting the new owner's work. A claim leases a job; it never
+deletes it. All functions take ``now`` so lease tests never sleep.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from storage.errors import LeaseLost
+from storage.models import Job, JobKind, JobState, Study, StudyState
+
+BACKOFF_BASE_SECONDS = 30.0
+BACKOFF_CAP_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    kind: str
+    study_instance_uid: str
+    study_version: int
+    attempts: int
+    max_attempts: int
+    lease_token: str
+    lease_expires_at: dt.datetime
+
+
+def backoff_seconds(attempts: int) -> float:
+    """Delay before attempt ``attempts + 1``: 30 s, 60 s, 120 s ... capped at an hour."""
+    if attempts < 1:
+        raise ValueError(f'Argument "attempts" must be at least 1, got {attempts}')
+    return float(min(BACKOFF_BASE_SECONDS * 2 ** (attempts - 1), BACKOFF_CAP_SECONDS))
+
+
+def claim(
+    session: Session, kind: str, owner: str, lease_seconds: float, now: dt.datetime
+) -> ClaimedJob | None:
+    """Lease the most urgent runnable job of ``kind``, or return None.
+
+    One statement: UPDATE ... WHERE id = (SELECT id ... LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING. On PostgreSQL, SKIP LOCKED lets concurrent workers take different rows without
+    waiting; on SQLite the FOR UPDATE renders as nothing and the BEGIN IMMEDIATE every
+    transaction starts with (storage.db) serialises claimers instead.
+    """
+    if lease_seconds <= 0:
+        raise ValueError(f'Argument "lease_seconds" must be positive, got {lease_seconds}')
+    token = str(uuid.uuid4())
+    expires = now + dt.timedelta(seconds=lease_seconds)
+    candidate = (
+        select(Job.id)
+        .where(Job.kind == kind)
+        .where(Job.state == JobState.QUEUED)
+        .where(Job.run_after <= now)
+        .order_by(Job.priority.desc(), Job.run_after, Job.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    row = session.execute(
+        update(Job)
+        .where(Job.id == candidate)
+        .where(Job.state == JobState.QUEUED)
+        .values(
+            state=JobState.RUNNING,
+            lease_owner=owner,
+            lease_token=token,
+            lease_expires_at=expires,
+            attempts=Job.attempts + 1,
+            updated_at=now,
+        )
+        .returning(
+            Job.id,
+            Job.kind,
+            Job.study_instance_uid,
+            Job.study_version,
+            Job.attempts,
+            Job.max_attempts,
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    job = ClaimedJob(row[0], row[1], row[2], row[3], row[4], row[5], token, expires)
+    if job.kind == JobKind.ANALYSE:
+        _set_study_state(session, job, StudyState.ANALYSING)
+    return job
+
+
+def _guarded(job: ClaimedJob):  # type: ignore[no-untyped-def]
+    return (
+        update(Job)
+        .where(Job.id == job.id)
+        .where(Job.state == JobState.RUNNING)
+        .where(Job.lease_token == job.lease_token)
+    )
+
+
+def _apply(session: Session, job: ClaimedJob, values: dict[str, object], action: str) -> None:
+    result = session.execute(_guarded(job).values(**values))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise LeaseLost(f"job {job.id}: lease {job.lease_token} no longer held, cannot {action}")
+
+
+def _set_study_state(session: Session, job: ClaimedJob, state: StudyState, error: str | None = None) -> None:
+    # Only the current version's job may move the study: a late instance may have reopened it.
+    values: dict[str, object] = {"state": state}
+    if error is not None:
+        values["last_error"] = error
+    session.execute(
+        update(Study)
+        .where(Study.study_instance_uid == job.study_instance_uid)
+        .where(Study.version == job.study_version)
+        .where(Study.state.in_([StudyState.QUEUED, StudyState.ANALYSING, StudyState.SENDING]))
+        .values(**values)
+    )
+
+
+def heartbeat(session: Session, job: ClaimedJob, lease_seconds: float, now: dt.datetime) -> ClaimedJob:
+    """Extend the lease; raise :class:`LeaseLost` if it is no longer ours."""
+    expires = now + dt.timedelta(seconds=lease_seconds)
+    _apply(session, job, {"lease_expires_at": expires, "updated_at": now}, "heartbeat")
+    return ClaimedJob(
+        job.id,
+        job.kind,
+        job.study_instance_uid,
+        job.study_version,
+        job.attempts,
+        job.max_attempts,
+        job.lease_token,
+        expires,
+    )
+
+
+def complete(session: Session, job: ClaimedJob, now: dt.datetime) -> None:
+    _apply(
+        session,
+        job,
+        {
+            "state": JobState.SUCCEEDED,
+            "lease_expires_at": None,
+            "updated_at": now,
+            "last_error": None,
+        },
+        "complete",
+    )
+
+
+def fail(
+    session: Session,
+    job: ClaimedJob,
+    error: str,
+    now: dt.datetime,
+    retryable: bool = True,
+    retry_in_seconds: float | None = None,
+) -> JobState:
+    """Record a failure: queue again after a backoff (or ``retry_in_seconds``) while attempts
+    remain, else fail for good."""
+    if retryable and job.attempts < job.max_attempts:
+        delay = backoff_seconds(job.attempts) if retry_in_seconds is None else retry_in_seconds
+        run_after = now + dt.timedelta(seconds=delay)
+        _apply(
+            session,
+            job,
+            {
+                "state": JobState.QUEUED,
+                "run_after": run_after,
+                "lease_owner": None,
+                "lease_token": None,
+                "lease_expires_at": None,
+                "last_error": error,
+                "updated_at": now,
+            },
+            "fail",
+        )
+        if job.kind == JobKind.ANALYSE:
+            _set_study_state(session, job, StudyState.QUEUED, error)
+        return JobState.QUEUED
+    _apply(
+        session,
+        job,
+        {
+            "state": JobState.FAILED,
+            "lease_expires_at": None,
+            "last_error": error,
+            "updated_at": now,
+        },
+        "fail",
+    )
+    if job.kind == JobKind.ANALYSE:
+        _set_study_state(session, job, StudyState.FAILED, error)
+    return JobState.FAILED
+
+
+def release(session: Session, job: ClaimedJob, now: dt.datetime) -> None:
+    """Give a job back untouched (shutdown): queued again at once, the attempt not counted."""
+    _apply(
+        session,
+        job,
+        {
+            "state": JobState.QUEUED,
+            "run_after": now,
+            "lease_owner": None,
+            "lease_token": None,
+            "lease_expires_at": None,
+            "attempts": Job.attempts - 1,
+            "updated_at": now,
+        },
+        "release",
+    )
+    if job.kind == JobKind.ANALYSE:
+        _set_study_state(session, job, StudyState.QUEUED)
+
+
+def reap_expired(session: Session, now: dt.datetime) -> list[int]:
+    """Return jobs whose lease expired (their worker died) to the queue, or fail them when
+    their attempts are used up. Returns the ids it changed."""
+    expired = session.execute(
+        select(
+            Job.id,
+            Job.kind,
+            Job.study_instance_uid,
+            Job.study_version,
+            Job.attempts,
+            Job.max_attempts,
+            Job.lease_token,
+            Job.lease_expires_at,
+        )
+        .where(Job.state == JobState.RUNNING)
+        .where(Job.lease_expires_at < now)
+        .with_for_update(skip_locked=True)
+    ).all()
+    reaped: list[int] = []
+    for job_id, kind, study, version, attempts, max_attempts, token, expires in expired:
+        job = ClaimedJob(job_id, kind, study, version, attempts, max_attempts, token or "", expires or now)
+        try:
+            # The worker died, the job did not fail: run it again at once.
+            fail(
+                session,
+                job,
+                "lease expired: the worker holding it stopped",
+                now,
+                retryable=True,
+                retry_in_seconds=0,
+            )
+        except LeaseLost:
+            continue
+        reaped.append(job.id)
+    return reaped
