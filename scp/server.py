@@ -65,7 +65,7 @@ def configure_pynetdicom(tmp_dir: Path) -> None:
     pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True
     pynetdicom._config.LOG_REQUEST_IDENTIFIERS = False  # never log patient identifiers
     pynetdicom._config.LOG_RESPONSE_IDENTIFIERS = False
-    pynetdicom.dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment]
+    pynetdicom.dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment,attr-defined]
         tempfile.NamedTemporaryFile, dir=str(tmp_dir)
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -17,8 +17,8 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 def study_rows(session: Session) -> list[dict[str, Any]]:
     jobs: dict[str, Job | None] = {}
-    for job in session.scalars(select(Job).order_by(Job.study_instance_uid, Job.study_version)):
-        jobs[job.study_instance_uid] = job  # the newest version's job wins
+    for row in session.scalars(select(Job).order_by(Job.study_instance_uid, Job.study_version)):
+        jobs[row.study_instance_uid] = row  # the newest version's job wins
     rows: list[dict[str, Any]] = []
     for study in session.scalars(select(Study).order_by(Study.first_received_at)):
         job = jobs.get(study.study_instance_uid)
