@@ -1,0 +1,58 @@
+"""Shared fixtures: nodes in subprocesses, database URLs for SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.nodes import Node
+
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def make_node(tmp_path: Path) -> Iterator[type[Node]]:
+    nodes: list[Node] = []
+
+    class _Node(Node):
+        def __init__(self, **sections: dict[str, object]) -> None:
+            workdir = tmp_path / f"node{len(nodes)}"
+            workdir.mkdir()
+            super().__init__(workdir, **sections)  # type: ignore[arg-type]
+            nodes.append(self)
+
+    yield _Node
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    name = f"ainode_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # pragma: no cover - the machine promises PostgreSQL
+        admin.dispose()
+        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is not usable: {exc}")
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with admin.connect() as conn:
+        conn.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
+        )
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/queue.db"
+    url: str = request.getfixturevalue("postgres_url")
+    return url

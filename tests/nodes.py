@@ -1,0 +1,196 @@
+"""Real processes for tests: the node (``ainode serve``), DCMTK tools, Orthanc.
+
+Every process is started with its PID kept and stopped by that PID; nothing listens or connects
+anywhere but 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+DCMTK = Path("/usr/bin")  # pynetdicom installs its own storescu/echoscu in the venv: avoid them
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    """SIGTERM by PID, then SIGKILL if it does not exit in time."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+class Node:
+    """``ainode serve`` in a subprocess with its own config, storage root and port."""
+
+    def __init__(self, workdir: Path, **sections: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.root = workdir / "var"
+        base: dict[str, dict[str, Any]] = {
+            "node": {
+                "ae_title": "AINODE",
+                "host": "127.0.0.1",
+                "port": self.port,
+                "network_timeout_seconds": 5,
+                "acse_timeout_seconds": 5,
+            },
+            "storage": {
+                "root": str(self.root),
+                "database_url": f"sqlite:///{self.root}/ainode.db",
+                "min_free_mb": 1,
+            },
+            "study": {"settle_seconds": 1.0},
+        }
+        for name, values in sections.items():
+            base.setdefault(name, {}).update(values)
+        self.database_url = str(base["storage"]["database_url"])
+        self.config = write_config(workdir / "ainode.toml", base)
+        self.log = workdir / "node.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, command: str = "serve") -> Node:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "scp.cli", "-c", str(self.config), command],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+            )
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "scp.cli", "-c", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            cwd=self.workdir,
+            timeout=60,
+        )
+
+    def status(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = json.loads(self.cli("status", "--json").stdout)
+        return rows
+
+    def wait_for_state(self, study_uid: str, state: str, timeout: float = 15.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = {r["study_instance_uid"]: r for r in self.status()}
+            if rows.get(study_uid, {}).get("state") == state:
+                return rows[study_uid]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"study {study_uid} not {state} after {timeout} s: {rows.get(study_uid)}")
+            time.sleep(0.2)
+
+    def stored_files(self) -> list[Path]:
+        return sorted((self.root / "instances").rglob("*.dcm"))
+
+
+def dcmtk(tool: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(DCMTK / tool), *args],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def have_tool(path: str) -> bool:
+    return shutil.which(path) is not None
+
+
+@contextmanager
+def orthanc(workdir: Path, modalities: dict[str, list[Any]] | None = None) -> Iterator[dict[str, int]]:
+    """Orthanc with a JSON config, listening on fresh ports; stopped by PID afterwards."""
+    dicom_port, http_port = free_port(), free_port()
+    config = {
+        "Name": "test-orthanc",
+        "StorageDirectory": str(workdir / "orthanc-storage"),
+        "IndexDirectory": str(workdir / "orthanc-index"),
+        "DicomAet": "ORTHANC",
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomModalities": modalities or {},
+        "Plugins": [],
+    }
+    cfg = workdir / "orthanc.json"
+    cfg.write_text(json.dumps(config))
+    log = (workdir / "orthanc.log").open("wb")
+    proc = subprocess.Popen(
+        ["/usr/sbin/Orthanc", str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV
+    )
+    try:
+        wait_for_port(http_port, proc=proc)
+        wait_for_port(dicom_port, proc=proc)
+        yield {"dicom_port": dicom_port, "http_port": http_port, "pid": proc.pid}
+    finally:
+        stop_process(proc)
+        log.close()

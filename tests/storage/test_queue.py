@@ -1,0 +1,245 @@
+"""The study queue on SQLite and on PostgreSQL: settle, claim, lease, heartbeat, fail, reap."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage import queue
+from storage.db import make_engine, make_session_factory, migrate, transaction
+from storage.errors import LeaseLost
+from storage.models import Job, JobKind, JobState, Study, StudyState
+from storage.studies import IngestOutcome, ReceivedInstance, extend_settle, record_instance, settle_due
+
+T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+SETTLE = 10.0
+
+
+def at(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(database_url)
+    migrate(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def instance(
+    sop: str, study: str = "1.2.3", series: str = "1.2.3.1", sha: str = "a" * 64
+) -> ReceivedInstance:
+    return ReceivedInstance(
+        sop_instance_uid=sop,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"instances/{study}/{series}/{sop}.{sha[:16]}.dcm",
+        size=100,
+        sha256=sha,
+        calling_ae_title="MODALITY",
+    )
+
+
+def receive(sessions: sessionmaker[Session], item: ReceivedInstance, now: dt.datetime) -> IngestOutcome:
+    with transaction(sessions) as session:
+        return record_instance(session, item, SETTLE, now).outcome
+
+
+def settle(sessions: sessionmaker[Session], now: dt.datetime) -> list[str]:
+    with transaction(sessions) as session:
+        return settle_due(session, now)
+
+
+def study(sessions: sessionmaker[Session], uid: str = "1.2.3") -> Study:
+    with sessions() as session:
+        return session.get_one(Study, uid)
+
+
+def jobs(sessions: sessionmaker[Session]) -> list[Job]:
+    with sessions() as session:
+        return list(session.scalars(select(Job).order_by(Job.id)))
+
+
+def claim(
+    sessions: sessionmaker[Session], owner: str, now: dt.datetime, lease: float = 60
+) -> queue.ClaimedJob | None:
+    with transaction(sessions) as session:
+        return queue.claim(session, JobKind.ANALYSE, owner, lease, now)
+
+
+def test_instances_group_into_a_study_that_settles_into_exactly_one_job(
+    sessions: sessionmaker[Session],
+) -> None:
+    assert receive(sessions, instance("1.1"), at(0)) is IngestOutcome.STORED
+    assert receive(sessions, instance("1.2", series="1.2.3.2"), at(5)) is IngestOutcome.STORED
+    assert settle(sessions, at(14)) == []  # 9 s after the last instance: not yet
+    assert settle(sessions, at(15)) == ["1.2.3"]
+    assert settle(sessions, at(30)) == []  # settling again queues nothing more
+    s = study(sessions)
+    assert (s.state, s.instance_count, s.series_count, s.version) == (StudyState.QUEUED, 2, 2, 1)
+    assert [(j.state, j.study_version) for j in jobs(sessions)] == [(JobState.QUEUED, 1)]
+
+
+def test_same_bytes_again_is_a_no_op_and_different_bytes_replace(sessions: sessionmaker[Session]) -> None:
+    receive(sessions, instance("1.1"), at(0))
+    settle(sessions, at(20))
+    assert receive(sessions, instance("1.1"), at(21)) is IngestOutcome.DUPLICATE
+    assert study(sessions).state == StudyState.QUEUED  # untouched
+    with transaction(sessions) as session:
+        result = record_instance(session, instance("1.1", sha="b" * 64), SETTLE, at(22))
+    assert result.outcome is IngestOutcome.REPLACED
+    assert result.superseded_path == instance("1.1").path
+    s = study(sessions)
+    assert (s.state, s.instance_count, s.version) == (StudyState.RECEIVING, 1, 1)
+
+
+def test_late_instance_before_claim_pushes_the_job_back_without_a_second_job(
+    sessions: sessionmaker[Session],
+) -> None:
+    receive(sessions, instance("1.1"), at(0))
+    settle(sessions, at(10))
+    receive(sessions, instance("1.2"), at(11))
+    assert study(sessions).state == StudyState.RECEIVING
+    assert claim(sessions, "w1", at(12)) is None  # pushed back to 21 s
+    assert settle(sessions, at(21)) == ["1.2.3"]
+    job = claim(sessions, "w1", at(21))
+    assert job is not None and job.study_version == 1
+    assert len(jobs(sessions)) == 1
+
+
+def test_late_instance_after_analysis_began_reopens_a_new_version(sessions: sessionmaker[Session]) -> None:
+    receive(sessions, instance("1.1"), at(0))
+    settle(sessions, at(10))
+    job = claim(sessions, "w1", at(10))
+    assert job is not None and study(sessions).state == StudyState.ANALYSING
+    receive(sessions, instance("1.2"), at(11))
+    s = study(sessions)
+    assert (s.state, s.version) == (StudyState.RECEIVING, 2)
+    settle(sessions, at(21))
+    assert [(j.study_version, j.state) for j in jobs(sessions)] == [
+        (1, JobState.RUNNING),
+        (2, JobState.QUEUED),
+    ]
+    with transaction(sessions) as session:  # the old version's job finishing leaves v2 alone
+        queue.complete(session, job, at(22))
+    assert study(sessions).state == StudyState.QUEUED
+
+
+def test_open_association_holds_the_study_back(sessions: sessionmaker[Session]) -> None:
+    receive(sessions, instance("1.1"), at(0))
+    with transaction(sessions) as session:
+        assert extend_settle(session, ["1.2.3"], at(25)) == 1
+    assert settle(sessions, at(20)) == []
+    assert settle(sessions, at(25)) == ["1.2.3"]
+
+
+def test_claim_leases_heartbeats_and_completes(sessions: sessionmaker[Session]) -> None:
+    receive(sessions, instance("1.1"), at(0))
+    settle(sessions, at(10))
+    job = claim(sessions, "w1", at(10), lease=30)
+    assert job is not None and job.attempts == 1
+    assert claim(sessions, "w2", at(11)) is None
+    with transaction(sessions) as session:
+        job = queue.heartbeat(session, job, 30, at(35))
+    with transaction(sessions) as session:
+        assert queue.reap_expired(session, at(50)) == []  # heartbeat moved the lease to 65 s
+    with transaction(sessions) as session:
+        queue.complete(session, job, at(51))
+    assert jobs(sessions)[0].state == JobState.SUCCEEDED
+
+
+def test_stale_worker_loses_its_lease_to_the_reaper(sessions: sessionmaker[Session]) -> None:
+    receive(sessions, instance("1.1"), at(0))
+    settle(sessions, at(10))
+    stale = claim(sessions, "w1", at(10), lease=30)
+    assert stale is not None
+    with transaction(sessions) as session:
+        assert queue.reap_expired(session, at(41)) == [stale.id]
+    assert study(sessions).state == StudyState.QUEUED
+    fresh = claim(sessions, "w2", at(41))
+    assert fresh is not None and fresh.id == stale.id and fresh.attempts == 2
+    for action in (
+        lambda s: queue.heartbeat(s, stale, 30, at(42)),
+        lambda s: queue.complete(s, stale, at(42)),
+        lambda s: queue.fail(s, stale, "late", at(42)),
+    ):
+        with pytest.raises(LeaseLost, match=f"job {stale.id}"), transaction(sessions) as session:
+            action(session)
+    with transaction(sessions) as session:
+        queue.complete(session, fresh, at(43))
+    assert jobs(sessions)[0].state == JobState.SUCCEEDED
+
+
+def test_failures_back_off_then_fail_for_good(sessions: sessionmaker[Session]) -> None:
+    receive(sessions, instance("1.1"), at(0))
+    settle(sessions, at(10))
+    now = 10.0
+    for attempt in range(1, 6):
+        job = claim(sessions, "w1", at(now))
+        assert job is not None and job.attempts == attempt
+        with transaction(sessions) as session:
+            state = queue.fail(session, job, f"API said 500 (attempt {attempt})", at(now))
+        if attempt < 5:
+            assert state is JobState.QUEUED
+            delay = queue.backoff_seconds(attempt)
+            assert claim(sessions, "w1", at(now + delay - 1)) is None
+            now += delay
+    assert state is JobState.FAILED
+    s = study(sessions)
+    assert s.state == StudyState.FAILED and s.last_error == "API said 500 (attempt 5)"
+
+
+def test_non_retryable_failure_fails_at_once(sessions: sessionmaker[Session]) -> None:
+    receive(sessions, instance("1.1"), at(0))
+    settle(sessions, at(10))
+    job = claim(sessions, "w1", at(10))
+    assert job is not None
+    with transaction(sessions) as session:
+        assert queue.fail(session, job, "401 invalid API key", at(11), retryable=False) is JobState.FAILED
+
+
+def test_release_returns_the_job_without_counting_the_attempt(sessions: sessionmaker[Session]) -> None:
+    receive(sessions, instance("1.1"), at(0))
+    settle(sessions, at(10))
+    job = claim(sessions, "w1", at(10))
+    assert job is not None
+    with transaction(sessions) as session:
+        queue.release(session, job, at(11))
+    again = claim(sessions, "w2", at(11))
+    assert again is not None and again.attempts == 1
+
+
+def test_concurrent_workers_never_claim_the_same_job(sessions: sessionmaker[Session]) -> None:
+    for n in range(40):
+        receive(sessions, instance(f"1.{n}", study=f"2.{n}"), at(0))
+    assert len(settle(sessions, at(10))) == 40
+    claimed: dict[str, list[int]] = {"a": [], "b": [], "c": [], "d": []}
+    start = threading.Barrier(len(claimed))
+
+    def work(owner: str) -> None:
+        start.wait()
+        while (job := claim(sessions, owner, at(10))) is not None:
+            claimed[owner].append(job.id)
+
+    threads = [threading.Thread(target=work, args=(owner,)) for owner in claimed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    everything = [job_id for ids in claimed.values() for job_id in ids]
+    assert len(everything) == 40 and len(set(everything)) == 40
+    with sessions() as session:
+        assert session.scalar(select(func.count()).where(Job.state == JobState.RUNNING)) == 40
+
+
+def test_backoff_rejects_a_zero_attempt_count() -> None:
+    with pytest.raises(ValueError, match='"attempts" must be at least 1, got 0'):
+        queue.backoff_seconds(0)
