@@ -48,7 +48,7 @@ def test_truncated_data_cannot_be_understood(tmp_path: Path, name: str, cut: int
     source = sample(name)
     broken = tmp_path / "truncated.dcm"
     broken.write_bytes(source.read_bytes()[:-cut])
-    with pytest.raises(DatasetCorrupt, match="runs past|remain|truncated"):
+    with pytest.raises(DatasetCorrupt, match=r"runs past|remain|truncated"):
         check_dataset_file(broken, *_request_uids(source))
 
 
@@ -58,7 +58,7 @@ def test_garbage_after_the_file_meta_cannot_be_understood(tmp_path: Path) -> Non
     meta_end = 144 + int.from_bytes(raw[140:144], "little")
     broken = tmp_path / "garbage.dcm"
     broken.write_bytes(raw[:meta_end] + bytes(range(7, 256)) * 40)
-    with pytest.raises(DatasetCorrupt, match="invalid VR|past|remain"):
+    with pytest.raises(DatasetCorrupt, match=r"invalid VR|past|remain"):
         check_dataset_file(broken, *_request_uids(source))
 
 

@@ -34,5 +34,5 @@ def test_relative_path_refuses_what_is_not_a_uid(tmp_path: Path, uid: str) -> No
 def test_free_space_below_the_minimum_is_disk_full(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path)
     store.check_free_space(0)
-    with pytest.raises(DiskFull, match="below storage.min_free_mb"):
+    with pytest.raises(DiskFull, match=r"below storage\.min_free_mb"):
         store.check_free_space(10**12)
