@@ -132,6 +132,39 @@ class NodeServer(ThreadedAssociationServer):  # type: ignore[misc]
                     del self._per_peer[host]
 
 
+def prefer_requestor_transfer_syntaxes(event: evt.Event) -> None:
+    """Negotiate the transfer syntax the peer proposed first, not the first of our list.
+
+    pynetdicom's acceptor takes, within a presentation context, the first syntax of *its own*
+    list that the peer also proposed. dcmsend proposes [file's syntax, uncompressed ...] in one
+    context, so with uncompressed first on our side it would decompress an RLE or JPEG 2000
+    file to reach us; with compressed first, a peer offering [uncompressed, JPEG baseline] would
+    be made to compress lossily. Following the peer's order stores what it holds, as it holds
+    it. Runs on EVT_REQUESTED, before negotiation, on this association's own copy of the
+    contexts.
+    """
+    # pynetdicom keeps one acceptor list per SOP class, so several requested contexts for one
+    # class (dcmsend: one per file syntax, each with uncompressed fallbacks) share it: each
+    # context's first choice goes before any fallback.
+    firsts: dict[str, list[str]] = {}
+    fallbacks: dict[str, list[str]] = {}
+    for requested in event.assoc.requestor.requested_contexts:
+        syntaxes = [str(ts) for ts in requested.transfer_syntax]
+        if syntaxes:
+            firsts.setdefault(str(requested.abstract_syntax), []).append(syntaxes[0])
+            fallbacks.setdefault(str(requested.abstract_syntax), []).extend(syntaxes[1:])
+    preference = {
+        sop_class: list(dict.fromkeys(first + fallbacks[sop_class])) for sop_class, first in firsts.items()
+    }
+    for context in event.assoc.acceptor.supported_contexts:
+        wanted = preference.get(str(context.abstract_syntax))
+        if wanted:
+            ours = [str(ts) for ts in context.transfer_syntax]
+            context.transfer_syntax = [ts for ts in wanted if ts in ours] + [
+                ts for ts in ours if ts not in wanted
+            ]
+
+
 def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     node = settings.node
     if node.tls_cert is None:
@@ -193,6 +226,7 @@ class StorageSCP:
         configure_pynetdicom(self.store.tmp_dir)
         node = self.settings.node
         handlers: list[Any] = [
+            (evt.EVT_REQUESTED, prefer_requestor_transfer_syntaxes),
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_closed),

@@ -16,10 +16,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-# pynetdicom's acceptor picks, within one presentation context, the first syntax of this list
-# that the peer proposed. Uncompressed first: we never make a peer compress (perhaps lossily) to
-# reach us. Peers that send compressed files (dcmsend, Orthanc, storescu with -x options)
-# propose the file's own syntax in a context of its own, which is accepted as is.
+# Within one presentation context the syntax the peer proposed first wins (see
+# scp.server.prefer_requestor_transfer_syntaxes); this order only breaks ties.
 ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,

@@ -194,3 +194,29 @@ def orthanc(workdir: Path, modalities: dict[str, list[Any]] | None = None) -> It
     finally:
         stop_process(proc)
         log.close()
+
+
+def store_raw(port: int, path: Path, calling_ae: str = "RAWSCU", called_ae: str = "AINODE") -> int:
+    """C-STORE the bytes of ``path`` exactly as they are (broken ones included) and return the
+    status. pynetdicom's chunked send reads only the file meta and streams the rest unparsed."""
+    import pynetdicom
+    from pydicom.filereader import read_file_meta_info
+    from pynetdicom import AE
+
+    meta = read_file_meta_info(path)
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    previous = pynetdicom._config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+        if not assoc.is_established:
+            raise RuntimeError(f"association with 127.0.0.1:{port} not established")
+        try:
+            status = assoc.send_c_store(path)
+        finally:
+            assoc.release()
+    finally:
+        pynetdicom._config.STORE_SEND_CHUNKED_DATASET = previous
+    return int(status.Status) if "Status" in status else -1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.dataset import FileDataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.uid import generate_uid
 
 CT_512 = "693_UNCI.dcm"  # CT 512 x 512, 16 bit, Explicit VR Little Endian (pydicom-data)
@@ -56,3 +56,23 @@ def dataset_bytes(path: Path) -> bytes:
     raw = path.read_bytes()
     meta_length = int.from_bytes(raw[140:144], "little")  # (0002,0000) UL value
     return raw[144 + meta_length :]
+
+
+def assert_same_dataset(received: Path, original: Path) -> None:
+    """Same transfer syntax, same elements and values, byte-identical pixel data (compressed
+    fragments included). DCMTK senders re-encode sequence lengths and drop padding on the way,
+    so the bytes around the pixels are compared element by element, not byte by byte."""
+    a, b = dcmread(received), dcmread(original)
+    if a.file_meta.TransferSyntaxUID != b.file_meta.TransferSyntaxUID:
+        raise AssertionError(
+            f"transfer syntax {a.file_meta.TransferSyntaxUID} != {b.file_meta.TransferSyntaxUID}"
+        )
+    if a.get("PixelData") != b.get("PixelData"):
+        raise AssertionError(f"pixel data of {received.name} differs from {original.name}")
+
+    def elements(ds: Dataset) -> dict[int, object]:
+        # DCMTK drops trailing padding and group lengths when it re-encodes.
+        return {int(e.tag): e.value for e in ds if e.tag != 0xFFFCFFFC and e.tag.element != 0}
+
+    if elements(a) != elements(b):
+        raise AssertionError(f"dataset {received.name} differs from {original.name}")
