@@ -82,7 +82,7 @@ class NodeServer(ThreadedAssociationServer):  # type: ignore[misc]
     every other caller)."""
 
     max_per_peer: int = 64
-    handshake_timeout: float = 30.0
+    network_timeout: float = 30.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -97,6 +97,9 @@ class NodeServer(ThreadedAssociationServer):  # type: ignore[misc]
             raise OSError("the DICOM listener socket is closed")
         client, address = self.socket.accept()
         set_nodelay(client)
+        # An accepted socket is blocking whatever the listener's timeout: without this, a peer
+        # that stops mid-PDU holds its thread in recv() forever, past every pynetdicom timer.
+        client.settimeout(self.network_timeout)
         return client, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -117,7 +120,7 @@ class NodeServer(ThreadedAssociationServer):  # type: ignore[misc]
         host = str(client_address[0])
         try:
             if self._tls is not None:
-                request.settimeout(self.handshake_timeout)
+                request.settimeout(self.network_timeout)
                 try:
                     request = self._tls.wrap_socket(request, server_side=True)
                 except (OSError, ssl.SSLError) as exc:
@@ -160,7 +163,7 @@ def prefer_requestor_transfer_syntaxes(event: evt.Event) -> None:
         wanted = preference.get(str(context.abstract_syntax))
         if wanted:
             ours = [str(ts) for ts in context.transfer_syntax]
-            context.transfer_syntax = [ts for ts in wanted if ts in ours] + [
+            context.transfer_syntax = [ts for ts in wanted if ts in ours] + [  # type: ignore[assignment]
                 ts for ts in ours if ts not in wanted
             ]
 
@@ -235,7 +238,7 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
         ]
         NodeServer.max_per_peer = node.max_associations_per_peer
-        NodeServer.handshake_timeout = node.network_timeout_seconds
+        NodeServer.network_timeout = node.network_timeout_seconds
         server = self.ae.make_server(
             (node.host, node.port),
             evt_handlers=handlers,

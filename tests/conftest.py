@@ -9,23 +9,23 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.nodes import Node
+from tests.nodes import Node, NodeFactory
 
 POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture
-def make_node(tmp_path: Path) -> Iterator[type[Node]]:
+def make_node(tmp_path: Path) -> Iterator[NodeFactory]:
     nodes: list[Node] = []
 
-    class _Node(Node):
-        def __init__(self, **sections: dict[str, object]) -> None:
-            workdir = tmp_path / f"node{len(nodes)}"
-            workdir.mkdir()
-            super().__init__(workdir, **sections)  # type: ignore[arg-type]
-            nodes.append(self)
+    def factory(**sections: dict[str, object]) -> Node:
+        workdir = tmp_path / f"node{len(nodes)}"
+        workdir.mkdir()
+        node = Node(workdir, **sections)
+        nodes.append(node)
+        return node
 
-    yield _Node
+    yield factory
     for node in nodes:
         node.stop()
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DCMTK = Path("/usr/bin")  # pynetdicom installs its own storescu/echoscu in the venv: avoid them
@@ -148,6 +148,10 @@ class Node:
 
     def stored_files(self) -> list[Path]:
         return sorted((self.root / "instances").rglob("*.dcm"))
+
+
+class NodeFactory(Protocol):
+    def __call__(self, **sections: dict[str, Any]) -> Node: ...
 
 
 def dcmtk(tool: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

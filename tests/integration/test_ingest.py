@@ -12,14 +12,15 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from tests.data.generate import assert_same_dataset, dataset_bytes, sample, write_series
-from tests.nodes import Node, dcmtk, store_raw
+from tests.nodes import Node, NodeFactory, dcmtk, store_raw
 
 
 def _stored_by_sop(node: Node) -> dict[str, Path]:
-    return {p.name.split(".")[:-2] and ".".join(p.name.split(".")[:-2]): p for p in node.stored_files()}
+    """Stored files by SOP Instance UID (the name is ``<sop>.<sha256[:16]>.dcm``)."""
+    return {p.name.rsplit(".", 2)[0]: p for p in node.stored_files()}
 
 
-def test_echoscu_and_storescu_series_arrive_intact(make_node: type[Node], tmp_path: Path) -> None:
+def test_echoscu_and_storescu_series_arrive_intact(make_node: NodeFactory, tmp_path: Path) -> None:
     node = make_node().start()
     echo = dcmtk("echoscu", "-aec", "AINODE", "127.0.0.1", str(node.port))
     assert echo.returncode == 0, echo.stderr
@@ -50,7 +51,7 @@ COMPRESSED = [
 ]
 
 
-def test_compressed_syntaxes_arrive_as_sent_with_dcmsend(make_node: type[Node]) -> None:
+def test_compressed_syntaxes_arrive_as_sent_with_dcmsend(make_node: NodeFactory) -> None:
     node = make_node().start()
     files = [sample(name) for name in COMPRESSED]
     sent = dcmtk("dcmsend", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, files))
@@ -61,7 +62,7 @@ def test_compressed_syntaxes_arrive_as_sent_with_dcmsend(make_node: type[Node]) 
 
 
 @pytest.mark.parametrize("name", [*COMPRESSED, "CT_small.dcm", "OBXXXX1A_expb.dcm", "image_dfl.dcm"])
-def test_every_syntax_is_stored_byte_for_byte_as_received(make_node: type[Node], name: str) -> None:
+def test_every_syntax_is_stored_byte_for_byte_as_received(make_node: NodeFactory, name: str) -> None:
     """A sender that streams the file's bytes verbatim gets exactly those bytes stored."""
     node = make_node().start()
     path = sample(name)
@@ -70,7 +71,7 @@ def test_every_syntax_is_stored_byte_for_byte_as_received(make_node: type[Node],
     assert dataset_bytes(stored) == dataset_bytes(path)
 
 
-def test_unknown_calling_ae_is_rejected_at_association(make_node: type[Node]) -> None:
+def test_unknown_calling_ae_is_rejected_at_association(make_node: NodeFactory) -> None:
     node = make_node(node={"allowed_calling_aets": ["CT_SCANNER"]}).start()
     refused = dcmtk("echoscu", "-aet", "INTRUDER", "-aec", "AINODE", "127.0.0.1", str(node.port))
     assert refused.returncode != 0
@@ -84,7 +85,7 @@ def _meta_end(raw: bytes) -> int:
 
 
 def test_broken_datasets_get_failure_statuses_and_the_node_keeps_serving(
-    make_node: type[Node], tmp_path: Path
+    make_node: NodeFactory, tmp_path: Path
 ) -> None:
     node = make_node().start()
     source = write_series(tmp_path / "ct", 1)[0]
@@ -112,7 +113,7 @@ def test_broken_datasets_get_failure_statuses_and_the_node_keeps_serving(
     assert store_raw(node.port, source) == 0x0000
 
 
-def test_same_uid_same_bytes_is_a_no_op_and_new_bytes_replace(make_node: type[Node], tmp_path: Path) -> None:
+def test_same_uid_same_bytes_is_a_no_op_and_new_bytes_replace(make_node: NodeFactory, tmp_path: Path) -> None:
     node = make_node().start()
     source = write_series(tmp_path / "ct", 1)[0]
     assert store_raw(node.port, source) == 0 and store_raw(node.port, source) == 0
@@ -133,7 +134,7 @@ def test_same_uid_same_bytes_is_a_no_op_and_new_bytes_replace(make_node: type[No
     node.wait_for_state(study_uid, "queued")
 
 
-def test_disk_below_minimum_answers_out_of_resources(make_node: type[Node], tmp_path: Path) -> None:
+def test_disk_below_minimum_answers_out_of_resources(make_node: NodeFactory, tmp_path: Path) -> None:
     node = make_node(storage={"min_free_mb": 10**9}).start()
     source = write_series(tmp_path / "ct", 1)[0]
     assert store_raw(node.port, source) == 0xA700
@@ -143,7 +144,7 @@ def test_disk_below_minimum_answers_out_of_resources(make_node: type[Node], tmp_
 
 @pytest.mark.postgres
 def test_database_unavailable_answers_out_of_resources_then_recovers(
-    make_node: type[Node], postgres_url: str, tmp_path: Path
+    make_node: NodeFactory, postgres_url: str, tmp_path: Path
 ) -> None:
     node = make_node(storage={"database_url": postgres_url}).start()
     files = write_series(tmp_path / "ct", 3)
@@ -168,7 +169,7 @@ def test_database_unavailable_answers_out_of_resources_then_recovers(
     assert len(node.stored_files()) == 2  # the refused instance left no file behind
 
 
-def test_orthanc_pushes_a_study_to_the_node(make_node: type[Node], tmp_path: Path) -> None:
+def test_orthanc_pushes_a_study_to_the_node(make_node: NodeFactory, tmp_path: Path) -> None:
     import httpx
 
     from tests.nodes import orthanc
@@ -192,7 +193,7 @@ def test_orthanc_pushes_a_study_to_the_node(make_node: type[Node], tmp_path: Pat
     assert row["calling_ae_title"] == "ORTHANC"
 
 
-def test_dicom_tls_with_storescu(make_node: type[Node], tmp_path: Path) -> None:
+def test_dicom_tls_with_storescu(make_node: NodeFactory, tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     certs.mkdir()
 
