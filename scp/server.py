@@ -29,6 +29,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conf import Settings
@@ -39,8 +40,9 @@ from scp.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
 from storage.db import transaction
 from storage.errors import StorageUnavailable
 from storage.files import InstanceStore, is_safe_uid, sha256_of
+from storage.queue import reap_expired
 from storage.studies import (
-    IngestOutcome,
+    IngestResult,
     ReceivedInstance,
     extend_settle,
     record_instance,
@@ -318,6 +320,10 @@ class StorageSCP:
                     settled = settle_due(session, self.clock())
                 for uid in settled:
                     log.info("study %s settled and queued for analysis", uid)
+                with transaction(self.sessions) as session:
+                    reaped = reap_expired(session, self.clock())
+                for job_id in reaped:
+                    log.warning("job %d: its worker's lease expired; queued again", job_id)
             except Exception:
                 log.exception("settle loop failed; will retry")
 
@@ -361,6 +367,16 @@ class StorageSCP:
         response.ErrorComment = reason[:64]
         return response
 
+    def _record(self, instance: ReceivedInstance) -> IngestResult:
+        # Two associations storing the same new SOP Instance UID at once both find no row; on
+        # PostgreSQL the second insert then hits the unique key. Its retry sees the first's row.
+        try:
+            with transaction(self.sessions) as session:
+                return record_instance(session, instance, self.settings.study.settle_seconds, self.clock())
+        except IntegrityError:
+            with transaction(self.sessions) as session:
+                return record_instance(session, instance, self.settings.study.settle_seconds, self.clock())
+
     def _store(
         self, received: Path, sop_class: str, sop_instance: str, calling_ae: str
     ) -> tuple[StoreStatus, str, str | None]:
@@ -400,14 +416,11 @@ class StorageSCP:
                 sha256=sha256,
                 calling_ae_title=calling_ae,
             )
-            with transaction(self.sessions) as session:
-                result = record_instance(session, instance, self.settings.study.settle_seconds, self.clock())
+            result = self._record(instance)
         except StorageUnavailable as exc:
             if created:
                 self.store.remove(relative)  # not referenced by any row: drop it
             return StoreStatus.OUT_OF_RESOURCES, str(exc), None
         if result.superseded_path:
             self.store.remove(result.superseded_path)
-        if result.outcome is IngestOutcome.DUPLICATE and created:
-            self.store.remove(relative)  # unreachable in practice: same hash, same name
         return StoreStatus.SUCCESS, result.outcome.value, summary.study_instance_uid

@@ -270,3 +270,32 @@ def test_dicom_tls_with_storescu(make_node: NodeFactory, tmp_path: Path) -> None
         str(node.port),
     )
     assert untrusted.returncode == 0 or re.search("TLS|certificate", untrusted.stderr)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_same_instance_from_several_associations_at_once(
+    make_node: NodeFactory, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    import threading
+
+    sections: dict[str, dict[str, object]] = {}
+    if backend == "postgresql":
+        sections["storage"] = {"database_url": request.getfixturevalue("postgres_url")}
+    node = make_node(**sections).start()
+    source = write_series(tmp_path / "ct", 1)[0]
+    statuses: list[int] = []
+    barrier = threading.Barrier(6)
+
+    def one() -> None:
+        barrier.wait()
+        statuses.append(store_raw(node.port, source))
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert statuses == [0] * 6
+    (stored,) = node.stored_files()
+    assert dataset_bytes(stored) == dataset_bytes(source)
+    assert node.status()[0]["instance_count"] == 1
