@@ -13,8 +13,9 @@ import datetime as dt
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -57,48 +58,94 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     ).one_or_none()
 
 
+# Built once: constructing and cache-keying SQLAlchemy statements per C-STORE cost more than
+# the fsyncs. Core tables, not ORM entities, so execution skips the ORM's persistence layer.
+_instances = cast(Table, Instance.__table__)
+_studies = cast(Table, Study.__table__)
+_SELECT_EXISTING = (
+    select(_instances.c.sha256, _instances.c.path, _instances.c.study_instance_uid)
+    .where(_instances.c.sop_instance_uid == bindparam("sop"))
+    .with_for_update()
+)
+_SERIES_SEEN = (
+    select(_instances.c.id)
+    .where(_instances.c.study_instance_uid == bindparam("study"))
+    .where(_instances.c.series_instance_uid == bindparam("series"))
+    .limit(1)
+)
+_INSERT_INSTANCE = insert(_instances)
+_LOCK_STUDY = (
+    select(_studies.c.state, _studies.c.version, _studies.c.settle_at)
+    .where(_studies.c.study_instance_uid == bindparam("study"))
+    .with_for_update()
+)
+_UPDATE_STUDY_AFTER_NEW_INSTANCE = (
+    update(_studies)
+    .where(_studies.c.study_instance_uid == bindparam("b_study"))
+    .values(
+        instance_count=_studies.c.instance_count + 1,
+        series_count=_studies.c.series_count + bindparam("b_new_series"),
+        last_received_at=bindparam("b_now"),
+        calling_ae_title=bindparam("b_calling_ae"),
+        state=bindparam("b_state"),
+        version=bindparam("b_version"),
+        settle_at=bindparam("b_settle_at"),
+        last_error=None,
+    )
+)
+
+
 def record_instance(
     session: Session, received: ReceivedInstance, settle_seconds: float, now: dt.datetime
 ) -> IngestResult:
     """Record one durable instance file and update its study, in the caller's transaction."""
-    existing = session.scalars(
-        select(Instance).where(Instance.sop_instance_uid == received.sop_instance_uid).with_for_update()
-    ).one_or_none()
+    conn = session.connection()
+    existing = conn.execute(_SELECT_EXISTING, {"sop": received.sop_instance_uid}).one_or_none()
     if existing is not None and existing.sha256 == received.sha256:
         return IngestResult(IngestOutcome.DUPLICATE)
 
     study = _lock_study(session, received, now)
-    settle_at = now + dt.timedelta(seconds=settle_seconds)
-    superseded: str | None = None
+    reopened = _reopen(session, study, now + dt.timedelta(seconds=settle_seconds))
     if existing is None:
-        series_is_new = (
-            session.scalar(
-                select(Instance.id)
-                .where(Instance.study_instance_uid == received.study_instance_uid)
-                .where(Instance.series_instance_uid == received.series_instance_uid)
-                .limit(1)
-            )
-            is None
+        series_seen = conn.execute(
+            _SERIES_SEEN,
+            {"study": received.study_instance_uid, "series": received.series_instance_uid},
+        ).first()
+        conn.execute(_INSERT_INSTANCE, {**_columns(received), "received_at": now})
+        conn.execute(
+            _UPDATE_STUDY_AFTER_NEW_INSTANCE,
+            {
+                "b_study": received.study_instance_uid,
+                "b_new_series": int(series_seen is None),
+                "b_now": now,
+                "b_calling_ae": received.calling_ae_title,
+                "b_state": reopened["state"],
+                "b_version": reopened["version"],
+                "b_settle_at": reopened["settle_at"],
+            },
         )
-        session.add(Instance(**_columns(received), received_at=now))
-        study.instance_count += 1
-        study.series_count += int(series_is_new)
-        outcome = IngestOutcome.STORED
-    else:
-        superseded = existing.path if existing.path != received.path else None
-        previous_study = existing.study_instance_uid
-        for name, value in _columns(received).items():
-            setattr(existing, name, value)
-        existing.received_at = now
-        session.flush()
-        for uid in {previous_study, received.study_instance_uid}:
-            _recount(session, uid)
-        outcome = IngestOutcome.REPLACED
+        return IngestResult(IngestOutcome.STORED)
 
-    study.last_received_at = now
-    study.calling_ae_title = received.calling_ae_title
-    _reopen(session, study, settle_at)
-    return IngestResult(outcome, superseded)
+    # Replacement (rare): same SOP Instance UID, new bytes.
+    conn.execute(
+        update(_instances)
+        .where(_instances.c.sop_instance_uid == received.sop_instance_uid)
+        .values(**_columns(received), received_at=now)
+    )
+    if existing.study_instance_uid != received.study_instance_uid:
+        _recount(session, existing.study_instance_uid)
+    conn.execute(
+        update(_studies)
+        .where(_studies.c.study_instance_uid == received.study_instance_uid)
+        .values(
+            **_counts(session, received.study_instance_uid),
+            **reopened,
+            last_received_at=now,
+            calling_ae_title=received.calling_ae_title,
+        )
+    )
+    superseded = existing.path if existing.path != received.path else None
+    return IngestResult(IngestOutcome.REPLACED, superseded)
 
 
 def _columns(received: ReceivedInstance) -> dict[str, object]:
@@ -115,7 +162,15 @@ def _columns(received: ReceivedInstance) -> dict[str, object]:
     }
 
 
-def _lock_study(session: Session, received: ReceivedInstance, now: dt.datetime) -> Study:
+@dataclass(frozen=True)
+class _LockedStudy:
+    study_instance_uid: str
+    state: str
+    version: int
+    settle_at: dt.datetime
+
+
+def _lock_study(session: Session, received: ReceivedInstance, now: dt.datetime) -> _LockedStudy:
     # INSERT ... ON CONFLICT DO NOTHING then SELECT ... FOR UPDATE: two associations sending the
     # same new study at once both end up holding the one row, one after the other.
     session.execute(
@@ -133,30 +188,32 @@ def _lock_study(session: Session, received: ReceivedInstance, now: dt.datetime) 
         )
         .on_conflict_do_nothing()
     )
-    return session.scalars(
-        select(Study)
-        .where(Study.study_instance_uid == received.study_instance_uid)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).one()
+    row = session.connection().execute(_LOCK_STUDY, {"study": received.study_instance_uid}).one()
+    return _LockedStudy(received.study_instance_uid, row.state, row.version, row.settle_at)
 
 
-def _recount(session: Session, study_instance_uid: str) -> None:
+def _counts(session: Session, study_instance_uid: str) -> dict[str, int]:
     instances, series = session.execute(
         select(func.count(Instance.id), func.count(func.distinct(Instance.series_instance_uid))).where(
             Instance.study_instance_uid == study_instance_uid
         )
     ).one()
+    return {"instance_count": instances, "series_count": series}
+
+
+def _recount(session: Session, study_instance_uid: str) -> None:
     session.execute(
         update(Study)
         .where(Study.study_instance_uid == study_instance_uid)
-        .values(instance_count=instances, series_count=series)
+        .values(**_counts(session, study_instance_uid))
     )
 
 
-def _reopen(session: Session, study: Study, settle_at: dt.datetime) -> None:
+def _reopen(session: Session, study: _LockedStudy, settle_at: dt.datetime) -> dict[str, object]:
     """New data for a study: receiving again, settle later, and a new version if analysis of
-    the current one has begun (its job is no longer waiting in the queue)."""
+    the current one has begun (its job is no longer waiting in the queue). Returns the study
+    columns to set."""
+    version = study.version
     if study.state == StudyState.QUEUED:
         # Still unclaimed: keep its job, just push it back (debounce, not a second job).
         session.execute(
@@ -167,10 +224,13 @@ def _reopen(session: Session, study: Study, settle_at: dt.datetime) -> None:
             .values(run_after=settle_at)
         )
     elif study.state != StudyState.RECEIVING:
-        study.version += 1
-    study.state = StudyState.RECEIVING
-    study.settle_at = max(study.settle_at, settle_at)
-    study.last_error = None
+        version += 1
+    return {
+        "state": StudyState.RECEIVING,
+        "version": version,
+        "settle_at": max(study.settle_at, settle_at),
+        "last_error": None,
+    }
 
 
 def extend_settle(session: Session, study_instance_uids: Iterable[str], until: dt.datetime) -> int:
