@@ -165,23 +165,7 @@ def fail(
     remain, else fail for good."""
     if retryable and job.attempts < job.max_attempts:
         delay = backoff_seconds(job.attempts) if retry_in_seconds is None else retry_in_seconds
-        run_after = now + dt.timedelta(seconds=delay)
-        _apply(
-            session,
-            job,
-            {
-                "state": JobState.QUEUED,
-                "run_after": run_after,
-                "lease_owner": None,
-                "lease_token": None,
-                "lease_expires_at": None,
-                "last_error": error,
-                "updated_at": now,
-            },
-            "fail",
-        )
-        if job.kind == JobKind.ANALYSE:
-            _set_study_state(session, job, StudyState.QUEUED, error)
+        _requeue(session, job, now + dt.timedelta(seconds=delay), now, "fail", {"last_error": error}, error)
         return JobState.QUEUED
     _apply(
         session,
@@ -201,22 +185,31 @@ def fail(
 
 def release(session: Session, job: ClaimedJob, now: dt.datetime) -> None:
     """Give a job back untouched (shutdown): queued again at once, the attempt not counted."""
-    _apply(
-        session,
-        job,
-        {
-            "state": JobState.QUEUED,
-            "run_after": now,
-            "lease_owner": None,
-            "lease_token": None,
-            "lease_expires_at": None,
-            "attempts": Job.attempts - 1,
-            "updated_at": now,
-        },
-        "release",
-    )
+    _requeue(session, job, now, now, "release", {"attempts": Job.attempts - 1})
+
+
+def _requeue(
+    session: Session,
+    job: ClaimedJob,
+    run_after: dt.datetime,
+    now: dt.datetime,
+    action: str,
+    extra: dict[str, object],
+    error: str | None = None,
+) -> None:
+    """Back to the queue without an owner; the study follows when it is this version's job."""
+    values: dict[str, object] = {
+        "state": JobState.QUEUED,
+        "run_after": run_after,
+        "lease_owner": None,
+        "lease_token": None,
+        "lease_expires_at": None,
+        "updated_at": now,
+        **extra,
+    }
+    _apply(session, job, values, action)
     if job.kind == JobKind.ANALYSE:
-        _set_study_state(session, job, StudyState.QUEUED)
+        _set_study_state(session, job, StudyState.QUEUED, error)
 
 
 def reap_expired(session: Session, now: dt.datetime) -> list[int]:
