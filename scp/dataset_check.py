@@ -14,13 +14,14 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from pydicom._dicom_dict import DicomDictionary
 
 from scp.errors import DatasetCorrupt, DatasetMismatch
+from storage.studies import HeaderIndex
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -54,6 +55,14 @@ _WANTED_STRINGS = {
     0x00080060: "modality",
     0x00280008: "number_of_frames",
     0x00280004: "photometric_interpretation",
+    # Indexed at ingest so slice choice needs no file reads (analysis.selection).
+    0x00080008: "image_type",
+    0x00200013: "instance_number",
+    0x00200032: "image_position_patient",
+    0x00200037: "image_orientation_patient",
+    0x00280301: "burned_in_annotation",
+    0x00180015: "body_part_examined",
+    0x00185101: "view_position",
 }
 _WANTED_US = {
     0x00280002: "samples_per_pixel",
@@ -75,6 +84,13 @@ class DatasetSummary:
     modality: str = ""
     number_of_frames: str = ""
     photometric_interpretation: str = ""
+    image_type: str = ""
+    instance_number: str = ""
+    image_position_patient: str = ""
+    image_orientation_patient: str = ""
+    burned_in_annotation: str = ""
+    body_part_examined: str = ""
+    view_position: str = ""
     samples_per_pixel: int | None = None
     rows: int | None = None
     columns: int | None = None
@@ -82,7 +98,25 @@ class DatasetSummary:
     pixel_data_length: int | None = None
     pixel_fragments: int = 0
     encapsulated: bool = False
-    strings: dict[str, str] = field(default_factory=dict)
+
+    def header_index(self) -> HeaderIndex:
+        def text(value: str, limit: int) -> str | None:
+            return value[:limit] if value else None
+
+        return HeaderIndex(
+            modality=text(self.modality, 16),
+            image_type=text(self.image_type, 1024),
+            instance_number=text(self.instance_number, 12),
+            image_position_patient=text(self.image_position_patient, 1024),
+            image_orientation_patient=text(self.image_orientation_patient, 1024),
+            rows=self.rows,
+            columns=self.columns,
+            number_of_frames=text(self.number_of_frames, 12),
+            photometric_interpretation=text(self.photometric_interpretation, 16),
+            burned_in_annotation=text(self.burned_in_annotation, 3),
+            body_part_examined=text(self.body_part_examined, 16),
+            view_position=text(self.view_position, 16),
+        )
 
 
 class _Walker:

@@ -448,6 +448,7 @@ class StorageSCP:
                 size=final.stat().st_size,
                 sha256=sha256,
                 calling_ae_title=calling_ae,
+                header=summary.header_index(),
             )
             result = self._record(instance)
         except StorageUnavailable as exc:

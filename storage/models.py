@@ -112,6 +112,20 @@ class Instance(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     calling_ae_title: Mapped[str] = mapped_column(AE_TITLE)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    # Header facts indexed at ingest, so choosing series and slices reads no files. Raw DICOM
+    # strings (multi-values joined by backslash), None when absent or stored before 0002.
+    modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    image_type: Mapped[str | None] = mapped_column(Text, nullable=True)
+    instance_number: Mapped[str | None] = mapped_column(String(12), nullable=True)
+    image_position_patient: Mapped[str | None] = mapped_column(Text, nullable=True)
+    image_orientation_patient: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    number_of_frames: Mapped[str | None] = mapped_column(String(12), nullable=True)
+    photometric_interpretation: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    burned_in_annotation: Mapped[str | None] = mapped_column(String(3), nullable=True)
+    body_part_examined: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    view_position: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class Job(Base):

@@ -9,6 +9,7 @@ bump the version, so the late images are analysed again and the SR is versioned.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
 from collections.abc import Iterable
@@ -29,6 +30,24 @@ class IngestOutcome(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class HeaderIndex:
+    """Header facts kept in the database for series and slice choice (raw DICOM strings)."""
+
+    modality: str | None = None
+    image_type: str | None = None
+    instance_number: str | None = None
+    image_position_patient: str | None = None
+    image_orientation_patient: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    number_of_frames: str | None = None
+    photometric_interpretation: str | None = None
+    burned_in_annotation: str | None = None
+    body_part_examined: str | None = None
+    view_position: str | None = None
+
+
+@dataclass(frozen=True)
 class ReceivedInstance:
     sop_instance_uid: str
     study_instance_uid: str
@@ -39,6 +58,7 @@ class ReceivedInstance:
     size: int
     sha256: str
     calling_ae_title: str
+    header: HeaderIndex = HeaderIndex()
 
 
 @dataclass(frozen=True)
@@ -159,6 +179,7 @@ def _columns(received: ReceivedInstance) -> dict[str, object]:
         "size": received.size,
         "sha256": received.sha256,
         "calling_ae_title": received.calling_ae_title,
+        **dataclasses.asdict(received.header),
     }
 
 
