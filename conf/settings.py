@@ -10,7 +10,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -72,6 +72,31 @@ class StudySettings(_Section):
     settle_seconds: float = Field(default=10.0, ge=0)
 
 
+class ImagingSettings(_Section):
+    """What the model is shown. Providers may lower these (their image and byte limits)."""
+
+    max_images: int = Field(default=4, ge=1, le=64)
+    mosaic_grid: int = Field(default=4, ge=1, le=8)  # 4: mosaics of up to 4 x 4 slices
+    tile_px: int = Field(default=256, ge=64, le=1024)
+    long_edge_px: int = Field(default=1024, ge=64, le=8192)
+    image_format: Literal["jpeg", "png"] = "jpeg"
+    jpeg_quality: int = Field(default=85, ge=30, le=95)
+    max_bytes_per_image: int = Field(default=5_000_000, ge=1024)
+    allow_burned_in_annotation: bool = False
+    # US and secondary-capture images carry patient text in bands at the top; black it out.
+    mask_top_fraction: float = Field(default=0.22, ge=0, le=0.5)
+    ct_window_by_body_part: dict[str, str] = Field(
+        default_factory=lambda: {
+            "CHEST": "lung",
+            "LUNG": "lung",
+            "THORAX": "lung",
+            "HEAD": "brain",
+            "BRAIN": "brain",
+            "SKULL": "bone",
+        }
+    )
+
+
 class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -103,6 +128,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     study: StudySettings = StudySettings()
     http: HttpSettings = HttpSettings()
+    imaging: ImagingSettings = ImagingSettings()
     destinations: tuple[DestinationSettings, ...] = ()
     # Sections owned by later parts of the node (vision, worker, routing) are accepted as
     # tables so a complete configuration file loads today.

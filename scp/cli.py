@@ -43,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     send_cmd = sub.add_parser("send", help="C-STORE files or folders to a peer")
     send_cmd.add_argument("paths", nargs="+", type=Path)
     send_cmd.add_argument("--to", required=True, help="AE@HOST:PORT")
-    for cmd in (sub.choices["serve"], sub.choices["scp"], status, echo_cmd, send_cmd):
+    preview = sub.add_parser("preview", help="write exactly the images and prompt the model would get")
+    preview.add_argument("study_instance_uid")
+    preview.add_argument("--out", type=Path, required=True, help="folder to write into")
+    for cmd in (sub.choices["serve"], sub.choices["scp"], status, echo_cmd, send_cmd, preview):
         cmd.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS)
         cmd.add_argument("--log-format", choices=["text", "json"], default=argparse.SUPPRESS)
     return parser
@@ -68,6 +71,28 @@ def _run_listener(settings: Settings) -> int:
     return 0
 
 
+def _preview(settings: Settings, study_instance_uid: str, out: Path) -> int:
+    from analysis.prepare import prepare_study, write_preview
+
+    engine = make_engine(settings.storage.database_url)
+    migrate(engine)
+    try:
+        with make_session_factory(engine)() as session:
+            prepared = prepare_study(session, study_instance_uid, settings.storage.root, settings.imaging)
+    finally:
+        engine.dispose()
+    if not prepared.encoded and not prepared.exclusions:
+        print(f"ainode preview: no study {study_instance_uid} in the database", file=sys.stderr)
+        return 1
+    for path in write_preview(prepared, out):
+        print(path)
+    print(
+        f"{len(prepared.encoded)} image(s) for the model, {len(prepared.exclusions)} instance(s) left out "
+        "(reasons in manifest.json)"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_format)
@@ -86,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows = study_rows(session)
             print(json.dumps(rows, indent=2) if args.json else format_table(rows))
             return 0
+        if args.command == "preview":
+            return _preview(settings, args.study_instance_uid, args.out)
         if args.command == "echo":
             peer = parse_peer(args.peer)
             status = echo(peer, settings.node.ae_title)

@@ -1,0 +1,144 @@
+"""Compose what the model sees: labelled mosaics of slices, or one image resized, with the exact
+mapping from every output pixel back to its source image, frame and pixel (for boxes)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageDraw, ImageFont
+
+from analysis.imaging import DisplayFrame, WindowChoice
+from analysis.selection import ChosenFrame
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Where one source frame sits in an output image: output = source * scale + (x0, y0)."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    frame_index: int
+    label: str
+    window: WindowChoice
+    source_rows: int
+    source_columns: int
+    x0: int
+    y0: int
+    width: int
+    height: int
+    scale: float  # output pixels per source pixel
+    pixel_spacing: tuple[float, float] | None
+
+    def contains(self, x: float, y: float) -> bool:
+        return self.x0 <= x < self.x0 + self.width and self.y0 <= y < self.y0 + self.height
+
+    def to_source(self, x: float, y: float) -> tuple[float, float]:
+        """An output pixel (column x, row y) to the source frame's (column, row)."""
+        return (x - self.x0) / self.scale, (y - self.y0) / self.scale
+
+
+@dataclass(frozen=True)
+class ComposedImage:
+    pixels: NDArray[np.uint8]
+    tiles: tuple[Tile, ...]
+    description: str
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    def to_source(self, x: float, y: float) -> tuple[Tile, float, float] | None:
+        """Which tile an output pixel falls in, and where in its source frame."""
+        for tile in self.tiles:
+            if tile.contains(x, y):
+                return tile, *tile.to_source(x, y)
+        return None
+
+
+def _resized(pixels: NDArray[np.uint8], scale: float) -> NDArray[np.uint8]:
+    height, width = pixels.shape[:2]
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if size == (width, height):
+        return pixels
+    method = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
+    return np.asarray(Image.fromarray(pixels).resize(size, method))
+
+
+def _as_rgb(pixels: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    return pixels if pixels.ndim == 3 else np.repeat(pixels[:, :, None], 3, axis=2)
+
+
+def _tile(
+    chosen: ChosenFrame, frame: DisplayFrame, x0: int, y0: int, shown: NDArray[np.uint8], scale: float
+) -> Tile:
+    return Tile(
+        sop_instance_uid=chosen.image.sop_instance_uid,
+        series_instance_uid=chosen.image.series_instance_uid,
+        frame_index=frame.frame_index,
+        label=chosen.label,
+        window=frame.window,
+        source_rows=int(frame.pixels.shape[0]),
+        source_columns=int(frame.pixels.shape[1]),
+        x0=x0,
+        y0=y0,
+        width=int(shown.shape[1]),
+        height=int(shown.shape[0]),
+        scale=scale,
+        pixel_spacing=frame.pixel_spacing,
+    )
+
+
+def compose_mosaic(
+    frames: list[tuple[ChosenFrame, DisplayFrame]], tile_px: int, description: str
+) -> ComposedImage:
+    """Tile frames row by row into a near-square grid of ``tile_px`` cells, each frame scaled
+    to fit its cell (aspect kept, centred) and labelled in its top-left corner."""
+    if not frames:
+        raise ValueError('Argument "frames" must not be empty')
+    if tile_px < 16:
+        raise ValueError(f'Argument "tile_px" must be at least 16, got {tile_px}')
+    columns = math.ceil(math.sqrt(len(frames)))
+    rows = math.ceil(len(frames) / columns)
+    color = any(frame.pixels.ndim == 3 for _, frame in frames)
+    shape = (rows * tile_px, columns * tile_px, 3) if color else (rows * tile_px, columns * tile_px)
+    canvas = np.zeros(shape, dtype=np.uint8)
+    tiles: list[Tile] = []
+    for index, (chosen, frame) in enumerate(frames):
+        height, width = frame.pixels.shape[:2]
+        scale = min(tile_px / width, tile_px / height)
+        shown = _resized(frame.pixels, scale)
+        shown = _as_rgb(shown) if color else shown
+        cell_y, cell_x = divmod(index, columns)
+        x0 = cell_x * tile_px + (tile_px - shown.shape[1]) // 2
+        y0 = cell_y * tile_px + (tile_px - shown.shape[0]) // 2
+        canvas[y0 : y0 + shown.shape[0], x0 : x0 + shown.shape[1]] = shown
+        tiles.append(_tile(chosen, frame, x0, y0, shown, scale))
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    for tile, (cell_index, _) in zip(tiles, enumerate(frames), strict=True):
+        cell_y, cell_x = divmod(cell_index, columns)
+        x, y = cell_x * tile_px + 2, cell_y * tile_px + 2
+        box = draw.textbbox((x, y), tile.label, font=font)
+        draw.rectangle(box, fill=0)
+        draw.text((x, y), tile.label, fill=255 if not color else (255, 255, 0), font=font)
+    return ComposedImage(np.asarray(image), tuple(tiles), description)
+
+
+def compose_single(
+    chosen: ChosenFrame, frame: DisplayFrame, long_edge_px: int, description: str
+) -> ComposedImage:
+    """One image, scaled down so its long edge is at most ``long_edge_px`` (never up)."""
+    if long_edge_px < 16:
+        raise ValueError(f'Argument "long_edge_px" must be at least 16, got {long_edge_px}')
+    height, width = frame.pixels.shape[:2]
+    scale = min(1.0, long_edge_px / max(height, width))
+    shown = _resized(frame.pixels, scale)
+    return ComposedImage(shown, (_tile(chosen, frame, 0, 0, shown, scale),), description)

@@ -1,0 +1,229 @@
+"""Which series, images and slices a model should see, from the header facts indexed at ingest.
+
+Primary images only: no localizers, no DERIVED\\SECONDARY captures, no SR, KOS, presentation
+states, RT objects or encapsulated documents (our own SRs included), and nothing whose header
+says BurnedInAnnotation YES unless configured. Volumes are sampled evenly *by position along the
+slice normal*, not by Instance Number, which scanners number in either direction or restart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from storage.models import Instance
+
+VOLUME_MODALITIES = frozenset({"CT", "MR", "PT", "NM"})
+MIN_VOLUME_SLICES = 4
+# SOP classes that carry no image to show (PS3.4 Annex B): SR and KOS, presentation states,
+# RT objects, encapsulated documents, raw data, waveforms.
+NON_IMAGE_SOP_CLASS_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.88.",
+    "1.2.840.10008.5.1.4.1.1.11.",
+    "1.2.840.10008.5.1.4.1.1.481.",
+    "1.2.840.10008.5.1.4.1.1.104.",
+    "1.2.840.10008.5.1.4.1.1.66",
+    "1.2.840.10008.5.1.4.1.1.9.",
+)
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One stored instance as the planner sees it."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    path: Path
+    modality: str
+    image_type: tuple[str, ...]
+    instance_number: int | None
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, float, float, float, float, float] | None
+    rows: int | None
+    columns: int | None
+    number_of_frames: int
+    burned_in_annotation: str
+    body_part_examined: str
+    view_position: str
+
+    @classmethod
+    def from_instance(cls, row: Instance, root: Path) -> SourceImage:
+        return cls(
+            sop_instance_uid=row.sop_instance_uid,
+            series_instance_uid=row.series_instance_uid,
+            sop_class_uid=row.sop_class_uid,
+            path=root / row.path,
+            modality=(row.modality or "").upper(),
+            image_type=tuple(v.strip().upper() for v in (row.image_type or "").split("\\") if v.strip()),
+            instance_number=_int(row.instance_number),
+            position=_floats(row.image_position_patient, 3),  # type: ignore[arg-type]
+            orientation=_floats(row.image_orientation_patient, 6),  # type: ignore[arg-type]
+            rows=row.rows,
+            columns=row.columns,
+            number_of_frames=max(_int(row.number_of_frames) or 1, 1),
+            burned_in_annotation=(row.burned_in_annotation or "").upper(),
+            body_part_examined=(row.body_part_examined or "").upper(),
+            view_position=(row.view_position or "").upper(),
+        )
+
+    def along_normal(self) -> float | None:
+        """Position along the slice normal (PS3.3 C.7.6.2.1.1), in mm."""
+        if self.position is None or self.orientation is None:
+            return None
+        normal = np.cross(self.orientation[:3], self.orientation[3:])
+        return float(np.dot(normal, self.position))
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(str(text).strip()) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _floats(text: str | None, count: int) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split("\\"))
+    except ValueError:
+        return None
+    return values if len(values) == count and all(math.isfinite(v) for v in values) else None
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    sop_instance_uid: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ChosenFrame:
+    image: SourceImage
+    frame_index: int
+    label: str  # what the model reads on the tile: "S7 z=-12.5" / "F3"; nothing identifying
+    slice_position_mm: float | None = None
+
+
+@dataclass(frozen=True)
+class SeriesPlan:
+    """One output image: a mosaic of a volume's slices, or one single image."""
+
+    series_instance_uid: str
+    modality: str
+    kind: str  # "volume" or "single"
+    frames: tuple[ChosenFrame, ...]
+    available: int  # slices or frames the series had
+
+
+@dataclass(frozen=True)
+class ImageBudget:
+    max_images: int = 4
+    tiles_per_mosaic: int = 16
+    allow_burned_in_annotation: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_images < 1:
+            raise ValueError(f'Argument "max_images" must be at least 1, got {self.max_images}')
+        if self.tiles_per_mosaic < 1:
+            raise ValueError(f'Argument "tiles_per_mosaic" must be at least 1, got {self.tiles_per_mosaic}')
+
+
+def exclusion_reason(image: SourceImage, budget: ImageBudget) -> str | None:
+    if image.sop_class_uid.startswith(NON_IMAGE_SOP_CLASS_PREFIXES) or not image.rows or not image.columns:
+        return f"not an image (SOP class {image.sop_class_uid})"
+    if "LOCALIZER" in image.image_type:
+        return "localizer"
+    if len(image.image_type) > 1 and image.image_type[1] == "SECONDARY":
+        return "derived/secondary image"
+    if image.burned_in_annotation == "YES" and not budget.allow_burned_in_annotation:
+        return "BurnedInAnnotation YES (may show patient data)"
+    return None
+
+
+def evenly(count: int, wanted: int) -> list[int]:
+    """``wanted`` indices spread evenly over ``range(count)``, first and last included."""
+    if count <= wanted:
+        return list(range(count))
+    return sorted({int(i) for i in np.rint(np.linspace(0, count - 1, wanted))})
+
+
+def _volume_frames(images: list[SourceImage], wanted: int) -> tuple[list[ChosenFrame], int]:
+    if len(images) == 1 and images[0].number_of_frames > 1:  # enhanced / multi-frame volume
+        image = images[0]
+        return [
+            ChosenFrame(image, i, f"F{i + 1}") for i in evenly(image.number_of_frames, wanted)
+        ], image.number_of_frames
+    ordered = sorted(images, key=lambda im: (im.along_normal() or 0.0, im.instance_number or 0))
+    positions = [im.along_normal() for im in ordered]
+    chosen = [
+        ChosenFrame(ordered[i], 0, f"S{n + 1} z={positions[i]:.1f}", positions[i])
+        for n, i in enumerate(evenly(len(ordered), wanted))
+        if positions[i] is not None
+    ]
+    return chosen, len(ordered)
+
+
+def _is_volume(modality: str, images: list[SourceImage]) -> bool:
+    if modality not in VOLUME_MODALITIES:
+        return False
+    if len(images) == 1:
+        return images[0].number_of_frames >= MIN_VOLUME_SLICES
+    return len(images) >= MIN_VOLUME_SLICES and all(im.along_normal() is not None for im in images)
+
+
+def plan_study(images: list[SourceImage], budget: ImageBudget) -> tuple[list[SeriesPlan], list[Exclusion]]:
+    """Choose what the model sees within ``budget``; say why everything else is left out."""
+    exclusions: list[Exclusion] = []
+    by_series: dict[str, list[SourceImage]] = defaultdict(list)
+    for image in images:
+        reason = exclusion_reason(image, budget)
+        if reason is None:
+            by_series[image.series_instance_uid].append(image)
+        else:
+            exclusions.append(Exclusion(image.sop_instance_uid, reason))
+
+    volumes: list[tuple[str, list[SourceImage]]] = []
+    singles: list[SourceImage] = []
+    for series, members in by_series.items():
+        modality = members[0].modality
+        if _is_volume(modality, members):
+            volumes.append((series, members))
+        else:
+            singles.extend(sorted(members, key=lambda im: (im.series_instance_uid, im.instance_number or 0)))
+    volumes.sort(key=lambda item: -sum(im.number_of_frames for im in item[1]))
+
+    plans: list[SeriesPlan] = []
+    for series, members in volumes:
+        if len(plans) == budget.max_images:
+            exclusions += [Exclusion(im.sop_instance_uid, "over the image budget") for im in members]
+            continue
+        frames, available = _volume_frames(members, budget.tiles_per_mosaic)
+        plans.append(SeriesPlan(series, members[0].modality, "volume", tuple(frames), available))
+        used = {f.image.sop_instance_uid for f in frames}
+        exclusions += [
+            Exclusion(im.sop_instance_uid, "not among the evenly spaced slices")
+            for im in members
+            if im.sop_instance_uid not in used
+        ]
+    for image in singles:
+        if len(plans) == budget.max_images:
+            exclusions.append(Exclusion(image.sop_instance_uid, "over the image budget"))
+            continue
+        middle = image.number_of_frames // 2  # a cine loop: its middle frame
+        label = f"F{middle + 1}" if image.number_of_frames > 1 else "I1"
+        plans.append(
+            SeriesPlan(
+                image.series_instance_uid,
+                image.modality,
+                "single",
+                (ChosenFrame(image, middle, label),),
+                image.number_of_frames,
+            )
+        )
+    return plans, exclusions

@@ -1,0 +1,119 @@
+"""Series and slice choice."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from analysis.selection import ImageBudget, SourceImage, evenly, plan_study
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def image(sop: str, series: str = "1.1", **changes: object) -> SourceImage:
+    base = SourceImage(
+        sop_instance_uid=sop,
+        series_instance_uid=series,
+        sop_class_uid=CT,
+        path=Path(f"/x/{sop}"),
+        modality="CT",
+        image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+        instance_number=None,
+        position=(0.0, 0.0, 0.0),
+        orientation=AXIAL,
+        rows=512,
+        columns=512,
+        number_of_frames=1,
+        burned_in_annotation="",
+        body_part_examined="CHEST",
+        view_position="",
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_evenly_spreads_over_the_whole_range() -> None:
+    assert evenly(300, 4) == [0, 100, 199, 299]
+    assert evenly(3, 16) == [0, 1, 2]
+
+
+def test_slices_are_chosen_by_position_not_instance_number() -> None:
+    # 100 slices 2 mm apart; instance numbers shuffled, files listed in random order.
+    numbers = list(range(1, 101))
+    random.Random(7).shuffle(numbers)
+    slices = [
+        image(f"2.{z}", position=(0.0, 0.0, -100.0 + 2.0 * z), instance_number=numbers[z]) for z in range(100)
+    ]
+    random.Random(3).shuffle(slices)
+    (plan,), _ = plan_study(slices, ImageBudget(max_images=4, tiles_per_mosaic=5))
+    assert plan.kind == "volume" and plan.available == 100
+    assert [f.slice_position_mm for f in plan.frames] == [-100.0, -50.0, 0.0, 48.0, 98.0]
+    assert [f.label for f in plan.frames] == [
+        "S1 z=-100.0",
+        "S2 z=-50.0",
+        "S3 z=0.0",
+        "S4 z=48.0",
+        "S5 z=98.0",
+    ]
+
+
+def test_position_uses_the_slice_normal_for_sagittal_series() -> None:
+    sagittal = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # normal is -x
+    slices = [
+        image(f"3.{i}", orientation=sagittal, position=(float(x), 5.0, 9.0))
+        for i, x in enumerate([30, 10, 20, 0])
+    ]
+    (plan,), _ = plan_study(slices, ImageBudget(tiles_per_mosaic=16))
+    assert [f.image.position[0] for f in plan.frames if f.image.position] == [30.0, 20.0, 10.0, 0.0]
+
+
+def test_non_primary_images_are_left_out_with_reasons() -> None:
+    images = [
+        image("1", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")),
+        image("2", image_type=("DERIVED", "SECONDARY", "SCREEN SAVE")),
+        image("3", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", rows=None, columns=None),
+        image("4", burned_in_annotation="YES", modality="US", series="2.2"),
+        image("5", modality="CR", series="3.3"),
+    ]
+    plans, excluded = plan_study(images, ImageBudget())
+    assert [(p.kind, p.frames[0].image.sop_instance_uid) for p in plans] == [("single", "5")]
+    reasons = {e.sop_instance_uid: e.reason for e in excluded}
+    assert reasons["1"] == "localizer"
+    assert reasons["2"] == "derived/secondary image"
+    assert reasons["3"].startswith("not an image (SOP class 1.2.840.10008.5.1.4.1.1.88.34")
+    assert reasons["4"].startswith("BurnedInAnnotation YES")
+    allowed, _ = plan_study(images, ImageBudget(allow_burned_in_annotation=True))
+    assert {p.frames[0].image.sop_instance_uid for p in allowed} == {"4", "5"}
+
+
+def test_mixed_study_fits_the_image_budget() -> None:
+    ct = [image(f"ct.{z}", position=(0.0, 0.0, float(z))) for z in range(40)]
+    small_mr = [image(f"mr.{z}", series="2", modality="MR", position=(0.0, 0.0, float(z))) for z in range(6)]
+    xrays = [
+        image(f"cr.{n}", series=f"3.{n}", modality="CR", position=None, orientation=None) for n in range(3)
+    ]
+    plans, excluded = plan_study([*xrays, *small_mr, *ct], ImageBudget(max_images=3, tiles_per_mosaic=16))
+    assert [(p.series_instance_uid, p.kind, len(p.frames)) for p in plans] == [
+        ("1.1", "volume", 16),
+        ("2", "volume", 6),
+        ("3.0", "single", 1),
+    ]
+    over = sorted(e.sop_instance_uid for e in excluded if e.reason == "over the image budget")
+    assert over == ["cr.1", "cr.2"]
+    assert sum(e.reason == "not among the evenly spaced slices" for e in excluded) == 24
+
+
+def test_multi_frame_volume_samples_frames_and_cine_shows_its_middle_frame() -> None:
+    enhanced = image("e", number_of_frames=200, modality="MR")
+    cine = image("c", series="2", modality="US", number_of_frames=30, position=None, orientation=None)
+    plans, _ = plan_study([enhanced, cine], ImageBudget(tiles_per_mosaic=4))
+    assert [f.frame_index for f in plans[0].frames] == [0, 66, 133, 199]
+    assert (plans[1].kind, plans[1].frames[0].frame_index, plans[1].frames[0].label) == ("single", 15, "F16")
+
+
+def test_budget_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match='"max_images" must be at least 1, got 0'):
+        ImageBudget(max_images=0)

@@ -1,0 +1,78 @@
+"""``ainode preview`` on a study received over DICOM: exactly what the model would get."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from tests.data.generate import write_series
+from tests.nodes import NodeFactory, dcmtk
+
+IDENTIFYING = {  # distinctive tokens, so a hit can only be a leak
+    "PatientName": "Doemann^Janeth^Quorra",
+    "PatientID": "MRN-4471-0932",
+    "PatientBirthDate": "19480317",
+    "AccessionNumber": "ACC99812",
+    "InstitutionName": "Elsewhereton Infirmary",
+    "ReferringPhysicianName": "Houseman^Gregor",
+    "StudyDescription": "Dyspnoea Doemann followup",
+    "SeriesDescription": "Janeth Qzvort protocol",
+    "OperatorsName": "Technik^Terrwyn",
+}
+
+
+def _identify(paths: list[Path]) -> None:
+    for path in paths:
+        ds = dcmread(path)
+        for keyword, value in IDENTIFYING.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+
+
+def test_preview_writes_images_prompt_and_manifest_without_identifying_text(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    study = generate_uid()
+    files = [
+        *write_series(tmp_path / "ct", 40, study_instance_uid=study),
+        *write_series(tmp_path / "cr", 1, source="RG1_UNCI.dcm", study_instance_uid=study),
+        *write_series(tmp_path / "us", 1, source="US1_UNCI.dcm", study_instance_uid=study),
+    ]
+    localizer = write_series(tmp_path / "loc", 1, study_instance_uid=study)[0]
+    ds = dcmread(localizer)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(localizer)
+    _identify([*files, localizer])
+    node = make_node().start()
+    sent = dcmtk("storescu", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, [*files, localizer]))
+    assert sent.returncode == 0, sent.stderr
+
+    out = tmp_path / "preview"
+    result = node.cli("preview", study, "--out", str(out))
+    assert "3 image(s) for the model" in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [image["kind"] for image in manifest["images"]] == ["volume", "single", "single"]
+    for image in manifest["images"]:
+        data = (out / image["file"]).read_bytes()
+        assert data[:3] == b"\xff\xd8\xff"  # JPEG
+        assert hashlib.sha256(data).hexdigest() == image["sha256"] and len(data) == image["bytes"]
+    ct = manifest["images"][0]
+    assert len(ct["tiles"]) == 16 and ct["tiles"][0]["window"]["explanation"] == "preset mediastinum"
+    reasons = {e["reason"] for e in manifest["excluded"]}
+    assert reasons == {"localizer", "not among the evenly spaced slices"}
+    prompt = (out / "prompt.txt").read_text()
+    assert "a mosaic of 16 of the series' 40 slices" in prompt and "CR, body part CHEST" in prompt
+    everything_sent = prompt + json.dumps(manifest)
+    for value in IDENTIFYING.values():
+        for part in value.replace("^", " ").split():
+            assert part not in everything_sent, f"{part!r} leaked into what the model gets"
+
+
+def test_preview_of_an_unknown_study_says_so(make_node: NodeFactory) -> None:
+    node = make_node()
+    result = node.cli("preview", "1.2.3.4", "--out", str(node.workdir / "out"), check=False)
+    assert result.returncode == 1 and "no study 1.2.3.4" in result.stderr
