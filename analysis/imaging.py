@@ -166,11 +166,11 @@ def render_file(
     """Decode and render the given frames (all when None) of one file. A frame that cannot be
     decoded or shown yields an :class:`ImageSkipped` with the reason instead of raising."""
     try:
-        ds = dcmread(path, stop_before_pixels=True)
+        ds = dcmread(path, defer_size="1 MB")  # pixel data of a large file stays on disk for now
         rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
         if rows * columns > MAX_SOURCE_PIXELS:
             raise ImageSkipped(f"frame of {rows}x{columns} pixels exceeds the limit; not decoded")
-        decoded = iter_pixels(path, indices=frames)
+        decoded = iter_pixels(ds, indices=frames)
         index_iter = iter(frames) if frames is not None else None
         for position, frame in enumerate(decoded):
             index = next(index_iter) if index_iter is not None else position

@@ -80,7 +80,10 @@ class PreparedStudy:
 
 
 def source_images(session: Session, study_instance_uid: str, root: Path) -> list[SourceImage]:
-    rows = session.scalars(select(Instance).where(Instance.study_instance_uid == study_instance_uid))
+    # Core rows, not ORM objects: a 300-slice study loads in a few milliseconds.
+    rows = session.execute(
+        select(*Instance.__table__.columns).where(Instance.study_instance_uid == study_instance_uid)
+    )
     return [SourceImage.from_instance(row, root) for row in rows]
 
 

@@ -12,6 +12,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,8 @@ class SourceImage:
     view_position: str
 
     @classmethod
-    def from_instance(cls, row: Instance, root: Path) -> SourceImage:
+    def from_instance(cls, row: Instance | Any, root: Path) -> SourceImage:
+        """From an ``instances`` row (ORM object or Core row with the same column names)."""
         return cls(
             sop_instance_uid=row.sop_instance_uid,
             series_instance_uid=row.series_instance_uid,
@@ -72,11 +74,14 @@ class SourceImage:
         )
 
     def along_normal(self) -> float | None:
-        """Position along the slice normal (PS3.3 C.7.6.2.1.1), in mm."""
+        """Position along the slice normal (row x column direction cosines, PS3.3
+        C.7.6.2.1.1), in mm. Plain arithmetic: numpy's cross costs 10 us a call here."""
         if self.position is None or self.orientation is None:
             return None
-        normal = np.cross(self.orientation[:3], self.orientation[3:])
-        return float(np.dot(normal, self.position))
+        rx, ry, rz, cx, cy, cz = self.orientation
+        nx, ny, nz = ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
+        px, py, pz = self.position
+        return nx * px + ny * py + nz * pz
 
 
 def _int(text: str | None) -> int | None:

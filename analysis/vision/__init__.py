@@ -1,0 +1,1 @@
+"""The vision API side: wire formats, providers, limits and token estimates."""
