@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
 from pydicom.pixels.utils import iter_pixels
 
 from analysis.errors import ImageSkipped
@@ -152,6 +152,11 @@ def render_frame(
     if not np.isfinite(values).all():
         values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
     window = choose_window(ds, values, ct_preset_by_body_part)
+    if window.explanation.startswith("percentiles") and "VOILUTSequence" in ds:
+        # No usable window but a VOI LUT (PS3.3 C.11.2.1.1): apply it, then stretch its output.
+        values = apply_voi(np.rint(values).astype(np.int32), ds).astype(np.float32, copy=False)
+        low, high = float(values.min()), float(values.max())
+        window = WindowChoice((low + high) / 2 + 0.5, max(high - low + 1, 1.0), "header VOI LUT")
     pixels = apply_window(values, window)
     if photometric == "MONOCHROME1":
         pixels = 255 - pixels

@@ -152,6 +152,10 @@ def prepare_study(
         except ImageSkipped as exc:
             exclusions += [Exclusion(t.sop_instance_uid, str(exc)) for t in image.tiles]
             continue
+        if sum(len(e.data) for e in encoded) + len(data.data) > settings.max_bytes_per_request:
+            reason = f"over imaging.max_bytes_per_request ({settings.max_bytes_per_request} bytes)"
+            exclusions += [Exclusion(t.sop_instance_uid, reason) for t in image.tiles]
+            continue
         kept_plans.append(plan)
         composed.append(image)
         encoded.append(data)

@@ -82,6 +82,7 @@ class ImagingSettings(_Section):
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = Field(default=85, ge=30, le=95)
     max_bytes_per_image: int = Field(default=5_000_000, ge=1024)
+    max_bytes_per_request: int = Field(default=20_000_000, ge=1024)
     allow_burned_in_annotation: bool = False
     # US and secondary-capture images carry patient text in bands at the top; black it out.
     mask_top_fraction: float = Field(default=0.22, ge=0, le=0.5)

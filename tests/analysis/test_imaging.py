@@ -129,3 +129,14 @@ def test_a_10k_by_10k_image_is_skipped_before_decoding(tmp_path: Path) -> None:
     (result,) = list(render_file(path))
     assert isinstance(result, ImageSkipped)
     assert "10000x10000 pixels exceeds the limit" in str(result)
+
+
+def test_a_voi_lut_sequence_is_used_when_there_is_no_window() -> None:
+    item = Dataset()
+    item.LUTDescriptor = [4, 0, 8]  # 4 entries, first input value 0, 8-bit output
+    item.LUTData = [0, 40, 200, 255]
+    ds = header(BitsStored=8)
+    ds.VOILUTSequence = [item]
+    shown = render_frame(ds, np.array([[0, 1], [2, 3]], dtype=np.uint8), 0)
+    assert shown.window.explanation == "header VOI LUT"
+    assert shown.pixels.tolist() == [[0, 40], [200, 255]]

@@ -76,3 +76,22 @@ def test_preview_of_an_unknown_study_says_so(make_node: NodeFactory) -> None:
     node = make_node()
     result = node.cli("preview", "1.2.3.4", "--out", str(node.workdir / "out"), check=False)
     assert result.returncode == 1 and "no study 1.2.3.4" in result.stderr
+
+
+def test_images_past_the_request_byte_limit_are_left_out_with_the_reason(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    study = generate_uid()
+    files = [
+        *write_series(tmp_path / "cr1", 1, source="RG1_UNCI.dcm", study_instance_uid=study),
+        *write_series(tmp_path / "cr2", 1, source="RG3_UNCI.dcm", study_instance_uid=study),
+    ]
+    node = make_node(imaging={"max_bytes_per_request": 100_000}).start()
+    assert dcmtk("storescu", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, files)).returncode == 0
+    out = tmp_path / "preview"
+    node.cli("preview", study, "--out", str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["images"]) == 1 and manifest["images"][0]["bytes"] <= 100_000
+    assert [e["reason"] for e in manifest["excluded"]] == [
+        "over imaging.max_bytes_per_request (100000 bytes)"
+    ]
