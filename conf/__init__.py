@@ -9,6 +9,7 @@ from conf.settings import (
     Settings,
     StorageSettings,
     StudySettings,
+    VisionSettings,
     default_config_path,
     load_settings,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "Settings",
     "StorageSettings",
     "StudySettings",
+    "VisionSettings",
     "default_config_path",
     "load_settings",
 ]

@@ -12,7 +12,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # Part 5 §6.2 AE: no backslash
@@ -98,6 +106,42 @@ class ImagingSettings(_Section):
     )
 
 
+class VisionSettings(_Section):
+    """The vision API. The key never lives in the file: ``AINODE_VISION__API_KEY``, or the
+    variable named by ``api_key_env`` (read once, in :func:`load_settings`)."""
+
+    provider: str = "holysheep"
+    base_url: str | None = None  # the preset's unless set
+    model: str | None = None  # the preset's unless set
+    api_key: SecretStr | None = None
+    api_key_env: str | None = None
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    max_concurrency: int = Field(default=4, ge=1, le=64)
+    requests_per_minute: int = Field(default=60, ge=0)  # 0: no limit of ours
+    tokens_per_minute: int = Field(default=0, ge=0)
+    max_retries: int = Field(default=5, ge=0, le=20)
+    backoff_base_seconds: float = Field(default=1.0, gt=0)
+    backoff_cap_seconds: float = Field(default=60.0, gt=0)
+    max_cost_usd_per_study: float = Field(default=0.50, ge=0)
+    max_output_tokens: int = Field(default=2048, ge=64)
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_cooldown_seconds: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _vision_capable(self) -> VisionSettings:
+        from conf.providers import preset_for
+
+        preset = preset_for(self.provider)
+        if not preset.vision:
+            raise ValueError(
+                f'vision.provider "{self.provider}" (model {self.model or preset.default_model}) takes text '
+                "only; ainode needs a model with image input"
+            )
+        return self
+
+
 class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -133,7 +177,7 @@ class Settings(BaseSettings):
     destinations: tuple[DestinationSettings, ...] = ()
     # Sections owned by later parts of the node (vision, worker, routing) are accepted as
     # tables so a complete configuration file loads today.
-    vision: dict[str, Any] = Field(default_factory=dict)
+    vision: VisionSettings = VisionSettings()
     worker: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
@@ -171,6 +215,9 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError(f"configuration file {str(config_path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {str(config_path)!r} is not valid TOML: {exc}") from None
+    key_env = data.get("vision", {}).get("api_key_env") or os.environ.get("AINODE_VISION__API_KEY_ENV")
+    if key_env and os.environ.get(key_env) and not os.environ.get("AINODE_VISION__API_KEY"):
+        data.setdefault("vision", {})["api_key"] = os.environ[key_env]
     try:
         return Settings(**data)
     except ValidationError as exc:

@@ -46,7 +46,24 @@ def _parser() -> argparse.ArgumentParser:
     preview = sub.add_parser("preview", help="write exactly the images and prompt the model would get")
     preview.add_argument("study_instance_uid")
     preview.add_argument("--out", type=Path, required=True, help="folder to write into")
-    for cmd in (sub.choices["serve"], sub.choices["scp"], status, echo_cmd, send_cmd, preview):
+    simulate = sub.add_parser(
+        "simulate-vision", help="a local chat-completions endpoint with SIMULATED findings"
+    )
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=8089)
+    simulate.add_argument("--latency-ms", type=float, default=0.0)
+    simulate.add_argument("--fail-429", type=int, default=0, help="answer 429 to the first N calls")
+    simulate.add_argument("--retry-after", type=float, default=1.0, help="Retry-After of those 429s, seconds")
+    simulate.add_argument("--fail-500", type=int, default=0, help="then answer 500 to N calls")
+    simulate.add_argument(
+        "--malformed", type=int, default=0, help="then answer N calls with invalid findings"
+    )
+    simulate.add_argument("--fail-status", type=int, default=0, help="then answer this status ...")
+    simulate.add_argument("--fail-status-count", type=int, default=0, help="... to N calls")
+    simulate.add_argument("--quota-exhausted", action="store_true", help="429 insufficient_quota, always")
+    simulate.add_argument("--rpm-limit", type=int, default=0, help="429 past N requests a minute")
+    simulate.add_argument("--record", type=Path, default=None, help="append each request body to FILE")
+    for cmd in (sub.choices["serve"], sub.choices["scp"], status, echo_cmd, send_cmd, preview, simulate):
         cmd.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS)
         cmd.add_argument("--log-format", choices=["text", "json"], default=argparse.SUPPRESS)
     return parser
@@ -93,9 +110,38 @@ def _preview(settings: Settings, study_instance_uid: str, out: Path) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from analysis.vision.simulator import Behaviour, SimulatorServer
+
+    behaviour = Behaviour(
+        latency_ms=args.latency_ms,
+        fail_429=args.fail_429,
+        retry_after_seconds=args.retry_after,
+        fail_500=args.fail_500,
+        malformed=args.malformed,
+        fail_status=args.fail_status,
+        fail_status_count=args.fail_status_count,
+        quota_exhausted=args.quota_exhausted,
+        rpm_limit=args.rpm_limit,
+        record=args.record,
+    )
+    server = SimulatorServer((args.host, args.port), behaviour)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    threading.Thread(target=server.serve_forever, name="simulator", daemon=True).start()
+    log.info("simulated vision API (SIMULATED findings) on http://%s:%d/v1", args.host, server.port)
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_format)
+    if args.command == "simulate-vision":  # needs no configuration: it stands in for a provider
+        return _simulate(args)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -126,6 +127,26 @@ class Instance(Base):
     burned_in_annotation: Mapped[str | None] = mapped_column(String(3), nullable=True)
     body_part_examined: Mapped[str | None] = mapped_column(String(16), nullable=True)
     view_position: Mapped[str | None] = mapped_column(String(16), nullable=True)
+
+
+class ApiCall(Base):
+    """One HTTP call to a vision API: what it cost and how it went (DESIGN.md §5)."""
+
+    __tablename__ = "api_calls"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    job_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(128))
+    images: Mapped[int] = mapped_column(Integer)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    cost_usd: Mapped[float] = mapped_column(Float)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    called_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class Job(Base):

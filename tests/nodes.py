@@ -224,3 +224,21 @@ def store_raw(port: int, path: Path, calling_ae: str = "RAWSCU", called_ae: str 
     finally:
         pynetdicom._config.STORE_SEND_CHUNKED_DATASET = previous
     return int(status.Status) if "Status" in status else -1
+
+
+@contextmanager
+def simulator(workdir: Path, *flags: str) -> Iterator[str]:
+    """``ainode simulate-vision`` in a subprocess on a fresh port; yields its base URL."""
+    port = free_port()
+    log = (workdir / f"simulator-{port}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scp.cli", "simulate-vision", "--port", str(port), *flags],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop_process(proc)
+        log.close()

@@ -78,3 +78,24 @@ def test_encoding_steps_quality_down_to_fit_and_says_when_it_cannot() -> None:
     assert encode(image, "png", 10_000_000).data.startswith(b"\x89PNG")
     with pytest.raises(ImageSkipped, match="over 2000"):
         encode(image, "jpeg", 2000)
+
+
+def test_a_model_box_on_a_mosaic_lands_on_the_right_slice_in_source_pixels() -> None:
+    from analysis.findings import Box
+    from analysis.regions import map_box_to_source
+
+    frames = [
+        (chosen(n), DisplayFrame(np.zeros((512, 512), dtype=np.uint8), 0, WINDOW, (0.5, 0.5)))
+        for n in range(16)
+    ]
+    image = compose_mosaic(frames, tile_px=256, description="test")  # 4 x 4, scale 0.5
+    # A box in tile S7 (row 1, column 2): output x 512+64..512+128, y 256+32..256+96.
+    box = Box(x_min=576 / 1024, y_min=288 / 1024, x_max=640 / 1024, y_max=352 / 1024)
+    region = map_box_to_source(box, image)
+    assert region is not None and region.sop_instance_uid == "1.6"
+    assert (region.column_min, region.row_min, region.column_max, region.row_max) == (128, 64, 256, 192)
+    assert region.long_axis_mm() == 64.0
+    assert region.corners()[0] == region.corners()[-1]
+    # A box straddling two tiles is clipped to the tile under its centre.
+    wide = map_box_to_source(Box(x_min=0.20, y_min=0.05, x_max=0.30, y_max=0.10), image)
+    assert wide is not None and wide.sop_instance_uid == "1.1" and wide.column_min == 0.0

@@ -1,0 +1,346 @@
+"""The vision client: one study's images and prompt in, validated findings out.
+
+Reliability: connect/read timeouts; retries on 408, 409, 429, 5xx and connection errors with
+exponential backoff and full jitter, honouring ``retry-after`` / ``retry-after-ms``; no retry on
+400, 401, 403 or quota errors; a per-provider rate limiter fed by the response headers; a
+bounded number of calls in flight; a circuit breaker. Every call, failed or not, is returned as
+a :class:`CallRecord` for the ``api_calls`` table. The API key is sent, never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from analysis.encode import EncodedImage
+from analysis.errors import (
+    BudgetExceeded,
+    CircuitOpen,
+    InvalidFindings,
+    VisionPermanent,
+    VisionRetryable,
+)
+from analysis.findings import FINDINGS_SCHEMA, Findings
+from analysis.vision import wire
+from analysis.vision.limits import CircuitBreaker, RateLimiter
+from analysis.vision.tokens import IMAGE_TOKEN_FORMULAS
+from conf import VisionSettings
+from conf.providers import ProviderPreset, preset_for
+from storage.api_calls import ApiCallRow
+
+log = logging.getLogger("ainode.vision")
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+QUOTA_CODES = ("insufficient_quota", "billing_hard_limit_reached", "quota_exceeded")
+
+
+CallRecord = ApiCallRow  # one call, as the api_calls table keeps it
+
+
+@dataclass
+class VisionResult:
+    findings: Findings
+    raw_reply: str
+    calls: list[CallRecord] = field(default_factory=list)
+
+    @property
+    def cost_usd(self) -> float:
+        return sum(call.cost_usd for call in self.calls)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = response.headers.get(name)
+        if value:
+            try:
+                return max(float(value) * scale, 0.0)
+            except ValueError:
+                continue
+    return None
+
+
+def _error_code(response: httpx.Response) -> str:
+    try:
+        error = response.json().get("error", {})
+    except (ValueError, AttributeError):
+        return ""
+    if isinstance(error, dict):
+        return str(error.get("code") or error.get("type") or "")
+    return ""
+
+
+class VisionClient:
+    """Thread-safe: the limiter, breaker and in-flight cap are shared by every study."""
+
+    def __init__(
+        self,
+        settings: VisionSettings,
+        http: httpx.Client | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.preset: ProviderPreset = preset_for(settings.provider)
+        self.model = settings.model or self.preset.default_model
+        self.base_url = settings.base_url or self.preset.base_url
+        self.http = http or httpx.Client(
+            timeout=httpx.Timeout(settings.timeout_seconds, connect=settings.connect_timeout_seconds)
+        )
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self.limiter = RateLimiter(settings.requests_per_minute, settings.tokens_per_minute, sleep=sleep)
+        self.breaker = CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_cooldown_seconds)
+        self.in_flight = threading.BoundedSemaphore(settings.max_concurrency)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> VisionClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- estimates ---------------------------------------------------------------------------
+
+    def estimate_tokens(self, images: list[EncodedImage], prompt: str) -> int:
+        formula = IMAGE_TOKEN_FORMULAS[self.preset.token_formula]
+        text = (len(prompt) + len(wire.SYSTEM_PROMPT) + len(json.dumps(FINDINGS_SCHEMA))) // 4
+        return sum(formula(image.width, image.height) for image in images) + text
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (
+            prompt_tokens * self.preset.price_input_per_mtok
+            + completion_tokens * self.preset.price_output_per_mtok
+        ) / 1_000_000
+
+    # -- the call ----------------------------------------------------------------------------
+
+    def analyse(self, study_instance_uid: str, images: list[EncodedImage], prompt: str) -> VisionResult:
+        """Findings for one study: raises :class:`VisionPermanent` or :class:`VisionRetryable`
+        (with ``.calls`` set) when there are none."""
+        calls: list[CallRecord] = []
+        estimate = self.estimate_tokens(images, prompt)
+        worst_cost = 2 * self.cost(estimate, self.settings.max_output_tokens)  # with one repair
+        if worst_cost > self.settings.max_cost_usd_per_study:
+            raise self._tag(
+                BudgetExceeded(
+                    f"study {study_instance_uid}: estimated up to ${worst_cost:.4f} ({estimate} input tokens "
+                    f"a request), over vision.max_cost_usd_per_study ${self.settings.max_cost_usd_per_study}"
+                ),
+                calls,
+            )
+        history: list[tuple[str, str]] = []
+        for repair in (False, True):
+            reply = self._send_with_retries(study_instance_uid, images, prompt, history, estimate, calls)
+            try:
+                findings = Findings.model_validate(self._normalised(reply.content, images))
+            except (ValueError, ValidationError) as exc:
+                problem = str(exc)[:1500]
+                if repair:
+                    raise self._tag(
+                        InvalidFindings(
+                            f"study {study_instance_uid}: not valid findings after a repair request: "
+                            f"{problem[:300]}",
+                            reply.content,
+                        ),
+                        calls,
+                    ) from None
+                log.warning(
+                    "study %s: reply failed validation; asking once for a corrected reply", study_instance_uid
+                )
+                history.append(
+                    (
+                        reply.content,
+                        (
+                            "Your reply did not match the required JSON schema. The validation error was:\n"
+                            f"{problem}\nReply again with only the corrected JSON object."
+                        ),
+                    )
+                )
+                continue
+            return VisionResult(findings, reply.content, calls)
+        raise AssertionError("unreachable")
+
+    def _normalised(self, content: str, images: list[EncodedImage]) -> Any:
+        """Parse the reply and convert boxes from the provider's convention to clamped
+        fractions of the image sent."""
+        text = content.strip()
+        if text.startswith("```"):  # some models fence JSON even when told not to
+            text = text.strip("`").removeprefix("json").strip()
+        data = json.loads(text)
+        convention = self.preset.box_convention
+        for finding in data.get("findings", []) if isinstance(data, dict) else []:
+            box = finding.get("box") if isinstance(finding, dict) else None
+            if not isinstance(box, dict):
+                continue
+            index = finding.get("image_index")
+            size = (
+                (images[index - 1].width, images[index - 1].height)
+                if (isinstance(index, int) and 1 <= index <= len(images))
+                else None
+            )
+            for key in ("x_min", "x_max", "y_min", "y_max"):
+                value = box.get(key)
+                if not isinstance(value, int | float):
+                    continue
+                if convention == "per_mille" or (value > 1 and size is None):
+                    value = value / 1000
+                elif (convention == "pixel" or value > 1) and size is not None:
+                    value = value / (size[0] if key.startswith("x") else size[1])
+                box[key] = min(max(float(value), 0.0), 1.0)
+            if isinstance(index, int) and not 1 <= index <= len(images):
+                raise ValueError(f"image_index {index} names no image (there are {len(images)})")
+        return data
+
+    def _tag(self, error: Exception, calls: list[CallRecord]) -> Exception:
+        error.calls = calls  # type: ignore[attr-defined]
+        return error
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.settings.backoff_cap_seconds, self.settings.backoff_base_seconds * 2**attempt)
+        return self.rng.uniform(0, cap)  # full jitter
+
+    def _send_with_retries(
+        self,
+        study: str,
+        images: list[EncodedImage],
+        prompt: str,
+        history: list[tuple[str, str]],
+        estimate: int,
+        calls: list[CallRecord],
+    ) -> wire.Reply:
+        body = wire.build_body(
+            self.preset,
+            self.model,
+            images,
+            prompt,
+            self.settings.max_output_tokens,
+            self.settings.temperature,
+            history,
+        )
+        payload = json.dumps(body).encode("utf-8")
+        url = wire.endpoint(self.preset, self.base_url)
+        api_key = self.settings.api_key.get_secret_value() if self.settings.api_key else None
+        headers = wire.headers(self.preset, api_key)
+        last_error = "no attempt made"
+        for attempt in range(self.settings.max_retries + 1):
+            if not self.breaker.allow():
+                raise self._tag(
+                    CircuitOpen(
+                        f"{self.preset.name}: circuit open after {self.breaker.failures} failures in a row; "
+                        f"not calling for {self.settings.circuit_cooldown_seconds:g} s"
+                    ),
+                    calls,
+                )
+            status: int | None = None
+            delay: float | None = None
+            started = time.perf_counter()
+            try:
+                with self.in_flight:
+                    # Count the request when it really leaves, not while it waits for a slot.
+                    self.limiter.acquire(estimate + self.settings.max_output_tokens)
+                    started = time.perf_counter()
+                    response = self.http.post(url, content=payload, headers=headers)
+                status = response.status_code
+                latency = (time.perf_counter() - started) * 1000
+                self.limiter.observe(response.headers)
+                if status == 200:
+                    try:
+                        reply = wire.parse_reply(self.preset, response.json())
+                    except (ValueError, wire.ReplyFormatError) as exc:
+                        last_error = f"HTTP 200 with an unreadable body: {str(exc)[:200]}"
+                        self._record(calls, study, images, 0, 0, latency, status, last_error)
+                        self.breaker.failed()
+                        delay = self._backoff(attempt)
+                    else:
+                        self._record(
+                            calls,
+                            study,
+                            images,
+                            reply.prompt_tokens,
+                            reply.completion_tokens,
+                            latency,
+                            status,
+                            None,
+                        )
+                        self.breaker.succeeded()
+                        return reply
+                else:
+                    code = _error_code(response)
+                    last_error = f"HTTP {status}{' ' + code if code else ''}"
+                    self._record(calls, study, images, 0, 0, latency, status, last_error)
+                    if status in RETRYABLE_STATUSES and not any(q in code for q in QUOTA_CODES):
+                        if status == 429:  # up, but busy: the limiter's business, not the breaker's
+                            self.breaker.succeeded()
+                        else:
+                            self.breaker.failed()
+                        delay = _retry_after(response)
+                        delay = self._backoff(attempt) if delay is None else delay
+                    else:
+                        self.breaker.succeeded()  # the provider answered; the request is the problem
+                        raise self._tag(
+                            VisionPermanent(
+                                f"{self.preset.name} refused the request for study {study}: {last_error}"
+                                + (" (check vision.api_key)" if status in (401, 403) else "")
+                            ),
+                            calls,
+                        )
+            except httpx.TransportError as exc:  # connect/read timeouts, refused connections
+                last_error = f"{type(exc).__name__}"
+                self._record(
+                    calls, study, images, 0, 0, (time.perf_counter() - started) * 1000, None, last_error
+                )
+                self.breaker.failed()
+                delay = self._backoff(attempt)
+            if attempt < self.settings.max_retries and delay is not None:
+                log.warning(
+                    "study %s: %s; retry %d of %d in %.2f s",
+                    study,
+                    last_error,
+                    attempt + 1,
+                    self.settings.max_retries,
+                    delay,
+                )
+                self.sleep(delay)
+        raise self._tag(
+            VisionRetryable(
+                f"{self.preset.name}: no usable reply for study {study} after "
+                f"{self.settings.max_retries + 1} attempts; last: {last_error}"
+            ),
+            calls,
+        )
+
+    def _record(
+        self,
+        calls: list[CallRecord],
+        study: str,
+        images: list[EncodedImage],
+        prompt_tokens: int,
+        completion_tokens: int,
+        latency: float,
+        status: int | None,
+        error: str | None,
+    ) -> None:
+        calls.append(
+            CallRecord(
+                study,
+                self.preset.name,
+                self.model,
+                len(images),
+                prompt_tokens,
+                completion_tokens,
+                self.cost(prompt_tokens, completion_tokens),
+                round(latency, 1),
+                status,
+                error,
+            )
+        )

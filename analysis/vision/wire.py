@@ -1,0 +1,153 @@
+"""The two wire formats, hand-written: OpenAI chat completions and Anthropic Messages.
+
+OpenAI: https://platform.openai.com/docs/api-reference/chat/create (images as ``image_url`` data
+URLs; ``response_format`` ``json_schema`` with ``strict``, or ``json_object``). Used as is by
+Gemini's OpenAI-compatible endpoint, vLLM, Ollama and the seed document's provider.
+Anthropic: https://docs.anthropic.com/en/api/messages (``x-api-key``, ``anthropic-version``,
+base64 ``image`` blocks before the text, the answer forced through one tool's ``input_schema``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from analysis.encode import EncodedImage
+from analysis.findings import FINDINGS_SCHEMA
+from conf.providers import ProviderPreset
+
+ANTHROPIC_VERSION = "2023-06-01"
+TOOL_NAME = "report_findings"
+SYSTEM_PROMPT = (
+    "You are a careful radiology assistant. Answer only with the requested JSON object. "
+    "Coordinates of boxes are fractions (0 to 1) of the width and height of the image they refer to."
+)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What came back: the findings JSON as text, and the token usage."""
+
+    content: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ReplyFormatError(ValueError):
+    """The HTTP body is not a reply of the expected wire format."""
+
+
+def headers(preset: ProviderPreset, api_key: str | None) -> dict[str, str]:
+    result = {"content-type": "application/json"}
+    if preset.wire == "anthropic":
+        result["anthropic-version"] = ANTHROPIC_VERSION
+        if api_key:
+            result["x-api-key"] = api_key
+    elif api_key:
+        result["authorization"] = f"Bearer {api_key}"
+    return result
+
+
+def endpoint(preset: ProviderPreset, base_url: str) -> str:
+    path = "/messages" if preset.wire == "anthropic" else "/chat/completions"
+    return base_url.rstrip("/") + path
+
+
+def _data_url(image: EncodedImage) -> str:
+    return f"data:{image.media_type};base64,{base64.b64encode(image.data).decode('ascii')}"
+
+
+def build_body(
+    preset: ProviderPreset,
+    model: str,
+    images: list[EncodedImage],
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    history: Sequence[tuple[str, str]] = (),
+) -> dict[str, Any]:
+    """The request body; ``history`` holds (bad reply, correction) pairs for a repair request."""
+    if preset.wire == "anthropic":
+        content: list[dict[str, Any]] = [
+            {
+                "type": "image",
+                "source": {
+                    "type": "base64",
+                    "media_type": image.media_type,
+                    "data": base64.b64encode(image.data).decode("ascii"),
+                },
+            }
+            for image in images
+        ]
+        content.append({"type": "text", "text": prompt})
+        messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        for bad, correction in history:
+            messages += [
+                {"role": "assistant", "content": [{"type": "text", "text": bad}]},
+                {"role": "user", "content": [{"type": "text", "text": correction}]},
+            ]
+        return {
+            "model": model,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "system": SYSTEM_PROMPT,
+            "messages": messages,
+            "tools": [
+                {
+                    "name": TOOL_NAME,
+                    "description": "Report the findings of the study.",
+                    "input_schema": FINDINGS_SCHEMA,
+                }
+            ],
+            "tool_choice": {"type": "tool", "name": TOOL_NAME},
+        }
+    user: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": _data_url(image), "detail": "high"}} for image in images
+    ]
+    user.append({"type": "text", "text": prompt})
+    chat: list[dict[str, Any]] = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": user},
+    ]
+    for bad, correction in history:
+        chat += [{"role": "assistant", "content": bad}, {"role": "user", "content": correction}]
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": chat,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+    }
+    if preset.structured == "json_schema":
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "findings", "strict": True, "schema": FINDINGS_SCHEMA},
+        }
+    else:
+        body["response_format"] = {"type": "json_object"}
+    return body
+
+
+def parse_reply(preset: ProviderPreset, payload: Any) -> Reply:
+    """Extract the findings text and usage; :class:`ReplyFormatError` when the body is not a
+    reply of this wire format at all."""
+    try:
+        if preset.wire == "anthropic":
+            usage = payload.get("usage", {})
+            for block in payload["content"]:
+                if block.get("type") == "tool_use" and block.get("name") == TOOL_NAME:
+                    text = json.dumps(block["input"])
+                    break
+            else:
+                text = "".join(b.get("text", "") for b in payload["content"] if b.get("type") == "text")
+            return Reply(text, int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0)))
+        usage = payload.get("usage") or {}
+        message = payload["choices"][0]["message"]
+        text = message.get("content") or ""
+        if isinstance(text, list):  # some servers answer with content parts
+            text = "".join(part.get("text", "") for part in text if isinstance(part, dict))
+        return Reply(str(text), int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+        raise ReplyFormatError(f"reply is not a {preset.wire} response: {type(exc).__name__} {exc}") from None

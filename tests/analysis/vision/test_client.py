@@ -1,0 +1,191 @@
+"""The real client against ``ainode simulate-vision`` over HTTP: no patched functions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import SecretStr
+
+from analysis.encode import EncodedImage, encode
+from analysis.errors import BudgetExceeded, CircuitOpen, InvalidFindings, VisionPermanent, VisionRetryable
+from analysis.imaging import DisplayFrame, WindowChoice
+from analysis.mosaic import compose_single
+from analysis.selection import ChosenFrame, SourceImage
+from analysis.vision.client import VisionClient
+from conf import VisionSettings
+from tests.nodes import simulator
+
+API_KEY = "sk-test-9f8e7d6c5b4a-secret"
+
+
+def one_image() -> list[EncodedImage]:
+    pixels = np.random.default_rng(1).integers(0, 255, size=(512, 512), dtype=np.uint8)
+    source = SourceImage(
+        "1.2.3",
+        "1.2",
+        "1.2.840.10008.5.1.4.1.1.2",
+        Path("/x"),
+        "CT",
+        (),
+        1,
+        None,
+        None,
+        512,
+        512,
+        1,
+        "",
+        "",
+        "",
+    )
+    image = compose_single(
+        ChosenFrame(source, 0, "I1"), DisplayFrame(pixels, 0, WindowChoice(40, 400, "t"), None), 1024, "test"
+    )
+    return [encode(image, "jpeg", 5_000_000)]
+
+
+OPEN_CLIENTS: list[VisionClient] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while OPEN_CLIENTS:
+        OPEN_CLIENTS.pop().close()
+
+
+def client(base_url: str, sleeps: list[float] | None = None, **overrides: Any) -> VisionClient:
+    values: dict[str, Any] = {
+        "provider": "simulator",
+        "base_url": base_url,
+        "api_key": SecretStr(API_KEY),
+        "timeout_seconds": 5,
+        "max_retries": 5,
+        "backoff_base_seconds": 0.01,
+        "backoff_cap_seconds": 0.05,
+        "requests_per_minute": 0,
+        **overrides,
+    }
+
+    def sleep(seconds: float) -> None:
+        if sleeps is not None:
+            sleeps.append(seconds)
+        time.sleep(seconds)
+
+    vision = VisionClient(VisionSettings(**values), sleep=sleep)
+    OPEN_CLIENTS.append(vision)
+    return vision
+
+
+def test_findings_come_back_validated_and_every_call_is_recorded(tmp_path: Path) -> None:
+    with simulator(tmp_path) as url:
+        result = client(url).analyse("1.2.3", one_image(), "Describe the findings.")
+    assert result.findings.summary.startswith("SIMULATED")
+    (finding,) = result.findings.findings
+    assert finding.box is not None and (finding.box.x_min, finding.box.y_max) == (0.30, 0.42)
+    (call,) = result.calls
+    assert (call.status, call.error, call.images, call.provider) == (200, None, 1, "simulator")
+    assert call.prompt_tokens > 0 and call.completion_tokens > 0 and call.latency_ms > 0
+
+
+def test_429_with_retry_after_then_500_are_retried_until_success(tmp_path: Path) -> None:
+    sleeps: list[float] = []
+    with simulator(tmp_path, "--fail-429", "3", "--retry-after", "0.2", "--fail-500", "2") as url:
+        started = time.monotonic()
+        result = client(url, sleeps).analyse("1.2.3", one_image(), "Describe.")
+        elapsed = time.monotonic() - started
+    assert [c.status for c in result.calls] == [429, 429, 429, 500, 500, 200]
+    assert sleeps[:3] == [0.2, 0.2, 0.2]  # Retry-After honoured
+    assert all(0 <= s <= 0.05 for s in sleeps[3:])  # jittered backoff, capped
+    assert elapsed >= 0.6
+
+
+def test_malformed_reply_gets_one_repair_request_quoting_the_error(tmp_path: Path) -> None:
+    record = tmp_path / "requests.jsonl"
+    with simulator(tmp_path, "--malformed", "1", "--record", str(record)) as url:
+        result = client(url).analyse("1.2.3", one_image(), "Describe.")
+    assert len(result.calls) == 2 and result.findings.findings
+    repair = json.loads(record.read_text().splitlines()[1])
+    correction = repair["messages"][-1]["content"]
+    assert "did not match the required JSON schema" in correction and "validation error" in correction
+    assert repair["messages"][-2] == {
+        "role": "assistant",
+        "content": '{"study_quality": "SIMULATED malformed", "findings": "not a list"',
+    }
+
+
+def test_still_invalid_after_repair_fails_with_the_raw_reply_kept(tmp_path: Path) -> None:
+    with simulator(tmp_path, "--malformed", "2") as url, pytest.raises(InvalidFindings) as caught:
+        client(url).analyse("1.2.3", one_image(), "Describe.")
+    assert caught.value.raw_reply.startswith('{"study_quality": "SIMULATED malformed"')
+    assert len(caught.value.calls) == 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--fail-status", "401", "--fail-status-count", "9"], "HTTP 401.*check vision.api_key"),
+        (["--fail-status", "400", "--fail-status-count", "9"], "HTTP 400"),
+        (["--quota-exhausted"], "HTTP 429 insufficient_quota"),
+    ],
+)
+def test_client_errors_and_quota_fail_fast_without_retry(
+    tmp_path: Path, flags: list[str], match: str
+) -> None:
+    with simulator(tmp_path, *flags) as url, pytest.raises(VisionPermanent, match=match) as caught:
+        client(url).analyse("1.2.3", one_image(), "Describe.")
+    assert len(caught.value.calls) == 1  # type: ignore[attr-defined]
+
+
+def test_timeouts_are_retried_then_reported_as_retryable(tmp_path: Path) -> None:
+    with (
+        simulator(tmp_path, "--latency-ms", "1500") as url,
+        pytest.raises(VisionRetryable, match="ReadTimeout"),
+    ):
+        client(url, timeout_seconds=0.3, max_retries=2).analyse("1.2.3", one_image(), "Describe.")
+
+
+def test_circuit_opens_after_repeated_failures_and_stops_calling(tmp_path: Path) -> None:
+    record = tmp_path / "requests.jsonl"
+    with simulator(tmp_path, "--fail-500", "100", "--record", str(record)) as url:
+        vision = client(url, max_retries=1, circuit_failure_threshold=3, circuit_cooldown_seconds=60)
+        with pytest.raises(VisionRetryable):
+            vision.analyse("1.1", one_image(), "Describe.")  # 2 failures
+        with pytest.raises(CircuitOpen, match="circuit open after 3 failures"):
+            vision.analyse("1.2", one_image(), "Describe.")  # 1 more failure opens it
+        with pytest.raises(CircuitOpen):
+            vision.analyse("1.3", one_image(), "Describe.")  # no call at all
+    assert len(record.read_text().splitlines()) == 3
+
+
+def test_a_study_over_budget_is_refused_before_any_call(tmp_path: Path) -> None:
+    record = tmp_path / "requests.jsonl"
+    with simulator(tmp_path, "--record", str(record)) as url:
+        vision = client(url, provider="simulator")
+        vision.preset = type(vision.preset)(
+            **{**vision.preset.__dict__, "price_input_per_mtok": 3.0, "price_output_per_mtok": 15.0}
+        )
+        vision.settings = vision.settings.model_copy(update={"max_cost_usd_per_study": 0.01})
+        with pytest.raises(BudgetExceeded, match=r"over vision.max_cost_usd_per_study \$0.01"):
+            vision.analyse("1.2.3", one_image() * 4, "Describe.")
+    assert not record.exists()
+
+
+def test_the_api_key_is_sent_but_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    record = tmp_path / "requests.jsonl"
+    with simulator(tmp_path, "--fail-500", "1", "--record", str(record)) as url:
+        client(url).analyse("1.2.3", one_image(), "Describe.")
+    assert API_KEY not in caplog.text and API_KEY not in record.read_text()
+    assert "retry 1 of 5" in caplog.text
+
+
+def test_a_text_only_provider_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match='"deepseek" \\(model deepseek-chat\\) takes text only'):
+        VisionSettings(provider="deepseek")

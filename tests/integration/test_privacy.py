@@ -1,0 +1,68 @@
+"""Nothing identifying leaves the hospital: a study full of identifying headers goes through
+preparation and the real client to a local server that records every byte it receives."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from analysis.prepare import prepare_study
+from analysis.vision.client import VisionClient
+from conf import ImagingSettings, VisionSettings
+from storage.db import make_engine, make_session_factory
+from storage.files import InstanceStore
+from tests.data.generate import write_series
+from tests.data.ingest import ingest
+from tests.integration.test_preview import IDENTIFYING
+from tests.nodes import simulator
+
+
+def test_no_identifying_header_reaches_the_vision_api(tmp_path: Path) -> None:
+    study = generate_uid()
+    files = [
+        *write_series(tmp_path / "ct", 20, study_instance_uid=study),
+        *write_series(tmp_path / "cr", 1, source="RG1_UNCI.dcm", study_instance_uid=study),
+        *write_series(tmp_path / "us", 1, source="US1_UNCI.dcm", study_instance_uid=study),
+    ]
+    for path in files:
+        ds = dcmread(path)
+        for keyword, value in IDENTIFYING.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+    store = InstanceStore(tmp_path / "var")
+    store.prepare()
+    url = f"sqlite:///{tmp_path}/ainode.db"
+    ingest(files, store, url)
+    engine = make_engine(url)
+    with make_session_factory(engine)() as session:
+        prepared = prepare_study(session, study, store.root, ImagingSettings())
+    engine.dispose()
+    assert len(prepared.encoded) == 3
+
+    record = tmp_path / "requests.jsonl"
+    with simulator(tmp_path, "--record", str(record)) as base_url:
+        settings = VisionSettings(provider="simulator", base_url=base_url, api_key=SecretStr("sk-x"))
+        with VisionClient(settings) as vision:
+            result = vision.analyse(study, prepared.encoded, prepared.prompt)
+    assert result.findings.summary.startswith("SIMULATED")
+
+    (line,) = record.read_text().splitlines()
+    body = json.loads(line)
+    sent_images = [
+        part["image_url"]["url"] for part in body["messages"][1]["content"] if part["type"] == "image_url"
+    ]
+    assert [base64.b64decode(u.split(",", 1)[1]) for u in sent_images] == [e.data for e in prepared.encoded]
+    text = json.dumps([m for m in body["messages"]]).lower()
+    text = re.sub(r'"url": "data:image/jpeg;base64,[^"]*"', "", text)  # pixels are checked above
+    for value in IDENTIFYING.values():
+        for part in re.split(r"[\^ ]", value):
+            assert part.lower() not in text, f"{part!r} reached the vision API"
+    assert study not in text  # not even the Study Instance UID
+    for path in files:  # nor any UID of the source instances
+        assert str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) not in text
