@@ -18,6 +18,7 @@ from analysis.mosaic import ComposedImage, compose_mosaic, compose_single
 from analysis.prompt import PROMPT_VERSION, build_prompt
 from analysis.selection import ChosenFrame, Exclusion, ImageBudget, SeriesPlan, SourceImage, plan_study
 from conf import ImagingSettings
+from conf.providers import ProviderPreset
 from storage.models import Instance
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
@@ -77,6 +78,19 @@ class PreparedStudy:
                 {"sop_instance_uid": e.sop_instance_uid, "reason": e.reason} for e in self.exclusions
             ],
         }
+
+
+def for_provider(imaging: ImagingSettings, preset: ProviderPreset) -> ImagingSettings:
+    """The imaging budget within the provider's own limits (images, bytes, long edge)."""
+    return imaging.model_copy(
+        update={
+            "max_images": min(imaging.max_images, preset.max_images),
+            "max_bytes_per_image": min(imaging.max_bytes_per_image, preset.max_bytes_per_image),
+            "max_bytes_per_request": min(imaging.max_bytes_per_request, preset.max_bytes_per_request),
+            "long_edge_px": min(imaging.long_edge_px, preset.max_long_edge_px),
+            "tile_px": min(imaging.tile_px, preset.max_long_edge_px // max(imaging.mosaic_grid, 1)),
+        }
+    )
 
 
 def source_images(session: Session, study_instance_uid: str, root: Path) -> list[SourceImage]:

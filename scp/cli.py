@@ -89,13 +89,15 @@ def _run_listener(settings: Settings) -> int:
 
 
 def _preview(settings: Settings, study_instance_uid: str, out: Path) -> int:
-    from analysis.prepare import prepare_study, write_preview
+    from analysis.prepare import for_provider, prepare_study, write_preview
+    from conf.providers import preset_for
 
     engine = make_engine(settings.storage.database_url)
     migrate(engine)
     try:
         with make_session_factory(engine)() as session:
-            prepared = prepare_study(session, study_instance_uid, settings.storage.root, settings.imaging)
+            imaging = for_provider(settings.imaging, preset_for(settings.vision.provider))
+            prepared = prepare_study(session, study_instance_uid, settings.storage.root, imaging)
     finally:
         engine.dispose()
     if not prepared.encoded and not prepared.exclusions:

@@ -301,10 +301,15 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
         deadline = time.monotonic() + grace_seconds
-        while self.ae.active_associations and time.monotonic() < deadline:
+        # Wait for associations still transferring; one already released is only waiting for
+        # the peer to close the connection (pynetdicom holds it until ARTIM expires).
+        while any(a.is_established for a in self.ae.active_associations) and time.monotonic() < deadline:
             time.sleep(0.05)
         for assoc in self.ae.active_associations:
-            assoc.abort()
+            if assoc.is_established:
+                assoc.abort()
+            else:
+                assoc.kill()
         if self._housekeeper is not None:
             self._housekeeper.join(timeout=5)
         log.info("DICOM listener stopped")

@@ -117,3 +117,14 @@ def test_multi_frame_volume_samples_frames_and_cine_shows_its_middle_frame() -> 
 def test_budget_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match='"max_images" must be at least 1, got 0'):
         ImageBudget(max_images=0)
+
+
+def test_the_imaging_budget_is_cut_to_the_providers_limits() -> None:
+    from analysis.prepare import for_provider
+    from conf import ImagingSettings
+    from conf.providers import PRESETS
+
+    claude = for_provider(ImagingSettings(long_edge_px=2048, max_images=30), PRESETS["anthropic"])
+    assert (claude.long_edge_px, claude.max_images, claude.tile_px) == (1568, 20, 256)
+    ollama = for_provider(ImagingSettings(), PRESETS["ollama"])
+    assert ollama.max_images == 4
