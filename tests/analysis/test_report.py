@@ -1,0 +1,169 @@
+"""SRs built from CT, MR, CR and US studies pass dciodvfy, dsrdump and PixelMed's validator."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from analysis.findings import Findings
+from analysis.prepare import PreparedStudy, prepare_study
+from analysis.report import SR_SERIES_DESCRIPTION, ReportContext, build_sr
+from analysis.vision.simulator import simulated_findings
+from conf import ImagingSettings
+from storage.db import make_engine, make_session_factory
+from storage.files import InstanceStore
+from tests.data.generate import write_series
+from tests.data.ingest import ingest
+from tests.data.validators import sr_errors
+
+STARTED = dt.datetime(2026, 11, 25, 9, 30, 15, tzinfo=dt.UTC)
+
+
+def prepared(tmp_path: Path, source: str, count: int) -> tuple[PreparedStudy, dict[str, Dataset], str]:
+    study = generate_uid()
+    files = write_series(tmp_path / "src", count, source=source, study_instance_uid=study)
+    store = InstanceStore(tmp_path / "var")
+    store.prepare()
+    url = f"sqlite:///{tmp_path}/ainode.db"
+    ingest(files, store, url)
+    engine = make_engine(url)
+    with make_session_factory(engine)() as session:
+        result = prepare_study(session, study, store.root, ImagingSettings())
+    engine.dispose()
+    headers = {str(h.SOPInstanceUID): h for h in (dcmread(f, stop_before_pixels=True) for f in files)}
+    shown = {t.sop_instance_uid for image in result.composed for t in image.tiles}
+    return result, {uid: headers[uid] for uid in shown}, study
+
+
+def findings(with_box: bool, text: str = "nodule, spiculated", site: str = "right upper lobe") -> Findings:
+    data = simulated_findings(images=1)
+    data["summary"] = "SIMULATED: 結節 im rechten Oberlappen, ümlaut and façade"
+    finding = data["findings"][0]
+    finding["description"] = text
+    finding["body_site"] = site
+    if not with_box:
+        finding["box"] = None
+    return Findings.model_validate(data)
+
+
+def context(study: str, **changes: object) -> ReportContext:
+    values: dict[str, object] = {
+        "study_instance_uid": study,
+        "study_version": 1,
+        "provider": "simulator",
+        "model": "ainode-simulated-vision",
+        "prompt_version": "ainode-prompt-1",
+        "analysis_started": STARTED,
+        "simulated": True,
+        **changes,
+    }
+    return ReportContext(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("source", "count", "with_box"),
+    [
+        ("693_UNCI.dcm", 20, True),  # CT mosaic, region on a slice
+        ("emri_small.dcm", 1, True),  # MR multi-frame, region on a frame
+        ("RG1_UNCI.dcm", 1, True),  # CR MONOCHROME1
+        ("US1_UNCI.dcm", 1, False),  # US, finding without a region
+    ],
+    ids=["CT", "MR", "CR", "US"],
+)
+def test_sr_passes_all_three_validators(tmp_path: Path, source: str, count: int, with_box: bool) -> None:
+    study_prep, sources, study = prepared(tmp_path, source, count)
+    sr = build_sr(
+        findings(with_box, "Nodule with ümlaut", "lóbulo superior derecho 右上葉"),
+        study_prep.composed,
+        sources,
+        context(study),
+    )
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert sr_errors(path) == []
+    written = dcmread(path)
+    assert written.StudyInstanceUID == study and written.Modality == "SR"
+    assert written.SeriesDescription == SR_SERIES_DESCRIPTION
+    assert (written.PreliminaryFlag, written.VerificationFlag) == ("PRELIMINARY", "UNVERIFIED")
+    assert written.SpecificCharacterSet == "ISO_IR 192"
+    assert (written.ContentDate, written.ContentTime) == ("20261125", "093015")
+    assert written.ContentSequence and written.ConceptNameCodeSequence[0].CodeValue == "126000"
+    text = path.read_bytes()
+    assert "結節".encode() in text and "右上葉".encode() in text and b"SIMULATED" in text
+    scoords = [item for item in _walk(written) if item.ValueType == "SCOORD"]
+    assert len(scoords) == (1 if with_box else 0)
+
+
+def _walk(ds: Dataset) -> list[Dataset]:
+    items = []
+    for item in ds.get("ContentSequence", []):
+        items.append(item)
+        items += _walk(item)
+    return items
+
+
+def test_the_first_num_of_a_region_group_is_inferred_from_its_scoord(tmp_path: Path) -> None:
+    study_prep, sources, study = prepared(tmp_path, "693_UNCI.dcm", 20)
+    sr = build_sr(findings(True), study_prep.composed, sources, context(study))
+    group = next(
+        i
+        for i in _walk(sr)
+        if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "125007"
+    )
+    children = list(group.ContentSequence)
+    identifiers = [c for c in children if c.ConceptNameCodeSequence[0].CodeValue == "112039"]
+    assert [i.TextValue for i in identifiers] == ["SIMULATED AI: nodule, right upper lobe"]
+    first_num = next(c for c in children if c.ValueType == "NUM")
+    assert first_num.ConceptNameCodeSequence[0].CodeMeaning == "Length"
+    assert first_num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mm"
+    (scoord,) = first_num.ContentSequence
+    assert (scoord.RelationshipType, scoord.ValueType, scoord.GraphicType) == (
+        "INFERRED FROM",
+        "SCOORD",
+        "POLYLINE",
+    )
+    points = list(scoord.GraphicData)
+    assert len(points) == 10 and points[:2] == points[-2:]  # closed, 5 points
+    (image,) = scoord.ContentSequence
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID in sources
+
+
+def test_same_input_same_uids_and_a_new_version_names_its_predecessor(tmp_path: Path) -> None:
+    study_prep, sources, study = prepared(tmp_path, "RG1_UNCI.dcm", 1)
+    first = build_sr(findings(True), study_prep.composed, sources, context(study))
+    again = build_sr(findings(True), study_prep.composed, sources, context(study))
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
+    newer = build_sr(
+        findings(True),
+        study_prep.composed,
+        sources,
+        context(study, study_version=2, model="other-model", predecessor=first),
+    )
+    assert newer.SeriesInstanceUID == first.SeriesInstanceUID and newer.SOPInstanceUID != first.SOPInstanceUID
+    assert (
+        newer.PredecessorDocumentsSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID
+        == first.SOPInstanceUID
+    )
+    path = tmp_path / "v2.dcm"
+    newer.save_as(path, enforce_file_format=True)
+    assert sr_errors(path) == []
+
+
+def test_a_study_without_findings_gets_an_sr_that_says_so(tmp_path: Path) -> None:
+    study_prep, sources, study = prepared(tmp_path, "RG1_UNCI.dcm", 1)
+    empty = Findings.model_validate({**simulated_findings(images=0), "summary": "No acute abnormality."})
+    sr = build_sr(empty, study_prep.composed, sources, context(study, simulated=False))
+    texts = [i.TextValue for i in _walk(sr) if i.ValueType == "TEXT"]
+    assert "No findings reported by the AI model." in texts and "No acute abnormality." in texts
+    assert any(t.startswith("Unverified findings generated by an AI model") for t in texts)
+    path = tmp_path / "empty.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert sr_errors(path) == []
