@@ -2,6 +2,7 @@
 
 from conf.settings import (
     ConfigError,
+    DeliverySettings,
     DestinationSettings,
     HttpSettings,
     ImagingSettings,
@@ -16,6 +17,7 @@ from conf.settings import (
 
 __all__ = [
     "ConfigError",
+    "DeliverySettings",
     "DestinationSettings",
     "HttpSettings",
     "ImagingSettings",

@@ -142,6 +142,15 @@ class VisionSettings(_Section):
         return self
 
 
+class DeliverySettings(_Section):
+    """Sending SRs to the destinations: retries back off from ``retry_base_seconds``, doubling,
+    up to ``retry_cap_seconds``."""
+
+    retry_base_seconds: float = Field(default=15.0, gt=0)
+    retry_cap_seconds: float = Field(default=900.0, gt=0)
+    poll_seconds: float = Field(default=1.0, gt=0)
+
+
 class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -174,6 +183,7 @@ class Settings(BaseSettings):
     study: StudySettings = StudySettings()
     http: HttpSettings = HttpSettings()
     imaging: ImagingSettings = ImagingSettings()
+    delivery: DeliverySettings = DeliverySettings()
     destinations: tuple[DestinationSettings, ...] = ()
     # Sections owned by later parts of the node (vision, worker, routing) are accepted as
     # tables so a complete configuration file loads today.

@@ -16,6 +16,7 @@ from scp.errors import PeerError
 from scp.logs import setup_logging
 from scp.peers import parse_peer
 from scp.scu import dicom_files, echo, send
+from scp.sender import SrSender
 from scp.server import StorageSCP
 from scp.status_report import format_table, study_rows
 from storage.db import make_engine, make_session_factory, migrate
@@ -69,10 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_listener(settings: Settings) -> int:
+def _run_listener(settings: Settings, with_sender: bool) -> int:
     engine = make_engine(settings.storage.database_url)
     migrate(engine)
-    scp = StorageSCP(settings, make_session_factory(engine))
+    sessions = make_session_factory(engine)
+    scp = StorageSCP(settings, sessions)
+    sender = SrSender(settings, sessions) if with_sender else None
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -82,8 +85,12 @@ def _run_listener(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     scp.start()
+    if sender is not None:
+        sender.start()
     stop.wait()
     scp.stop()
+    if sender is not None:
+        sender.stop()
     engine.dispose()
     return 0
 
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command in ("serve", "scp"):
-            return _run_listener(settings)
+            return _run_listener(settings, with_sender=args.command == "serve")
         if args.command == "status":
             engine = make_engine(settings.storage.database_url)
             migrate(engine)

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.models import Job, Study
+from storage.outbox import deliveries
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -37,6 +38,7 @@ def study_rows(session: Session) -> list[dict[str, Any]]:
                 "attempts": current.attempts if current is not None else 0,
                 "last_error": study.last_error or (current.last_error if current is not None else None),
                 "sr_sop_instance_uid": study.sr_sop_instance_uid,
+                "deliveries": deliveries(session, study.study_instance_uid),
                 "cost_usd": None,
             }
         )

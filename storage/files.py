@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,14 @@ class InstanceStore:
             with contextlib.suppress(FileExistsError):
                 path.mkdir()
             fsync_path(path.parent)
+
+    def write_atomically(self, relative: str, data: bytes) -> Path:
+        """Write ``data`` durably at ``relative`` (temp file, fsync, rename, fsync folder)."""
+        staging = self.tmp_dir / f"{Path(relative).name}.{os.getpid()}.{threading.get_ident()}.part"
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        with staging.open("wb") as fh:
+            fh.write(data)
+        return self.install(staging, relative)
 
     def remove(self, relative: str) -> None:
         (self.root / relative).unlink(missing_ok=True)

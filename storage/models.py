@@ -129,6 +129,42 @@ class Instance(Base):
     view_position: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    DEAD = "dead"  # refused for good; kept with the reason, never retried by itself
+
+
+class Outbox(Base):
+    """One SR to one destination (DESIGN.md §5). Unique per (destination, SR): an SR is queued
+    for a destination once, however often the analysis that made it is completed."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    destination: Mapped[str] = mapped_column(String(64))
+    sr_path: Mapped[str] = mapped_column(Text)
+    sr_sop_instance_uid: Mapped[str] = mapped_column(UID)
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    lease_token: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("destination", "sr_sop_instance_uid", name="uq_outbox_destination_sr"),
+        Index("ix_outbox_claim", "destination", "state", "next_attempt_at"),
+    )
+
+
 class ApiCall(Base):
     """One HTTP call to a vision API: what it cost and how it went (DESIGN.md §5)."""
 

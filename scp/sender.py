@@ -1,0 +1,157 @@
+"""The SR sender: C-STORE of queued SRs to each destination, one thread per destination so a
+PACS that is down never delays the others.
+
+Each association proposes only the SR's SOP class, in the file's own transfer syntax with an
+uncompressed fallback, with TCP_NODELAY. Success and warnings complete the delivery; 0xA7xx,
+refused or dropped connections retry with backoff; any other answer (or no SR context
+accepted) is dead-lettered with the reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from sqlalchemy.orm import Session, sessionmaker
+
+from conf import DestinationSettings, Settings
+from scp.server import set_nodelay, utc_now
+from storage import outbox
+from storage.db import transaction
+from storage.errors import LeaseLost
+
+log = logging.getLogger("ainode.sender")
+LEASE_SECONDS = 300.0
+WARNING_STATUSES = frozenset({0x0107, 0x0116, 0xB000, 0xB006, 0xB007})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str  # "sent", "retry" or "dead"
+    status: int | None
+    detail: str
+
+
+def store_sr(path: Path, destination: DestinationSettings, calling_ae_title: str, timeout: float) -> Outcome:
+    """One C-STORE of one file to one destination, classified."""
+    header = dcmread(path, stop_before_pixels=True)
+    syntaxes = list(
+        dict.fromkeys(
+            [str(header.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        )
+    )
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(str(header.SOPClassUID), syntaxes)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            return Outcome("retry", None, f"association rejected by {destination.ae_title}")
+        return Outcome(
+            "retry", None, f"cannot reach {destination.host}:{destination.port} (refused or no answer)"
+        )
+    try:
+        if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
+            set_nodelay(assoc.dul.socket.socket)
+        if not assoc.accepted_contexts:
+            return Outcome("dead", None, f"{destination.ae_title} accepts no SR storage context")
+        response = assoc.send_c_store(path)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if "Status" not in response:
+        return Outcome("retry", None, "no C-STORE response (connection dropped or timed out)")
+    status = int(response.Status)
+    if status == 0x0000 or status in WARNING_STATUSES:
+        return Outcome("sent", status, "stored" if status == 0 else f"stored with warning 0x{status:04X}")
+    if status & 0xFF00 == 0xA700:
+        return Outcome("retry", status, f"out of resources (0x{status:04X})")
+    comment = str(response.get("ErrorComment", "")).strip()
+    return Outcome("dead", status, f"C-STORE refused with 0x{status:04X}{': ' + comment if comment else ''}")
+
+
+class SrSender:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        clock: Callable[[], dt.datetime] = utc_now,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.clock = clock
+        self.poll_seconds = settings.delivery.poll_seconds
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for destination in self.settings.destinations:
+            thread = threading.Thread(
+                target=self._run, args=(destination,), name=f"send-{destination.name}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        log.info("SR sender started for %d destination(s)", len(self._threads))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _run(self, destination: DestinationSettings) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self.send_next(destination):
+                    self._stop.wait(self.poll_seconds)
+            except Exception:
+                log.exception("sender for %s failed; will retry", destination.name)
+                self._stop.wait(self.poll_seconds)
+
+    def send_next(self, destination: DestinationSettings) -> bool:
+        """Send one due delivery to ``destination``; False when there was none."""
+        with transaction(self.sessions) as session:
+            delivery = outbox.claim(session, destination.name, LEASE_SECONDS, self.clock())
+        if delivery is None:
+            return False
+        path = self.settings.storage.root / delivery.sr_path
+        try:
+            outcome = store_sr(
+                path, destination, self.settings.node.ae_title, self.settings.node.network_timeout_seconds
+            )
+        except (OSError, ValueError) as exc:
+            outcome = Outcome("retry", None, f"{type(exc).__name__}: {exc}"[:300])
+        try:
+            with transaction(self.sessions) as session:
+                now = self.clock()
+                if outcome.kind == "sent":
+                    outbox.mark_sent(session, delivery, outcome.status or 0, now)
+                elif outcome.kind == "retry":
+                    policy = self.settings.delivery
+                    delay = outbox.retry_delay(
+                        delivery.attempts, policy.retry_base_seconds, policy.retry_cap_seconds
+                    )
+                    outbox.mark_retry(session, delivery, outcome.detail, outcome.status, now, delay)
+                else:
+                    outbox.mark_dead(session, delivery, outcome.detail, outcome.status, now)
+        except LeaseLost:
+            log.warning("outbox %d: lease lost while sending; another sender owns it", delivery.id)
+            return True
+        level = logging.INFO if outcome.kind == "sent" else logging.WARNING
+        log.log(
+            level,
+            "SR %s of study %s to %s (%s): %s, attempt %d",
+            delivery.sr_sop_instance_uid,
+            delivery.study_instance_uid,
+            destination.name,
+            destination.ae_title,
+            outcome.detail,
+            delivery.attempts,
+        )
+        return True
