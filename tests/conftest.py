@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -18,7 +19,7 @@ POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 def make_node(tmp_path: Path) -> Iterator[NodeFactory]:
     nodes: list[Node] = []
 
-    def factory(**sections: dict[str, object]) -> Node:
+    def factory(**sections: Any) -> Node:
         workdir = tmp_path / f"node{len(nodes)}"
         workdir.mkdir()
         node = Node(workdir, **sections)

@@ -52,12 +52,15 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+def write_config(path: Path, sections: dict[str, Any]) -> Path:
+    """TOML from ``{"section": {...}}``; a list of dicts becomes an array of tables."""
     lines: list[str] = []
     for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-        lines.append("")
+        tables = values if isinstance(values, list) else [values]
+        for table in tables:
+            lines.append(f"[[{section}]]" if isinstance(values, list) else f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+            lines.append("")
     path.write_text("\n".join(lines))
     return path
 
@@ -76,7 +79,7 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
 class Node:
     """``ainode serve`` in a subprocess with its own config, storage root and port."""
 
-    def __init__(self, workdir: Path, **sections: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, **sections: Any) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.root = workdir / "var"
@@ -96,7 +99,10 @@ class Node:
             "study": {"settle_seconds": 1.0},
         }
         for name, values in sections.items():
-            base.setdefault(name, {}).update(values)
+            if isinstance(values, list):
+                base[name] = values  # type: ignore[assignment]
+            else:
+                base.setdefault(name, {}).update(values)
         self.database_url = str(base["storage"]["database_url"])
         self.config = write_config(workdir / "ainode.toml", base)
         self.log = workdir / "node.log"
@@ -151,7 +157,7 @@ class Node:
 
 
 class NodeFactory(Protocol):
-    def __call__(self, **sections: dict[str, Any]) -> Node: ...
+    def __call__(self, **sections: Any) -> Node: ...
 
 
 def dcmtk(tool: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
@@ -170,9 +176,14 @@ def have_tool(path: str) -> bool:
 
 
 @contextmanager
-def orthanc(workdir: Path, modalities: dict[str, list[Any]] | None = None) -> Iterator[dict[str, int]]:
-    """Orthanc with a JSON config, listening on fresh ports; stopped by PID afterwards."""
-    dicom_port, http_port = free_port(), free_port()
+def orthanc(
+    workdir: Path,
+    modalities: dict[str, list[Any]] | None = None,
+    dicom_port: int | None = None,
+    http_port: int | None = None,
+) -> Iterator[dict[str, int]]:
+    """Orthanc with a JSON config, listening on fresh (or given) ports; stopped by PID afterwards."""
+    dicom_port, http_port = dicom_port or free_port(), http_port or free_port()
     config = {
         "Name": "test-orthanc",
         "StorageDirectory": str(workdir / "orthanc-storage"),

@@ -1,0 +1,62 @@
+"""A stand-in for the worker's last step, for delivery tests: findings (from the simulator's
+answer) to an SR file in the node's storage and queued for every destination, in one
+transaction, exactly as the worker will do it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+
+from analysis.findings import Findings
+from analysis.prepare import prepare_study
+from analysis.prompt import PROMPT_VERSION
+from analysis.report import ReportContext, build_sr
+from analysis.vision.simulator import simulated_findings
+from conf import ImagingSettings
+from storage import outbox
+from storage.db import make_engine, make_session_factory, transaction
+from storage.files import InstanceStore
+
+
+def complete_with_simulated_findings(
+    database_url: str, root: Path, study: str, destinations: list[str]
+) -> str:
+    """Returns the SR's SOP Instance UID."""
+    engine = make_engine(database_url)
+    sessions = make_session_factory(engine)
+    try:
+        with sessions() as session:
+            prepared = prepare_study(session, study, root, ImagingSettings())
+            sources: dict[str, Dataset] = {}
+            for image in prepared.composed:
+                for tile in image.tiles:
+                    path = next(
+                        p for p in (root / "instances" / study).rglob(f"{tile.sop_instance_uid}.*.dcm")
+                    )
+                    sources[tile.sop_instance_uid] = dcmread(path, stop_before_pixels=True)
+        findings = Findings.model_validate(simulated_findings(images=len(prepared.encoded)))
+        context = ReportContext(
+            study,
+            1,
+            "simulator",
+            "ainode-simulated-vision",
+            PROMPT_VERSION,
+            dt.datetime.now(dt.UTC),
+            simulated=True,
+        )
+        sr = build_sr(findings, prepared.composed, sources, context)
+        buffer = DicomBytesIO()
+        sr.save_as(buffer, enforce_file_format=True)
+        relative = f"sr/{study}/{sr.SOPInstanceUID}.dcm"
+        InstanceStore(root).write_atomically(relative, buffer.getvalue())
+        with transaction(sessions) as session:
+            outbox.enqueue(
+                session, study, 1, relative, str(sr.SOPInstanceUID), destinations, dt.datetime.now(dt.UTC)
+            )
+        return str(sr.SOPInstanceUID)
+    finally:
+        engine.dispose()
