@@ -11,6 +11,7 @@ from conf.settings import (
     StorageSettings,
     StudySettings,
     VisionSettings,
+    WorkerSettings,
     default_config_path,
     load_settings,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "StorageSettings",
     "StudySettings",
     "VisionSettings",
+    "WorkerSettings",
     "default_config_path",
     "load_settings",
 ]

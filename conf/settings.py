@@ -10,7 +10,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import (
     BaseModel,
@@ -151,6 +151,12 @@ class DeliverySettings(_Section):
     poll_seconds: float = Field(default=1.0, gt=0)
 
 
+class WorkerSettings(_Section):
+    concurrency: int = Field(default=2, ge=1, le=64)  # analyses in flight in this process
+    lease_seconds: float = Field(default=300.0, gt=0)  # renewed every third of it while working
+    poll_seconds: float = Field(default=1.0, gt=0)
+
+
 class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -188,7 +194,7 @@ class Settings(BaseSettings):
     # Sections owned by later parts of the node (vision, worker, routing) are accepted as
     # tables so a complete configuration file loads today.
     vision: VisionSettings = VisionSettings()
-    worker: dict[str, Any] = Field(default_factory=dict)
+    worker: WorkerSettings = WorkerSettings()
 
     @classmethod
     def settings_customise_sources(

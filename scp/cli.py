@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from conf import ConfigError, Settings, load_settings
 from scp.errors import PeerError
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the node (DICOM listener and study queue)")
     sub.add_parser("scp", help="run only the DICOM listener (scale-out)")
+    sub.add_parser("worker", help="run only analysis and SR delivery (scale-out)")
     status = sub.add_parser("status", help="list the studies the node holds")
     status.add_argument("--json", action="store_true", help="print one JSON array")
     echo_cmd = sub.add_parser("echo", help="C-ECHO a peer: AE@HOST:PORT")
@@ -64,18 +66,46 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--quota-exhausted", action="store_true", help="429 insufficient_quota, always")
     simulate.add_argument("--rpm-limit", type=int, default=0, help="429 past N requests a minute")
     simulate.add_argument("--record", type=Path, default=None, help="append each request body to FILE")
-    for cmd in (sub.choices["serve"], sub.choices["scp"], status, echo_cmd, send_cmd, preview, simulate):
+    for cmd in (
+        sub.choices["serve"],
+        sub.choices["scp"],
+        sub.choices["worker"],
+        status,
+        echo_cmd,
+        send_cmd,
+        preview,
+        simulate,
+    ):
         cmd.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS)
         cmd.add_argument("--log-format", choices=["text", "json"], default=argparse.SUPPRESS)
     return parser
 
 
-def _run_listener(settings: Settings, with_sender: bool) -> int:
+KEYLESS_PROVIDERS = frozenset({"vllm", "ollama", "simulator"})
+
+
+def _make_worker(settings: Settings, sessions: Any) -> Any:
+    """The analysis workers, when the vision API can be called (a key, or a local server)."""
+    from analysis.vision.client import VisionClient
+    from analysis.worker import AnalysisWorker
+
+    if settings.vision.api_key is None and settings.vision.provider not in KEYLESS_PROVIDERS:
+        log.warning(
+            "no vision API key (AINODE_VISION__API_KEY): studies are stored and queued but not "
+            'analysed; try `ainode simulate-vision` with vision.provider = "simulator"'
+        )
+        return None
+    return AnalysisWorker(settings, sessions, VisionClient(settings.vision))
+
+
+def _run_roles(settings: Settings, command: str) -> int:
+    """serve: everything; scp: the DICOM listener; worker: analysis and SR delivery."""
     engine = make_engine(settings.storage.database_url)
     migrate(engine)
     sessions = make_session_factory(engine)
-    scp = StorageSCP(settings, sessions)
-    sender = SrSender(settings, sessions) if with_sender else None
+    scp = StorageSCP(settings, sessions) if command in ("serve", "scp") else None
+    sender = SrSender(settings, sessions) if command in ("serve", "worker") else None
+    worker = _make_worker(settings, sessions) if command in ("serve", "worker") else None
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -84,13 +114,13 @@ def _run_listener(settings: Settings, with_sender: bool) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    scp.start()
-    if sender is not None:
-        sender.start()
+    for role in (scp, worker, sender):
+        if role is not None:
+            role.start()
     stop.wait()
-    scp.stop()
-    if sender is not None:
-        sender.stop()
+    for role in (scp, worker, sender):  # stop taking work first, then finish what is held
+        if role is not None:
+            role.stop()
     engine.dispose()
     return 0
 
@@ -157,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ainode: bad configuration: {exc}", file=sys.stderr)
         return 2
     try:
-        if args.command in ("serve", "scp"):
-            return _run_listener(settings, with_sender=args.command == "serve")
+        if args.command in ("serve", "scp", "worker"):
+            return _run_roles(settings, args.command)
         if args.command == "status":
             engine = make_engine(settings.storage.database_url)
             migrate(engine)

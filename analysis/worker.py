@@ -1,0 +1,254 @@
+"""The analysis worker: claim a settled study, prepare its images, ask the model, build the SR,
+and commit the result (API calls, SR outbox rows, job completion) in one transaction before
+anything is sent.
+
+Crash safety: a result is committed with its job's completion, so a restarted worker never
+calls the model again for a committed study; a crash before the commit leaves the job leased,
+the reaper requeues it, and the call is repeated (it was never committed). A study version
+whose SR is already queued is completed without a call.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from analysis.errors import VisionError, VisionPermanent
+from analysis.prepare import for_provider, prepare_study
+from analysis.prompt import PROMPT_VERSION
+from analysis.report import ReportContext, build_sr
+from analysis.vision.client import VisionClient
+from conf import Settings
+from storage import outbox, queue
+from storage.api_calls import record_api_calls
+from storage.db import transaction
+from storage.errors import LeaseLost
+from storage.files import InstanceStore
+from storage.models import Instance, JobKind, Outbox, Study, StudyState
+from storage.studies import settle_due
+
+log = logging.getLogger("ainode.worker")
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class AnalysisWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        vision: VisionClient,
+        clock: Callable[[], dt.datetime] = utc_now,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.vision = vision
+        self.clock = clock
+        self.store = InstanceStore(settings.storage.root)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for n in range(self.settings.worker.concurrency):
+            thread = threading.Thread(target=self._loop, name=f"worker-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("%d analysis worker(s) started as %s", len(self._threads), self.owner)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop claiming; a study in progress finishes (or its lease lapses and it is requeued)."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self.run_once():
+                    self._stop.wait(self.settings.worker.poll_seconds)
+            except Exception:
+                log.exception("worker loop failed; will retry")
+                self._stop.wait(self.settings.worker.poll_seconds)
+
+    # -- one job -----------------------------------------------------------------------------
+
+    def run_once(self) -> bool:
+        """Claim and finish one analysis; False when none was due."""
+        lease = self.settings.worker.lease_seconds
+        with transaction(self.sessions) as session:
+            # Settling and reaping here too: `ainode worker` runs without the SCP's loop.
+            settle_due(session, self.clock())
+            queue.reap_expired(session, self.clock())
+            job = queue.claim(session, JobKind.ANALYSE, self.owner, lease, self.clock())
+        if job is None:
+            return False
+        log.info(
+            "job %d: analysing study %s version %d (attempt %d)",
+            job.id,
+            job.study_instance_uid,
+            job.study_version,
+            job.attempts,
+        )
+        beating = threading.Event()
+        holder = {"job": job}
+
+        def heartbeat() -> None:
+            while not beating.wait(lease / 3):
+                try:
+                    with transaction(self.sessions) as session:
+                        holder["job"] = queue.heartbeat(session, holder["job"], lease, self.clock())
+                except LeaseLost:
+                    log.warning("job %d: lease lost", job.id)
+                    return
+
+        pulse = threading.Thread(target=heartbeat, name=f"heartbeat-{job.id}", daemon=True)
+        pulse.start()
+        try:
+            self._analyse(holder)
+        finally:
+            beating.set()
+            pulse.join(5)
+        return True
+
+    def _already_committed(self, study: str, version: int) -> bool:
+        with self.sessions() as session:
+            return (
+                session.scalar(
+                    select(Outbox.id)
+                    .where(Outbox.study_instance_uid == study)
+                    .where(Outbox.study_version == version)
+                    .limit(1)
+                )
+                is not None
+            )
+
+    def _analyse(self, holder: dict[str, queue.ClaimedJob]) -> None:
+        job = holder["job"]
+        study, version = job.study_instance_uid, job.study_version
+        started = self.clock()
+        if self._already_committed(study, version):
+            with transaction(self.sessions) as session:
+                queue.complete(session, holder["job"], self.clock())
+            log.info(
+                "job %d: study %s version %d already has its SR queued; no model call", job.id, study, version
+            )
+            return
+        imaging = for_provider(self.settings.imaging, self.vision.preset)
+        with self.sessions() as session:
+            prepared = prepare_study(session, study, self.store.root, imaging)
+        if not prepared.encoded:
+            with transaction(self.sessions) as session:
+                queue.complete(session, holder["job"], self.clock())
+                session.execute(
+                    update(Study)
+                    .where(Study.study_instance_uid == study)
+                    .where(Study.version == version)
+                    .values(
+                        state=StudyState.SKIPPED,
+                        last_error="nothing to analyse: "
+                        + "; ".join(sorted({e.reason for e in prepared.exclusions}))[:1500],
+                    )
+                )
+            log.info("job %d: study %s has no image to analyse; skipped", job.id, study)
+            return
+        try:
+            result = self.vision.analyse(study, prepared.encoded, prepared.prompt)
+        except VisionError as exc:
+            calls = getattr(exc, "calls", [])
+            with transaction(self.sessions) as session:
+                record_api_calls(session, calls, self.clock(), job.id)
+                state = queue.fail(
+                    session,
+                    holder["job"],
+                    str(exc)[:2000],
+                    self.clock(),
+                    retryable=not isinstance(exc, VisionPermanent),
+                )
+            log.warning("job %d: %s (%s)", job.id, exc, state)
+            return
+        sources = self._headers(
+            study, {t.sop_instance_uid for image in prepared.composed for t in image.tiles}
+        )
+        predecessor = self._predecessor(study)
+        context = ReportContext(
+            study,
+            version,
+            self.vision.preset.name,
+            self.vision.model,
+            PROMPT_VERSION,
+            started,
+            simulated=self.vision.preset.name == "simulator",
+            predecessor=predecessor,
+        )
+        sr = build_sr(result.findings, prepared.composed, sources, context)
+        buffer = DicomBytesIO()
+        sr.save_as(buffer, enforce_file_format=True)
+        relative = f"sr/{study}/{sr.SOPInstanceUID}.dcm"
+        self.store.write_atomically(relative, buffer.getvalue())  # durable before it is named
+        destinations = [d.name for d in self.settings.destinations]
+        with transaction(self.sessions) as session:
+            record_api_calls(session, result.calls, self.clock(), job.id)
+            outbox.enqueue(
+                session, study, version, relative, str(sr.SOPInstanceUID), destinations, self.clock()
+            )
+            session.execute(
+                update(Study)
+                .where(Study.study_instance_uid == study)
+                .where(Study.version == version)
+                .values(analysed_version=version)
+            )
+            queue.complete(session, holder["job"], self.clock())
+            if not destinations:
+                session.execute(
+                    update(Study)
+                    .where(Study.study_instance_uid == study)
+                    .where(Study.version == version)
+                    .values(state=StudyState.DONE)
+                )
+        log.info(
+            "job %d: study %s: %d finding(s), SR %s queued for %d destination(s), $%.4f",
+            job.id,
+            study,
+            len(result.findings.findings),
+            sr.SOPInstanceUID,
+            len(destinations),
+            result.cost_usd,
+        )
+
+    def _headers(self, study: str, sop_uids: set[str]) -> dict[str, Dataset]:
+        with self.sessions() as session:
+            rows = session.execute(
+                select(Instance.sop_instance_uid, Instance.path).where(Instance.study_instance_uid == study)
+            ).all()
+        return {
+            uid: dcmread(self.store.root / path, stop_before_pixels=True)
+            for uid, path in rows
+            if uid in sop_uids
+        }
+
+    def _predecessor(self, study: str) -> Dataset | None:
+        with self.sessions() as session:
+            previous = session.scalar(
+                select(Outbox.sr_path)
+                .where(Outbox.study_instance_uid == study)
+                .order_by(Outbox.id.desc())
+                .limit(1)
+            )
+        path = self.store.root / previous if previous else None
+        return dcmread(path) if path is not None and Path(path).exists() else None
