@@ -92,13 +92,16 @@ class ReportContext:
 
 
 def sr_uids(
-    study_instance_uid: str, instance_uids: Sequence[str], model: str, prompt_version: str
+    study_instance_uid: str, study_version: int, instance_uids: Sequence[str], model: str, prompt_version: str
 ) -> tuple[str, str]:
-    """(series, instance) UIDs: the series is one per study, the instance one per input, so a
-    re-run of the same input produces the same SR and a PACS keeps one copy."""
+    """(series, instance) UIDs: one series per study; one instance per (version, input), so a
+    re-run of the same input (a crash, a resend) reproduces the same SR and a PACS keeps one
+    copy, while ``ainode retry`` (a new version) makes a new instance in the same series."""
     series = generate_uid(entropy_srcs=["ainode sr series", study_instance_uid])
     digest = hashlib.sha256("\n".join(sorted(instance_uids)).encode()).hexdigest()
-    instance = generate_uid(entropy_srcs=["ainode sr", study_instance_uid, digest, model, prompt_version])
+    instance = generate_uid(
+        entropy_srcs=["ainode sr", study_instance_uid, str(study_version), digest, model, prompt_version]
+    )
     return series, instance
 
 
@@ -315,7 +318,9 @@ def build_sr(
     )
     content.insert(first_measurements, _image_library(evidence))  # TID 1500 row 5, before row 6
     content.append(_text_container(findings, ctx))
-    series_uid, sop_uid = sr_uids(ctx.study_instance_uid, list(sources), ctx.model, ctx.prompt_version)
+    series_uid, sop_uid = sr_uids(
+        ctx.study_instance_uid, ctx.study_version, list(sources), ctx.model, ctx.prompt_version
+    )
     equipment = hd.ContributingEquipment(
         manufacturer=ALGORITHM_MANUFACTURER,
         purpose_of_reference=codes.DCM.ProcessingEquipment,

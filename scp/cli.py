@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import signal
@@ -20,7 +21,8 @@ from scp.scu import dicom_files, echo, send
 from scp.sender import SrSender
 from scp.server import StorageSCP
 from scp.status_report import format_table, study_rows
-from storage.db import make_engine, make_session_factory, migrate
+from storage.db import make_engine, make_session_factory, migrate, transaction
+from storage.studies import requeue_study
 
 log = logging.getLogger("ainode")
 
@@ -39,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the node (DICOM listener and study queue)")
     sub.add_parser("scp", help="run only the DICOM listener (scale-out)")
     sub.add_parser("worker", help="run only analysis and SR delivery (scale-out)")
+    retry = sub.add_parser("retry", help="analyse a study again (a new SR version)")
+    retry.add_argument("study_instance_uid")
     status = sub.add_parser("status", help="list the studies the node holds")
     status.add_argument("--json", action="store_true", help="print one JSON array")
     echo_cmd = sub.add_parser("echo", help="C-ECHO a peer: AE@HOST:PORT")
@@ -70,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.choices["serve"],
         sub.choices["scp"],
         sub.choices["worker"],
+        retry,
         status,
         echo_cmd,
         send_cmd,
@@ -195,6 +200,19 @@ def main(argv: list[str] | None = None) -> int:
             with make_session_factory(engine)() as session:
                 rows = study_rows(session)
             print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+            return 0
+        if args.command == "retry":
+            engine = make_engine(settings.storage.database_url)
+            migrate(engine)
+            try:
+                with transaction(make_session_factory(engine)) as session:
+                    version = requeue_study(session, args.study_instance_uid, dt.datetime.now(dt.UTC))
+            except LookupError as exc:
+                print(f"ainode retry: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                engine.dispose()
+            print(f"study {args.study_instance_uid} queued again as version {version}")
             return 0
         if args.command == "preview":
             return _preview(settings, args.study_instance_uid, args.out)

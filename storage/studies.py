@@ -254,6 +254,24 @@ def _reopen(session: Session, study: _LockedStudy, settle_at: dt.datetime) -> di
     }
 
 
+def requeue_study(session: Session, study_instance_uid: str, now: dt.datetime) -> int:
+    """``ainode retry``: a new version of the study, queued at once (a new analysis, a new SR
+    version that names its predecessor). Returns the new version."""
+    study = session.execute(
+        select(Study.version).where(Study.study_instance_uid == study_instance_uid).with_for_update()
+    ).scalar_one_or_none()
+    if study is None:
+        raise LookupError(f"no study {study_instance_uid} in the database")
+    version = study + 1
+    session.execute(
+        update(Study)
+        .where(Study.study_instance_uid == study_instance_uid)
+        .values(version=version, state=StudyState.RECEIVING, settle_at=now, last_error=None)
+    )
+    settle_due(session, now)
+    return version
+
+
 def extend_settle(session: Session, study_instance_uids: Iterable[str], until: dt.datetime) -> int:
     """Keep studies that an open association is still sending from settling."""
     uids = sorted(set(study_instance_uids))

@@ -112,3 +112,34 @@ def test_429s_then_500s_from_the_api_still_end_in_one_sr(make_node: NodeFactory,
         _check(tmp_path, node, study, ports["http_port"], record)
     assert len(record.read_text().splitlines()) == 6
     assert json.loads(node.cli("status", "--json").stdout)[0]["attempts"] == 1
+
+
+def test_retry_makes_a_new_sr_version_naming_its_predecessor(make_node: NodeFactory, tmp_path: Path) -> None:
+    study, files = _identifying_study(tmp_path)
+    record = tmp_path / "requests.jsonl"
+    with simulator(tmp_path, "--record", str(record)) as url, orthanc(tmp_path) as ports:
+        node = _node(make_node, url, ports["dicom_port"])
+        with httpx.Client(base_url=f"http://127.0.0.1:{ports['http_port']}", timeout=30) as client:
+            client.put("/modalities/ainode", json={"AET": "AINODE", "Host": "127.0.0.1", "Port": node.port})
+        _push_from_orthanc(ports["http_port"], files)
+        first = node.wait_for_state(study, "done", timeout=30)["sr_sop_instance_uid"]
+        assert "queued again as version 2" in node.cli("retry", study).stdout
+        row = node.wait_for_state(study, "done", timeout=30)
+        assert row["version"] == 2 and row["sr_sop_instance_uid"] != first
+        deadline = time.monotonic() + 20
+        while len(_sr_in_orthanc(ports["http_port"], study)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        instances = _sr_in_orthanc(ports["http_port"], study)
+        assert len(instances) == 2  # same SR series, a second instance
+        with httpx.Client(base_url=f"http://127.0.0.1:{ports['http_port']}", timeout=30) as client:
+            tags = [client.get(f"/instances/{i}/simplified-tags").json() for i in instances]
+    newest = next(t for t in tags if t["SOPInstanceUID"] == row["sr_sop_instance_uid"])
+    assert (
+        newest["PredecessorDocumentsSequence"][0]["ReferencedSeriesSequence"][0]["ReferencedSOPSequence"][0][
+            "ReferencedSOPInstanceUID"
+        ]
+        == first
+    )
+    assert len(record.read_text().splitlines()) == 2
+    missing = node.cli("retry", "1.2.3.4.5", check=False)
+    assert missing.returncode == 1 and "no study 1.2.3.4.5" in missing.stderr
