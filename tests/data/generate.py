@@ -76,3 +76,21 @@ def assert_same_dataset(received: Path, original: Path) -> None:
 
     if elements(a) != elements(b):
         raise AssertionError(f"dataset {received.name} differs from {original.name}")
+
+
+def main() -> None:
+    """``python -m tests.data.generate OUT_DIR``: a small sample study (20-slice CT and a chest
+    radiograph) with fresh UIDs, for trying the node by hand."""
+    import sys
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "sample-study")
+    study = generate_uid()
+    files = [
+        *write_series(out / "ct", 20, study_instance_uid=study),
+        *write_series(out / "cr", 1, source="RG1_UNCI.dcm", study_instance_uid=study),
+    ]
+    print(f"wrote {len(files)} instances of study {study} under {out}/")
+
+
+if __name__ == "__main__":
+    main()
