@@ -15,6 +15,7 @@ from typing import Any
 
 from conf import ConfigError, Settings, load_settings
 from scp.errors import PeerError
+from scp.http_status import StatusServer
 from scp.logs import setup_logging
 from scp.peers import parse_peer
 from scp.scu import dicom_files, echo, send
@@ -111,6 +112,7 @@ def _run_roles(settings: Settings, command: str) -> int:
     scp = StorageSCP(settings, sessions) if command in ("serve", "scp") else None
     sender = SrSender(settings, sessions) if command in ("serve", "worker") else None
     worker = _make_worker(settings, sessions) if command in ("serve", "worker") else None
+    http = StatusServer(settings, sessions) if command == "serve" else None
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -119,11 +121,11 @@ def _run_roles(settings: Settings, command: str) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    for role in (scp, worker, sender):
+    for role in (scp, worker, sender, http):
         if role is not None:
             role.start()
     stop.wait()
-    for role in (scp, worker, sender):  # stop taking work first, then finish what is held
+    for role in (scp, worker, sender, http):  # stop taking work first, then finish what is held
         if role is not None:
             role.stop()
     engine.dispose()

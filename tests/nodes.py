@@ -97,6 +97,7 @@ class Node:
                 "min_free_mb": 1,
             },
             "study": {"settle_seconds": 1.0},
+            "http": {"host": "127.0.0.1", "port": free_port()},
         }
         for name, values in sections.items():
             if isinstance(values, list):
@@ -104,6 +105,7 @@ class Node:
             else:
                 base.setdefault(name, {}).update(values)
         self.database_url = str(base["storage"]["database_url"])
+        self.http_port = int(base["http"]["port"])
         self.config = write_config(workdir / "ainode.toml", base)
         self.log = workdir / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -97,7 +97,23 @@ def test_orthanc_study_comes_back_with_one_sr(make_node: NodeFactory, tmp_path: 
             client.put("/modalities/ainode", json={"AET": "AINODE", "Host": "127.0.0.1", "Port": node.port})
         _push_from_orthanc(ports["http_port"], files)
         _check(tmp_path, node, study, ports["http_port"], record)
+        with httpx.Client(base_url=f"http://127.0.0.1:{node.http_port}", timeout=30) as client:
+            metrics = client.get("/metrics").text
+            health = client.get("/healthz")
     assert len(record.read_text().splitlines()) == 1  # one model call for the study
+    for line in (
+        'ainode_studies{state="done"} 1',
+        "ainode_instances_received_total 42",
+        'ainode_api_calls_total{provider="simulator",status="200"} 1',
+        "ainode_queue_depth 0",
+        'ainode_sr_deliveries{destination="pacs",state="sent"} 1',
+        "ainode_api_latency_ms_count 1",
+    ):
+        assert line in metrics.splitlines(), line
+    assert health.status_code == 200 and health.json()["destinations"] == {"pacs": "reachable"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{node.http_port}", timeout=30) as client:
+        down = client.get("/healthz")  # Orthanc has stopped
+    assert down.status_code == 503 and down.json()["destinations"]["pacs"].startswith("unreachable")
 
 
 def test_429s_then_500s_from_the_api_still_end_in_one_sr(make_node: NodeFactory, tmp_path: Path) -> None:
