@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,8 +151,11 @@ class AnalysisWorker:
             )
             return
         imaging = for_provider(self.settings.imaging, self.vision.preset)
+        clock = time.perf_counter
+        t0 = clock()
         with self.sessions() as session:
             prepared = prepare_study(session, study, self.store.root, imaging)
+        t_prepared = clock()
         if not prepared.encoded:
             with transaction(self.sessions) as session:
                 queue.complete(session, holder["job"], self.clock())
@@ -169,6 +173,7 @@ class AnalysisWorker:
             return
         try:
             result = self.vision.analyse(study, prepared.encoded, prepared.prompt)
+            t_model = clock()
         except VisionError as exc:
             calls = getattr(exc, "calls", [])
             with transaction(self.sessions) as session:
@@ -201,6 +206,7 @@ class AnalysisWorker:
         sr.save_as(buffer, enforce_file_format=True)
         relative = f"sr/{study}/{sr.SOPInstanceUID}.dcm"
         self.store.write_atomically(relative, buffer.getvalue())  # durable before it is named
+        t_report = clock()
         destinations = [d.name for d in self.settings.destinations]
         with transaction(self.sessions) as session:
             record_api_calls(session, result.calls, self.clock(), job.id)
@@ -229,6 +235,15 @@ class AnalysisWorker:
             sr.SOPInstanceUID,
             len(destinations),
             result.cost_usd,
+        )
+        t_committed = clock()
+        log.info(
+            "job %d timings: prepare %.0f ms, model %.0f ms, report %.0f ms, commit %.0f ms",
+            job.id,
+            (t_prepared - t0) * 1000,
+            (t_model - t_prepared) * 1000,
+            (t_report - t_model) * 1000,
+            (t_committed - t_report) * 1000,
         )
 
     def _headers(self, study: str, sop_uids: set[str]) -> dict[str, Dataset]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,7 @@ class SrSender:
         if delivery is None:
             return False
         path = self.settings.storage.root / delivery.sr_path
+        started = time.perf_counter()
         try:
             outcome = store_sr(
                 path, destination, self.settings.node.ae_title, self.settings.node.network_timeout_seconds
@@ -146,12 +148,13 @@ class SrSender:
         level = logging.INFO if outcome.kind == "sent" else logging.WARNING
         log.log(
             level,
-            "SR %s of study %s to %s (%s): %s, attempt %d",
+            "SR %s of study %s to %s (%s): %s, attempt %d, %.0f ms",
             delivery.sr_sop_instance_uid,
             delivery.study_instance_uid,
             destination.name,
             destination.ae_title,
             outcome.detail,
             delivery.attempts,
+            (time.perf_counter() - started) * 1000,
         )
         return True
