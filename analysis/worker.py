@@ -31,12 +31,13 @@ from analysis.prompt import PROMPT_VERSION
 from analysis.report import ReportContext, build_sr
 from analysis.vision.client import VisionClient
 from conf import Settings
+from conf.routing import Route
 from storage import outbox, queue
 from storage.api_calls import record_api_calls
 from storage.db import transaction
 from storage.errors import LeaseLost
 from storage.files import InstanceStore
-from storage.models import Instance, JobKind, Outbox, Study, StudyState
+from storage.models import Instance, Job, JobKind, Outbox, Study, StudyState
 from storage.studies import settle_due
 
 log = logging.getLogger("ainode.worker")
@@ -59,6 +60,10 @@ class AnalysisWorker:
         self.vision = vision
         self.clock = clock
         self.store = InstanceStore(settings.storage.root)
+        self._clients: dict[tuple[str, str | None], VisionClient] = {
+            (vision.preset.name, settings.vision.model): vision
+        }
+        self._clients_lock = threading.Lock()
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -94,7 +99,7 @@ class AnalysisWorker:
         lease = self.settings.worker.lease_seconds
         with transaction(self.sessions) as session:
             # Settling and reaping here too: `ainode worker` runs without the SCP's loop.
-            settle_due(session, self.clock())
+            settle_due(session, self.clock(), routes=self.settings.routes)
             queue.reap_expired(session, self.clock())
             job = queue.claim(session, JobKind.ANALYSE, self.owner, lease, self.clock())
         if job is None:
@@ -127,6 +132,31 @@ class AnalysisWorker:
             pulse.join(5)
         return True
 
+    def _route(self, job_id: int) -> Route | None:
+        with self.sessions() as session:
+            name = session.scalar(select(Job.route).where(Job.id == job_id))
+        return next((r for r in self.settings.routes if r.name == name), None)
+
+    def _client_for(self, route: Route | None) -> VisionClient:
+        """The default client, or one for the route's provider/model (made once, then shared)."""
+        if route is None or (route.provider is None and route.model is None):
+            return self.vision
+        vision = self.settings.vision
+        provider = route.provider or vision.provider
+        same = provider == vision.provider
+        key = (provider, route.model or (vision.model if same else None))
+        with self._clients_lock:
+            if key not in self._clients:
+                settings = vision.model_copy(
+                    update={
+                        "provider": provider,
+                        "model": key[1],
+                        "base_url": vision.base_url if same else None,
+                    }
+                )
+                self._clients[key] = VisionClient(settings)
+            return self._clients[key]
+
     def _already_committed(self, study: str, version: int) -> bool:
         with self.sessions() as session:
             return (
@@ -150,7 +180,9 @@ class AnalysisWorker:
                 "job %d: study %s version %d already has its SR queued; no model call", job.id, study, version
             )
             return
-        imaging = for_provider(self.settings.imaging, self.vision.preset)
+        route = self._route(job.id)
+        vision = self._client_for(route)
+        imaging = for_provider(self.settings.imaging, vision.preset)
         clock = time.perf_counter
         t0 = clock()
         with self.sessions() as session:
@@ -172,7 +204,8 @@ class AnalysisWorker:
             log.info("job %d: study %s has no image to analyse; skipped", job.id, study)
             return
         try:
-            result = self.vision.analyse(study, prepared.encoded, prepared.prompt)
+            prompt = prepared.prompt + (f"\n\n{route.instructions}" if route and route.instructions else "")
+            result = vision.analyse(study, prepared.encoded, prompt)
             t_model = clock()
         except VisionError as exc:
             calls = getattr(exc, "calls", [])
@@ -194,11 +227,11 @@ class AnalysisWorker:
         context = ReportContext(
             study,
             version,
-            self.vision.preset.name,
-            self.vision.model,
+            vision.preset.name,
+            vision.model,
             PROMPT_VERSION,
             started,
-            simulated=self.vision.preset.name == "simulator",
+            simulated=vision.preset.name == "simulator",
             predecessor=predecessor,
         )
         sr = build_sr(result.findings, prepared.composed, sources, context)
@@ -207,7 +240,11 @@ class AnalysisWorker:
         relative = f"sr/{study}/{sr.SOPInstanceUID}.dcm"
         self.store.write_atomically(relative, buffer.getvalue())  # durable before it is named
         t_report = clock()
-        destinations = [d.name for d in self.settings.destinations]
+        destinations = (
+            list(route.destinations)
+            if route and route.destinations
+            else [d.name for d in self.settings.destinations]
+        )
         with transaction(self.sessions) as session:
             record_api_calls(session, result.calls, self.clock(), job.id)
             outbox.enqueue(

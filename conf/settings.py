@@ -23,6 +23,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from conf.providers import preset_for
+from conf.routing import Route
+
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # Part 5 §6.2 AE: no backslash
 
 
@@ -131,8 +134,6 @@ class VisionSettings(_Section):
 
     @model_validator(mode="after")
     def _vision_capable(self) -> VisionSettings:
-        from conf.providers import preset_for
-
         preset = preset_for(self.provider)
         if not preset.vision:
             raise ValueError(
@@ -191,6 +192,19 @@ class Settings(BaseSettings):
     imaging: ImagingSettings = ImagingSettings()
     delivery: DeliverySettings = DeliverySettings()
     destinations: tuple[DestinationSettings, ...] = ()
+    routes: tuple[Route, ...] = ()
+
+    @model_validator(mode="after")
+    def _routes_name_known_destinations(self) -> Settings:
+        known = {d.name for d in self.destinations}
+        for route in self.routes:
+            unknown = sorted(set(route.destinations) - known)
+            if unknown:
+                raise ValueError(f'routes "{route.name}": destinations {unknown} are not in [[destinations]]')
+            if route.provider is not None:
+                preset_for(route.provider)
+        return self
+
     # Sections owned by later parts of the node (vision, worker, routing) are accepted as
     # tables so a complete configuration file loads today.
     vision: VisionSettings = VisionSettings()

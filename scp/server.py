@@ -355,7 +355,7 @@ class StorageSCP:
                 self._push_settle(sending)
             try:
                 with transaction(self.sessions) as session:
-                    settled = settle_due(session, self.clock())
+                    settled = settle_due(session, self.clock(), routes=self.settings.routes)
                 for uid in settled:
                     log.info("study %s settled and queued for analysis", uid)
                 with transaction(self.sessions) as session:

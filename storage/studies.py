@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -20,6 +20,7 @@ from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from conf.routing import Route, StudyFacts, match
 from storage.models import Instance, Job, JobKind, JobState, Study, StudyState
 
 
@@ -287,9 +288,29 @@ def extend_settle(session: Session, study_instance_uids: Iterable[str], until: d
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def settle_due(session: Session, now: dt.datetime, priority: int = 0) -> list[str]:
+def study_facts(session: Session, study_instance_uid: str) -> StudyFacts:
+    rows = session.execute(
+        select(
+            Instance.modality, Instance.body_part_examined, Instance.calling_ae_title, Instance.sop_class_uid
+        )
+        .where(Instance.study_instance_uid == study_instance_uid)
+        .distinct()
+    ).all()
+    return StudyFacts(
+        modalities=frozenset(r[0] for r in rows if r[0]),
+        body_parts=frozenset(r[1] for r in rows if r[1]),
+        calling_aets=frozenset(r[2] for r in rows if r[2]),
+        sop_classes=frozenset(r[3] for r in rows if r[3]),
+    )
+
+
+def settle_due(
+    session: Session, now: dt.datetime, priority: int = 0, routes: Sequence[Route] = ()
+) -> list[str]:
     """Queue every receiving study whose settle time has passed; return their UIDs.
 
+    With ``routes``, the first matching route sets the job's priority and is recorded on it; a
+    study no route matches, or whose route says skip, is marked skipped instead.
     Safe to run from several processes at once: rows are locked (SKIP LOCKED on PostgreSQL,
     the write lock on SQLite), and the job's unique key turns a repeat into a no-op.
     """
@@ -302,6 +323,21 @@ def settle_due(session: Session, now: dt.datetime, priority: int = 0) -> list[st
     ).all()
     settled: list[str] = []
     for uid, version in due:
+        route_name: str | None = None
+        job_priority = priority
+        if routes:
+            route = match(routes, study_facts(session, uid))
+            if route is None or route.action == "skip":
+                reason = "no routing rule matched" if route is None else f'route "{route.name}" skips it'
+                session.execute(
+                    update(Study)
+                    .where(Study.study_instance_uid == uid)
+                    .where(Study.state == StudyState.RECEIVING)
+                    .where(Study.version == version)
+                    .values(state=StudyState.SKIPPED, last_error=f"not analysed: {reason}")
+                )
+                continue
+            route_name, job_priority = route.name, route.priority
         session.execute(
             _insert(session)(Job)
             .values(
@@ -309,7 +345,8 @@ def settle_due(session: Session, now: dt.datetime, priority: int = 0) -> list[st
                 study_instance_uid=uid,
                 study_version=version,
                 state=JobState.QUEUED,
-                priority=priority,
+                priority=job_priority,
+                route=route_name,
                 attempts=0,
                 max_attempts=5,
                 run_after=now,

@@ -14,7 +14,14 @@ from storage import queue
 from storage.db import make_engine, make_session_factory, migrate, transaction
 from storage.errors import LeaseLost
 from storage.models import Job, JobKind, JobState, Study, StudyState
-from storage.studies import IngestOutcome, ReceivedInstance, extend_settle, record_instance, settle_due
+from storage.studies import (
+    HeaderIndex,
+    IngestOutcome,
+    ReceivedInstance,
+    extend_settle,
+    record_instance,
+    settle_due,
+)
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 SETTLE = 10.0
@@ -243,3 +250,32 @@ def test_concurrent_workers_never_claim_the_same_job(sessions: sessionmaker[Sess
 def test_backoff_rejects_a_zero_attempt_count() -> None:
     with pytest.raises(ValueError, match='"attempts" must be at least 1, got 0'):
         queue.backoff_seconds(0)
+
+
+def test_routes_set_priority_and_skip_what_they_do_not_want(sessions: sessionmaker[Session]) -> None:
+    from dataclasses import replace as with_
+
+    from conf.routing import Route
+
+    routes = (
+        Route(name="stat", modalities=("CT",), calling_aets=("ER_CT",), priority=10),
+        Route(name="skip-us", modalities=("US",), action="skip"),
+        Route(name="ct", modalities=("CT",)),
+    )
+    base = instance("1.1", study="5.1")
+    receive(sessions, with_(base, calling_ae_title="CT01", header=HeaderIndex(modality="CT")), at(0))
+    receive(
+        sessions,
+        with_(instance("1.2", study="5.2"), calling_ae_title="ER_CT", header=HeaderIndex(modality="CT")),
+        at(1),
+    )
+    receive(sessions, with_(instance("1.3", study="5.3"), header=HeaderIndex(modality="US")), at(0))
+    receive(sessions, with_(instance("1.4", study="5.4"), header=HeaderIndex(modality="MG")), at(0))
+    with transaction(sessions) as session:
+        assert sorted(settle_due(session, at(20), routes=routes)) == ["5.1", "5.2"]
+    first = claim(sessions, "w", at(20))
+    assert first is not None and first.study_instance_uid == "5.2"  # STAT first, though it came later
+    assert study(sessions, "5.3").state == StudyState.SKIPPED
+    assert study(sessions, "5.3").last_error == 'not analysed: route "skip-us" skips it'
+    assert study(sessions, "5.4").last_error == "not analysed: no routing rule matched"
+    assert {j.study_instance_uid: j.route for j in jobs(sessions)} == {"5.1": "ct", "5.2": "stat"}
