@@ -38,6 +38,7 @@ from storage.db import transaction
 from storage.errors import LeaseLost
 from storage.files import InstanceStore
 from storage.models import Instance, Job, JobKind, Outbox, Study, StudyState
+from storage.retention import purge_delivered
 from storage.studies import settle_due
 
 log = logging.getLogger("ainode.worker")
@@ -84,8 +85,17 @@ class AnalysisWorker:
             thread.join(timeout)
 
     def _loop(self) -> None:
+        next_purge = 0.0
         while not self._stop.is_set():
             try:
+                if time.monotonic() >= next_purge and self.settings.storage.retention_days > 0:
+                    next_purge = time.monotonic() + 60
+                    with transaction(self.sessions) as session:
+                        purged = purge_delivered(
+                            session, self.store, self.settings.storage.retention_days, self.clock()
+                        )
+                    for uid in purged:
+                        log.info("retention: deleted the instance files of delivered study %s", uid)
                 if not self.run_once():
                     self._stop.wait(self.settings.worker.poll_seconds)
             except Exception:

@@ -77,6 +77,9 @@ class StorageSettings(_Section):
     root: Path = Path("var/ainode")
     database_url: str = "sqlite:///var/ainode/ainode.db"
     min_free_mb: int = Field(default=1024, ge=0)
+    retention_days: float = Field(
+        default=0, ge=0
+    )  # delete instance files this long after the SR is delivered; 0 keeps them
 
 
 class StudySettings(_Section):

@@ -95,6 +95,8 @@ class Study(Base):
     analysed_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Set when retention deleted the instance files (storage.retention_days after delivery).
+    files_purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (Index("ix_studies_state_settle_at", "state", "settle_at"),)
 

@@ -1,0 +1,65 @@
+"""Retention deletes instance files after delivery, never before."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from sqlalchemy import update
+
+from storage import outbox
+from storage.db import make_engine, make_session_factory, migrate, transaction
+from storage.files import InstanceStore
+from storage.models import Study, StudyState
+from storage.retention import purge_delivered
+from storage.studies import ReceivedInstance, record_instance
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def test_files_go_only_after_every_delivery_succeeded_and_the_days_passed(
+    database_url: str, tmp_path: Path
+) -> None:
+    engine = make_engine(database_url)
+    migrate(engine)
+    sessions = make_session_factory(engine)
+    store = InstanceStore(tmp_path / "var")
+    store.prepare()
+    paths = {}
+    for study in ("7.1", "7.2"):
+        relative = f"instances/{study}/1/{study}.1.{'0' * 16}.dcm"
+        paths[study] = store.write_atomically(relative, b"dicom bytes")
+        with transaction(sessions) as session:
+            record_instance(
+                session,
+                ReceivedInstance(
+                    f"{study}.1", study, "1", "1.2", "1.2.840.10008.1.2.1", relative, 11, "0" * 64, "CT01"
+                ),
+                10,
+                T0,
+            )
+            session.execute(
+                update(Study).where(Study.study_instance_uid == study).values(state=StudyState.SENDING)
+            )
+            outbox.enqueue(session, study, 1, f"sr/{study}.dcm", f"{study}.9", ["a", "b"], T0)
+    # 7.1: both destinations delivered on day 0. 7.2: one delivered, the other still failing.
+    for study, outcomes in (("7.1", ("sent", "sent")), ("7.2", ("sent", "retry"))):
+        for destination, outcome in zip(("a", "b"), outcomes, strict=True):
+            with transaction(sessions) as session:
+                delivery = outbox.claim(session, destination, 60, T0)
+                assert delivery is not None and delivery.study_instance_uid == study
+                if outcome == "sent":
+                    outbox.mark_sent(session, delivery, 0, T0)
+                else:
+                    outbox.mark_retry(session, delivery, "PACS down", None, T0, delay_seconds=10**6)
+    with transaction(sessions) as session:
+        assert purge_delivered(session, store, 7, T0 + dt.timedelta(days=6)) == []  # too soon
+    with transaction(sessions) as session:
+        assert purge_delivered(session, store, 0, T0 + dt.timedelta(days=60)) == []  # retention off
+    with transaction(sessions) as session:
+        assert purge_delivered(session, store, 7, T0 + dt.timedelta(days=8)) == ["7.1"]
+    assert not paths["7.1"].exists() and paths["7.2"].exists()
+    with sessions() as session:
+        assert session.get_one(Study, "7.1").files_purged_at == T0 + dt.timedelta(days=8)
+        assert session.get_one(Study, "7.2").files_purged_at is None
+    engine.dispose()
