@@ -43,6 +43,7 @@ from storage.errors import StorageUnavailable
 from storage.files import InstanceStore, is_safe_uid, sha256_of
 from storage.queue import reap_expired
 from storage.studies import (
+    IngestOutcome,
     IngestResult,
     ReceivedInstance,
     extend_settle,
@@ -460,6 +461,8 @@ class StorageSCP:
             if created:
                 self.store.remove(relative)  # not referenced by any row: drop it
             return StoreStatus.OUT_OF_RESOURCES, str(exc), None
+        if result.outcome is IngestOutcome.OWN_OUTPUT and created:
+            self.store.remove(relative)  # no row names it
         if result.superseded_path:
             self.store.remove(result.superseded_path)
         return StoreStatus.SUCCESS, result.outcome.value, summary.study_instance_uid

@@ -21,13 +21,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from conf.routing import Route, StudyFacts, match
-from storage.models import Instance, Job, JobKind, JobState, Study, StudyState
+from storage.models import Instance, Job, JobKind, JobState, Outbox, Study, StudyState
 
 
 class IngestOutcome(enum.StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"  # same SOP Instance UID, same bytes: nothing changes
     REPLACED = "replaced"  # same SOP Instance UID, new bytes: the study reopens
+    OWN_OUTPUT = "own output"  # an SR this node made, sent back by the PACS: acknowledged, not kept
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ _SERIES_SEEN = (
     .limit(1)
 )
 _INSERT_INSTANCE = insert(_instances)
+_OWN_SR = select(Outbox.id).where(Outbox.sr_sop_instance_uid == bindparam("sop")).limit(1)
 _LOCK_STUDY = (
     select(_studies.c.state, _studies.c.version, _studies.c.settle_at)
     .where(_studies.c.study_instance_uid == bindparam("study"))
@@ -121,6 +123,10 @@ def record_instance(
 ) -> IngestResult:
     """Record one durable instance file and update its study, in the caller's transaction."""
     conn = session.connection()
+    if conn.execute(_OWN_SR, {"sop": received.sop_instance_uid}).first() is not None:
+        # A PACS rule that forwards whole studies sends our SR back: analysing it again would
+        # loop (new version, new SR, sent back ...).
+        return IngestResult(IngestOutcome.OWN_OUTPUT)
     existing = conn.execute(_SELECT_EXISTING, {"sop": received.sop_instance_uid}).one_or_none()
     if existing is not None and existing.sha256 == received.sha256:
         return IngestResult(IngestOutcome.DUPLICATE)

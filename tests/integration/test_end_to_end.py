@@ -97,6 +97,14 @@ def test_orthanc_study_comes_back_with_one_sr(make_node: NodeFactory, tmp_path: 
             client.put("/modalities/ainode", json={"AET": "AINODE", "Host": "127.0.0.1", "Port": node.port})
         _push_from_orthanc(ports["http_port"], files)
         _check(tmp_path, node, study, ports["http_port"], record)
+        # The PACS sends the same study again (a routing rule firing twice): no second SR.
+        with httpx.Client(base_url=f"http://127.0.0.1:{ports['http_port']}", timeout=60) as client:
+            (study_id,) = client.get("/studies").json()
+            client.post("/modalities/ainode/store", json={"Resources": [study_id]}).raise_for_status()
+        time.sleep(3)  # longer than the settle time
+        again = node.status()[0]
+        assert (again["state"], again["version"], again["instance_count"]) == ("done", 1, 42)
+        assert len(_sr_in_orthanc(ports["http_port"], study)) == 1
         with httpx.Client(base_url=f"http://127.0.0.1:{node.http_port}", timeout=30) as client:
             metrics = client.get("/metrics").text
             health = client.get("/healthz")

@@ -279,3 +279,19 @@ def test_routes_set_priority_and_skip_what_they_do_not_want(sessions: sessionmak
     assert study(sessions, "5.3").last_error == 'not analysed: route "skip-us" skips it'
     assert study(sessions, "5.4").last_error == "not analysed: no routing rule matched"
     assert {j.study_instance_uid: j.route for j in jobs(sessions)} == {"5.1": "ct", "5.2": "stat"}
+
+
+def test_our_own_sr_sent_back_by_the_pacs_does_not_reopen_the_study(sessions: sessionmaker[Session]) -> None:
+    from storage import outbox
+
+    receive(sessions, instance("1.1"), at(0))
+    settle(sessions, at(10))
+    job = claim(sessions, "w", at(10))
+    assert job is not None
+    with transaction(sessions) as session:
+        outbox.enqueue(session, "1.2.3", 1, "sr/1.2.3/9.9.dcm", "9.9", ["pacs"], at(11))
+        queue.complete(session, job, at(11))
+    own = instance("9.9", series="9.8", sha="c" * 64)
+    assert receive(sessions, own, at(12)) is IngestOutcome.OWN_OUTPUT
+    s = study(sessions)
+    assert (s.state, s.version, s.instance_count) == (StudyState.SENDING, 1, 1)
