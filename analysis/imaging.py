@@ -22,6 +22,7 @@ from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply
 from pydicom.pixels.utils import iter_pixels
 
 from analysis.errors import ImageSkipped
+from conf.settings import DEFAULT_CT_WINDOW_BY_BODY_PART
 
 # Window presets (center, width) in Hounsfield units.
 CT_PRESETS: dict[str, tuple[float, float]] = {
@@ -30,14 +31,6 @@ CT_PRESETS: dict[str, tuple[float, float]] = {
     "soft_tissue": (40.0, 400.0),
     "bone": (400.0, 1800.0),
     "brain": (40.0, 80.0),
-}
-DEFAULT_CT_PRESET_BY_BODY_PART: dict[str, str] = {
-    "CHEST": "lung",
-    "LUNG": "lung",
-    "THORAX": "lung",
-    "HEAD": "brain",
-    "BRAIN": "brain",
-    "SKULL": "bone",
 }
 MAX_SOURCE_PIXELS = 40_000_000  # per frame: 6k x 6k; larger (a 10k x 10k scan) is skipped, not decoded
 PERCENTILES = (1.0, 99.0)
@@ -92,7 +85,7 @@ def _first(value: object) -> float | None:
 def choose_window(
     ds: Dataset,
     values: NDArray[np.floating],
-    ct_preset_by_body_part: Mapping[str, str] = DEFAULT_CT_PRESET_BY_BODY_PART,
+    ct_preset_by_body_part: Mapping[str, str] = DEFAULT_CT_WINDOW_BY_BODY_PART,
     ct_default_preset: str = "mediastinum",
 ) -> WindowChoice:
     """CT: a preset by body part (the model needs lung windows for lungs, whatever the header
@@ -134,7 +127,7 @@ def render_frame(
     ds: Dataset,
     frame: NDArray[np.generic],
     frame_index: int,
-    ct_preset_by_body_part: Mapping[str, str] = DEFAULT_CT_PRESET_BY_BODY_PART,
+    ct_preset_by_body_part: Mapping[str, str] = DEFAULT_CT_WINDOW_BY_BODY_PART,
 ) -> DisplayFrame:
     """One decoded frame to display pixels."""
     if frame.ndim < 2 or min(frame.shape[:2]) < 2:
@@ -166,7 +159,7 @@ def render_frame(
 def render_file(
     path: Path,
     frames: list[int] | None = None,
-    ct_preset_by_body_part: Mapping[str, str] = DEFAULT_CT_PRESET_BY_BODY_PART,
+    ct_preset_by_body_part: Mapping[str, str] = DEFAULT_CT_WINDOW_BY_BODY_PART,
 ) -> Iterator[DisplayFrame | ImageSkipped]:
     """Decode and render the given frames (all when None) of one file. A frame that cannot be
     decoded or shown yields an :class:`ImageSkipped` with the reason instead of raising."""

@@ -86,6 +86,17 @@ class StudySettings(_Section):
     settle_seconds: float = Field(default=10.0, ge=0)
 
 
+# CT window preset by Body Part Examined; parts not listed get "mediastinum".
+DEFAULT_CT_WINDOW_BY_BODY_PART: dict[str, str] = {
+    "CHEST": "lung",
+    "LUNG": "lung",
+    "THORAX": "lung",
+    "HEAD": "brain",
+    "BRAIN": "brain",
+    "SKULL": "bone",
+}
+
+
 class ImagingSettings(_Section):
     """What the model is shown. Providers may lower these (their image and byte limits)."""
 
@@ -101,14 +112,7 @@ class ImagingSettings(_Section):
     # US and secondary-capture images carry patient text in bands at the top; black it out.
     mask_top_fraction: float = Field(default=0.22, ge=0, le=0.5)
     ct_window_by_body_part: dict[str, str] = Field(
-        default_factory=lambda: {
-            "CHEST": "lung",
-            "LUNG": "lung",
-            "THORAX": "lung",
-            "HEAD": "brain",
-            "BRAIN": "brain",
-            "SKULL": "bone",
-        }
+        default_factory=lambda: dict(DEFAULT_CT_WINDOW_BY_BODY_PART)
     )
 
 

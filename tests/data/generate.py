@@ -51,6 +51,32 @@ def write_series(
     return paths
 
 
+IDENTIFYING = {  # distinctive tokens, so a hit in what leaves the node can only be a leak
+    "PatientName": "Doemann^Janeth^Quorra",
+    "PatientID": "MRN-4471-0932",
+    "PatientBirthDate": "19480317",
+    "AccessionNumber": "ACC99812",
+    "InstitutionName": "Elsewhereton Infirmary",
+    "ReferringPhysicianName": "Houseman^Gregor",
+    "StudyDescription": "Dyspnoea Doemann followup",
+    "SeriesDescription": "Janeth Qzvort protocol",
+    "OperatorsName": "Technik^Terrwyn",
+}
+
+
+def identify(paths: list[Path]) -> None:
+    """Fill every identifying header a hospital's images carry with :data:`IDENTIFYING`."""
+    for path in paths:
+        ds = dcmread(path)
+        for keyword, value in IDENTIFYING.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+
+
+def identifying_tokens() -> list[str]:
+    return [part for value in IDENTIFYING.values() for part in value.replace("^", " ").split()]
+
+
 def dataset_bytes(path: Path) -> bytes:
     """The bytes after the File Meta Information: what travelled over DIMSE."""
     raw = path.read_bytes()

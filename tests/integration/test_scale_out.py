@@ -8,13 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, func, select
 
 from storage.models import ApiCall, Job
 from tests.data.generate import write_series
-from tests.integration.test_end_to_end import _push_from_orthanc, _sr_in_orthanc
+from tests.integration.test_end_to_end import _push_from_orthanc, _register, _sr_in_orthanc
 from tests.nodes import NodeFactory, dcmtk, orthanc, simulator, stop_process
 
 
@@ -33,8 +32,7 @@ def test_kill_9_during_analysis_still_ends_in_exactly_one_sr(make_node: NodeFact
                 {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": ports["dicom_port"]}
             ],
         ).start()
-        with httpx.Client(base_url=f"http://127.0.0.1:{ports['http_port']}", timeout=30) as client:
-            client.put("/modalities/ainode", json={"AET": "AINODE", "Host": "127.0.0.1", "Port": node.port})
+        _register(ports["http_port"], node)
         _push_from_orthanc(ports["http_port"], files)
         deadline = time.monotonic() + 30
         while not (record.exists() and record.read_text().strip()) and time.monotonic() < deadline:
