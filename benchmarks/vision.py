@@ -18,15 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 from pydantic import SecretStr
 
-from analysis.encode import encode
-from analysis.imaging import DisplayFrame, WindowChoice
-from analysis.mosaic import compose_single
-from analysis.selection import ChosenFrame, SourceImage
 from analysis.vision.client import VisionClient
 from conf import VisionSettings
+from tests.data.images import noise_image
 from tests.nodes import simulator
 
 
@@ -38,34 +34,7 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=4)
     args = parser.parse_args()
 
-    pixels = np.random.default_rng(0).integers(0, 255, size=(1024, 1024), dtype=np.uint8)
-    source = SourceImage(
-        "1.2",
-        "1.2.1",
-        "1.2.840.10008.5.1.4.1.1.2",
-        Path("/x"),
-        "CT",
-        (),
-        1,
-        None,
-        None,
-        1024,
-        1024,
-        1,
-        "",
-        "",
-        "",
-    )
-    image = encode(
-        compose_single(
-            ChosenFrame(source, 0, "I1"),
-            DisplayFrame(pixels, 0, WindowChoice(40, 400, "bench"), None),
-            1024,
-            "bench",
-        ),
-        "jpeg",
-        5_000_000,
-    )
+    image = noise_image(1024, seed=0)
     sent_at: list[float] = []
     lock = threading.Lock()
 

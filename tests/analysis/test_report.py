@@ -11,14 +11,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from analysis.findings import Findings
-from analysis.prepare import PreparedStudy, prepare_study
+from analysis.prepare import PreparedStudy
 from analysis.report import SR_SERIES_DESCRIPTION, ReportContext, build_sr
 from analysis.vision.simulator import simulated_findings
-from conf import ImagingSettings
-from storage.db import make_engine, make_session_factory
-from storage.files import InstanceStore
 from tests.data.generate import write_series
-from tests.data.ingest import ingest
+from tests.data.ingest import prepared_study
 from tests.data.validators import sr_errors
 
 STARTED = dt.datetime(2026, 11, 25, 9, 30, 15, tzinfo=dt.UTC)
@@ -27,14 +24,7 @@ STARTED = dt.datetime(2026, 11, 25, 9, 30, 15, tzinfo=dt.UTC)
 def prepared(tmp_path: Path, source: str, count: int) -> tuple[PreparedStudy, dict[str, Dataset], str]:
     study = generate_uid()
     files = write_series(tmp_path / "src", count, source=source, study_instance_uid=study)
-    store = InstanceStore(tmp_path / "var")
-    store.prepare()
-    url = f"sqlite:///{tmp_path}/ainode.db"
-    ingest(files, store, url)
-    engine = make_engine(url)
-    with make_session_factory(engine)() as session:
-        result = prepare_study(session, study, store.root, ImagingSettings())
-    engine.dispose()
+    result, _ = prepared_study(files, tmp_path)
     headers = {str(h.SOPInstanceUID): h for h in (dcmread(f, stop_before_pixels=True) for f in files)}
     shown = {t.sop_instance_uid for image in result.composed for t in image.tiles}
     return result, {uid: headers[uid] for uid in shown}, study

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pydicom import dcmread
 
+from analysis.prepare import PreparedStudy, prepare_study
+from conf import ImagingSettings
 from scp.dataset_check import check_dataset_file
 from storage.db import make_engine, make_session_factory, migrate, transaction
 from storage.files import InstanceStore, sha256_of
@@ -47,3 +49,19 @@ def ingest(files: list[Path], store: InstanceStore, database_url: str) -> str:
         study = summary.study_instance_uid
     engine.dispose()
     return study
+
+
+def prepared_study(
+    files: list[Path], workdir: Path, settings: ImagingSettings | None = None
+) -> tuple[PreparedStudy, InstanceStore]:
+    """Ingest ``files`` into a scratch node store under ``workdir`` and prepare their study."""
+    store = InstanceStore(workdir / "var")
+    store.prepare()
+    url = f"sqlite:///{workdir}/ainode.db"
+    study = ingest(files, store, url)
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as session:
+            return prepare_study(session, study, store.root, settings or ImagingSettings()), store
+    finally:
+        engine.dispose()

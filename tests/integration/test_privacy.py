@@ -12,13 +12,10 @@ from pydantic import SecretStr
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from analysis.prepare import prepare_study
 from analysis.vision.client import VisionClient
-from conf import ImagingSettings, VisionSettings
-from storage.db import make_engine, make_session_factory
-from storage.files import InstanceStore
+from conf import VisionSettings
 from tests.data.generate import identify, identifying_tokens, write_series
-from tests.data.ingest import ingest
+from tests.data.ingest import prepared_study
 from tests.nodes import simulator
 
 
@@ -30,14 +27,7 @@ def test_no_identifying_header_reaches_the_vision_api(tmp_path: Path) -> None:
         *write_series(tmp_path / "us", 1, source="US1_UNCI.dcm", study_instance_uid=study),
     ]
     identify(files)
-    store = InstanceStore(tmp_path / "var")
-    store.prepare()
-    url = f"sqlite:///{tmp_path}/ainode.db"
-    ingest(files, store, url)
-    engine = make_engine(url)
-    with make_session_factory(engine)() as session:
-        prepared = prepare_study(session, study, store.root, ImagingSettings())
-    engine.dispose()
+    prepared, _ = prepared_study(files, tmp_path)
     assert len(prepared.encoded) == 3
 
     record = tmp_path / "requests.jsonl"

@@ -9,45 +9,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from pydantic import SecretStr
 
-from analysis.encode import EncodedImage, encode
+from analysis.encode import EncodedImage
 from analysis.errors import BudgetExceeded, CircuitOpen, InvalidFindings, VisionPermanent, VisionRetryable
-from analysis.imaging import DisplayFrame, WindowChoice
-from analysis.mosaic import compose_single
-from analysis.selection import ChosenFrame, SourceImage
 from analysis.vision.client import VisionClient
 from conf import VisionSettings
+from tests.data.images import noise_image
 from tests.nodes import simulator
 
 API_KEY = "sk-test-9f8e7d6c5b4a-secret"
 
 
 def one_image() -> list[EncodedImage]:
-    pixels = np.random.default_rng(1).integers(0, 255, size=(512, 512), dtype=np.uint8)
-    source = SourceImage(
-        "1.2.3",
-        "1.2",
-        "1.2.840.10008.5.1.4.1.1.2",
-        Path("/x"),
-        "CT",
-        (),
-        1,
-        None,
-        None,
-        512,
-        512,
-        1,
-        "",
-        "",
-        "",
-    )
-    image = compose_single(
-        ChosenFrame(source, 0, "I1"), DisplayFrame(pixels, 0, WindowChoice(40, 400, "t"), None), 1024, "test"
-    )
-    return [encode(image, "jpeg", 5_000_000)]
+    return [noise_image(512)]
 
 
 OPEN_CLIENTS: list[VisionClient] = []
