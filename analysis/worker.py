@@ -22,7 +22,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from analysis.errors import VisionError, VisionPermanent
@@ -37,9 +37,9 @@ from storage.api_calls import record_api_calls
 from storage.db import transaction
 from storage.errors import LeaseLost
 from storage.files import InstanceStore
-from storage.models import Instance, Job, JobKind, Outbox, Study, StudyState
+from storage.models import Instance, Job, JobKind, Outbox, StudyState
 from storage.retention import purge_delivered
-from storage.studies import settle_due
+from storage.studies import settle_due, update_study_version
 
 log = logging.getLogger("ainode.worker")
 
@@ -201,15 +201,12 @@ class AnalysisWorker:
         if not prepared.encoded:
             with transaction(self.sessions) as session:
                 queue.complete(session, holder["job"], self.clock())
-                session.execute(
-                    update(Study)
-                    .where(Study.study_instance_uid == study)
-                    .where(Study.version == version)
-                    .values(
-                        state=StudyState.SKIPPED,
-                        last_error="nothing to analyse: "
-                        + "; ".join(sorted({e.reason for e in prepared.exclusions}))[:1500],
-                    )
+                reasons = "; ".join(sorted({e.reason for e in prepared.exclusions}))
+                update_study_version(
+                    session,
+                    study,
+                    version,
+                    {"state": StudyState.SKIPPED, "last_error": f"nothing to analyse: {reasons}"[:1520]},
                 )
             log.info("job %d: study %s has no image to analyse; skipped", job.id, study)
             return
@@ -260,20 +257,11 @@ class AnalysisWorker:
             outbox.enqueue(
                 session, study, version, relative, str(sr.SOPInstanceUID), destinations, self.clock()
             )
-            session.execute(
-                update(Study)
-                .where(Study.study_instance_uid == study)
-                .where(Study.version == version)
-                .values(analysed_version=version)
-            )
+            finished: dict[str, object] = {"analysed_version": version}
+            if not destinations:  # nowhere to send: the study is finished now
+                finished["state"] = StudyState.DONE
+            update_study_version(session, study, version, finished)
             queue.complete(session, holder["job"], self.clock())
-            if not destinations:
-                session.execute(
-                    update(Study)
-                    .where(Study.study_instance_uid == study)
-                    .where(Study.version == version)
-                    .values(state=StudyState.DONE)
-                )
         log.info(
             "job %d: study %s: %d finding(s), SR %s queued for %d destination(s), $%.4f",
             job.id,

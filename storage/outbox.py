@@ -18,7 +18,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from storage.errors import LeaseLost
-from storage.models import DeliveryState, Outbox, Study, StudyState
+from storage.models import DeliveryState, Outbox, StudyState
+from storage.studies import update_study_version
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,11 @@ def enqueue(
             .on_conflict_do_nothing()
         )
         count += int(result.rowcount or 0)  # type: ignore[attr-defined]
-    session.execute(
-        update(Study)
-        .where(Study.study_instance_uid == study_instance_uid)
-        .where(Study.version == study_version)
-        .values(state=StudyState.SENDING, sr_sop_instance_uid=sr_sop_instance_uid)
+    update_study_version(
+        session,
+        study_instance_uid,
+        study_version,
+        {"state": StudyState.SENDING, "sr_sop_instance_uid": sr_sop_instance_uid},
     )
     return count
 
@@ -195,15 +196,15 @@ def _settle_study(session: Session, delivery: Delivery) -> None:
     if any(state in (DeliveryState.PENDING, DeliveryState.SENDING) for _, state, _ in states):
         return
     dead = [f"{dest}: {error}" for dest, state, error in states if state == DeliveryState.DEAD]
-    session.execute(
-        update(Study)
-        .where(Study.study_instance_uid == delivery.study_instance_uid)
-        .where(Study.version == delivery.study_version)
-        .where(Study.state == StudyState.SENDING)
-        .values(
-            state=StudyState.FAILED if dead else StudyState.DONE,
-            last_error=("SR delivery failed: " + "; ".join(dead))[:2000] if dead else None,
-        )
+    update_study_version(
+        session,
+        delivery.study_instance_uid,
+        delivery.study_version,
+        {
+            "state": StudyState.FAILED if dead else StudyState.DONE,
+            "last_error": ("SR delivery failed: " + "; ".join(dead))[:2000] if dead else None,
+        },
+        in_states=[StudyState.SENDING],
     )
 
 

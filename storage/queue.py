@@ -16,7 +16,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from storage.errors import LeaseLost
-from storage.models import Job, JobKind, JobState, Study, StudyState
+from storage.models import Job, JobKind, JobState, StudyState
+from storage.studies import update_study_version
 
 BACKOFF_BASE_SECONDS = 30.0
 BACKOFF_CAP_SECONDS = 3600.0
@@ -114,12 +115,12 @@ def _set_study_state(session: Session, job: ClaimedJob, state: StudyState, error
     values: dict[str, object] = {"state": state}
     if error is not None:
         values["last_error"] = error
-    session.execute(
-        update(Study)
-        .where(Study.study_instance_uid == job.study_instance_uid)
-        .where(Study.version == job.study_version)
-        .where(Study.state.in_([StudyState.QUEUED, StudyState.ANALYSING, StudyState.SENDING]))
-        .values(**values)
+    update_study_version(
+        session,
+        job.study_instance_uid,
+        job.study_version,
+        values,
+        in_states=[StudyState.QUEUED, StudyState.ANALYSING, StudyState.SENDING],
     )
 
 

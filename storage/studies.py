@@ -261,6 +261,24 @@ def _reopen(session: Session, study: _LockedStudy, settle_at: dt.datetime) -> di
     }
 
 
+def update_study_version(
+    session: Session,
+    study_instance_uid: str,
+    version: int,
+    values: dict[str, object],
+    in_states: Iterable[StudyState] | None = None,
+) -> bool:
+    """Set ``values`` on the study only while it is still at ``version`` (and, if given, in one
+    of ``in_states``): work on an older version must not move a study that late images have
+    reopened. Returns whether the row changed."""
+    statement = (
+        update(Study).where(Study.study_instance_uid == study_instance_uid).where(Study.version == version)
+    )
+    if in_states is not None:
+        statement = statement.where(Study.state.in_(list(in_states)))
+    return bool(session.execute(statement.values(**values)).rowcount == 1)  # type: ignore[attr-defined]
+
+
 def requeue_study(session: Session, study_instance_uid: str, now: dt.datetime) -> int:
     """``ainode retry``: a new version of the study, queued at once (a new analysis, a new SR
     version that names its predecessor). Returns the new version."""
@@ -335,12 +353,12 @@ def settle_due(
             route = match(routes, study_facts(session, uid))
             if route is None or route.action == "skip":
                 reason = "no routing rule matched" if route is None else f'route "{route.name}" skips it'
-                session.execute(
-                    update(Study)
-                    .where(Study.study_instance_uid == uid)
-                    .where(Study.state == StudyState.RECEIVING)
-                    .where(Study.version == version)
-                    .values(state=StudyState.SKIPPED, last_error=f"not analysed: {reason}")
+                update_study_version(
+                    session,
+                    uid,
+                    version,
+                    {"state": StudyState.SKIPPED, "last_error": f"not analysed: {reason}"},
+                    in_states=[StudyState.RECEIVING],
                 )
                 continue
             route_name, job_priority = route.name, route.priority
@@ -368,13 +386,6 @@ def settle_due(
             .where(Job.state == JobState.QUEUED)
             .values(run_after=now)
         )
-        changed = session.execute(
-            update(Study)
-            .where(Study.study_instance_uid == uid)
-            .where(Study.state == StudyState.RECEIVING)
-            .where(Study.version == version)
-            .values(state=StudyState.QUEUED)
-        )
-        if changed.rowcount == 1:  # type: ignore[attr-defined]
+        if update_study_version(session, uid, version, {"state": StudyState.QUEUED}, [StudyState.RECEIVING]):
             settled.append(uid)
     return settled
