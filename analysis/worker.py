@@ -55,9 +55,14 @@ class AnalysisWorker:
         sessions: sessionmaker[Session],
         vision: VisionClient,
         clock: Callable[[], dt.datetime] = utc_now,
+        settles: bool = True,
     ) -> None:
+        """``settles``: also queue settled studies and reap lapsed leases before each claim.
+        Needed where no SCP runs that loop (``ainode worker``); in ``ainode serve`` the SCP does
+        it, and every worker thread repeating it per poll would only contend for the write lock."""
         self.settings = settings
         self.sessions = sessions
+        self.settles = settles
         self.vision = vision
         self.clock = clock
         self.store = InstanceStore(settings.storage.root)
@@ -108,9 +113,9 @@ class AnalysisWorker:
         """Claim and finish one analysis; False when none was due."""
         lease = self.settings.worker.lease_seconds
         with transaction(self.sessions) as session:
-            # Settling and reaping here too: `ainode worker` runs without the SCP's loop.
-            settle_due(session, self.clock(), routes=self.settings.routes)
-            queue.reap_expired(session, self.clock())
+            if self.settles:
+                settle_due(session, self.clock(), routes=self.settings.routes)
+                queue.reap_expired(session, self.clock())
             job = queue.claim(session, JobKind.ANALYSE, self.owner, lease, self.clock())
         if job is None:
             return False

@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 KEYLESS_PROVIDERS = frozenset({"vllm", "ollama", "simulator"})
 
 
-def _make_worker(settings: Settings, sessions: Any) -> Any:
+def _make_worker(settings: Settings, sessions: Any, settles: bool) -> Any:
     """The analysis workers, when the vision API can be called (a key, or a local server)."""
     from analysis.vision.client import VisionClient
     from analysis.worker import AnalysisWorker
@@ -101,7 +101,7 @@ def _make_worker(settings: Settings, sessions: Any) -> Any:
             'analysed; try `ainode simulate-vision` with vision.provider = "simulator"'
         )
         return None
-    return AnalysisWorker(settings, sessions, VisionClient(settings.vision))
+    return AnalysisWorker(settings, sessions, VisionClient(settings.vision), settles=settles)
 
 
 def _run_roles(settings: Settings, command: str) -> int:
@@ -111,7 +111,12 @@ def _run_roles(settings: Settings, command: str) -> int:
     sessions = make_session_factory(engine)
     scp = StorageSCP(settings, sessions) if command in ("serve", "scp") else None
     sender = SrSender(settings, sessions) if command in ("serve", "worker") else None
-    worker = _make_worker(settings, sessions) if command in ("serve", "worker") else None
+    # In serve the SCP's loop settles studies and reaps leases; a lone worker must do it itself.
+    worker = (
+        _make_worker(settings, sessions, settles=command == "worker")
+        if command in ("serve", "worker")
+        else None
+    )
     http = StatusServer(settings, sessions) if command == "serve" else None
     stop = threading.Event()
 
