@@ -37,15 +37,11 @@ from storage.api_calls import record_api_calls
 from storage.db import transaction
 from storage.errors import LeaseLost
 from storage.files import InstanceStore
-from storage.models import Instance, Job, JobKind, Outbox, StudyState
+from storage.models import Instance, Job, JobKind, Outbox, StudyState, utc_now
 from storage.retention import purge_delivered
 from storage.studies import settle_due, update_study_version
 
 log = logging.getLogger("ainode.worker")
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class AnalysisWorker:

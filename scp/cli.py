@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import signal
@@ -22,7 +21,8 @@ from scp.scu import dicom_files, echo, send
 from scp.sender import SrSender
 from scp.server import StorageSCP
 from scp.status_report import format_table, study_rows
-from storage.db import make_engine, make_session_factory, migrate, transaction
+from storage.db import open_database, transaction
+from storage.models import utc_now
 from storage.studies import requeue_study
 
 log = logging.getLogger("ainode")
@@ -106,49 +106,41 @@ def _make_worker(settings: Settings, sessions: Any, settles: bool) -> Any:
 
 def _run_roles(settings: Settings, command: str) -> int:
     """serve: everything; scp: the DICOM listener; worker: analysis and SR delivery."""
-    engine = make_engine(settings.storage.database_url)
-    migrate(engine)
-    sessions = make_session_factory(engine)
-    scp = StorageSCP(settings, sessions) if command in ("serve", "scp") else None
-    sender = SrSender(settings, sessions) if command in ("serve", "worker") else None
-    # In serve the SCP's loop settles studies and reaps leases; a lone worker must do it itself.
-    worker = (
-        _make_worker(settings, sessions, settles=command == "worker")
-        if command in ("serve", "worker")
-        else None
-    )
-    http = StatusServer(settings, sessions) if command == "serve" else None
-    stop = threading.Event()
+    with open_database(settings.storage.database_url) as sessions:
+        scp = StorageSCP(settings, sessions) if command in ("serve", "scp") else None
+        sender = SrSender(settings, sessions) if command in ("serve", "worker") else None
+        # In serve the SCP's loop settles studies and reaps leases; a lone worker must do it itself.
+        worker = (
+            _make_worker(settings, sessions, settles=command == "worker")
+            if command in ("serve", "worker")
+            else None
+        )
+        http = StatusServer(settings, sessions) if command == "serve" else None
+        stop = threading.Event()
 
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            stop.set()
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    for role in (scp, worker, sender, http):
-        if role is not None:
-            role.start()
-    stop.wait()
-    for role in (scp, worker, sender, http):  # stop taking work first, then finish what is held
-        if role is not None:
-            role.stop()
-    engine.dispose()
-    return 0
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        for role in (scp, worker, sender, http):
+            if role is not None:
+                role.start()
+        stop.wait()
+        for role in (scp, worker, sender, http):  # stop taking work first, then finish what is held
+            if role is not None:
+                role.stop()
+        return 0
 
 
 def _preview(settings: Settings, study_instance_uid: str, out: Path) -> int:
     from analysis.prepare import for_provider, prepare_study, write_preview
     from conf.providers import preset_for
 
-    engine = make_engine(settings.storage.database_url)
-    migrate(engine)
-    try:
-        with make_session_factory(engine)() as session:
-            imaging = for_provider(settings.imaging, preset_for(settings.vision.provider))
-            prepared = prepare_study(session, study_instance_uid, settings.storage.root, imaging)
-    finally:
-        engine.dispose()
+    with open_database(settings.storage.database_url) as sessions, sessions() as session:
+        imaging = for_provider(settings.imaging, preset_for(settings.vision.provider))
+        prepared = prepare_study(session, study_instance_uid, settings.storage.root, imaging)
     if not prepared.encoded and not prepared.exclusions:
         print(f"ainode preview: no study {study_instance_uid} in the database", file=sys.stderr)
         return 1
@@ -202,23 +194,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("serve", "scp", "worker"):
             return _run_roles(settings, args.command)
         if args.command == "status":
-            engine = make_engine(settings.storage.database_url)
-            migrate(engine)
-            with make_session_factory(engine)() as session:
+            with open_database(settings.storage.database_url) as sessions, sessions() as session:
                 rows = study_rows(session)
             print(json.dumps(rows, indent=2) if args.json else format_table(rows))
             return 0
         if args.command == "retry":
-            engine = make_engine(settings.storage.database_url)
-            migrate(engine)
             try:
-                with transaction(make_session_factory(engine)) as session:
-                    version = requeue_study(session, args.study_instance_uid, dt.datetime.now(dt.UTC))
+                with (
+                    open_database(settings.storage.database_url) as sessions,
+                    transaction(sessions) as session,
+                ):
+                    version = requeue_study(session, args.study_instance_uid, utc_now())
             except LookupError as exc:
                 print(f"ainode retry: {exc}", file=sys.stderr)
                 return 1
-            finally:
-                engine.dispose()
             print(f"study {args.study_instance_uid} queued again as version {version}")
             return 0
         if args.command == "preview":

@@ -20,8 +20,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from conf import Settings
-from scp.server import utc_now
-from storage.models import ApiCall, Instance, Job, JobState, Outbox, Study
+from storage.models import ApiCall, Instance, Job, JobState, Outbox, Study, utc_now
 
 log = logging.getLogger("ainode.http")
 LATENCY_BUCKETS_MS = (250, 500, 1000, 2500, 5000, 10000, 30000, 60000)

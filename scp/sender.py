@@ -23,10 +23,11 @@ from pynetdicom import AE
 from sqlalchemy.orm import Session, sessionmaker
 
 from conf import DestinationSettings, Settings
-from scp.server import set_nodelay, utc_now
+from scp.server import set_nodelay
 from storage import outbox
 from storage.db import transaction
 from storage.errors import LeaseLost
+from storage.models import utc_now
 
 log = logging.getLogger("ainode.sender")
 LEASE_SECONDS = 300.0

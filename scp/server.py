@@ -41,6 +41,7 @@ from scp.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
 from storage.db import transaction
 from storage.errors import StorageUnavailable
 from storage.files import InstanceStore, is_safe_uid, sha256_of
+from storage.models import utc_now
 from storage.queue import reap_expired
 from storage.studies import (
     IngestOutcome,
@@ -53,10 +54,6 @@ from storage.studies import (
 
 log = logging.getLogger("ainode.scp")
 Clock = Callable[[], dt.datetime]
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def configure_pynetdicom(tmp_dir: Path) -> None:

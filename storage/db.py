@@ -69,6 +69,17 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
+def open_database(database_url: str) -> Iterator[sessionmaker[Session]]:
+    """Engine, migrations, sessions for one command's lifetime; the engine is disposed after."""
+    engine = make_engine(database_url)
+    try:
+        migrate(engine)
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+@contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One committed transaction; database connection failures become
     :class:`DatabaseUnavailable` so callers can answer 0xA700 instead of crashing."""

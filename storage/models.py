@@ -29,6 +29,11 @@ UID = String(64)
 AE_TITLE = String(16)
 
 
+def utc_now() -> dt.datetime:
+    """The aware UTC "now" every timestamp column holds (passed in as ``now``/``clock``)."""
+    return dt.datetime.now(dt.UTC)
+
+
 class UTCDateTime(TypeDecorator[dt.datetime]):
     """Aware UTC datetimes in, aware UTC datetimes out, on SQLite (naive text) and PostgreSQL."""
 

@@ -4,7 +4,6 @@ transaction, exactly as the worker will do it."""
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 from pydicom import dcmread
@@ -18,17 +17,16 @@ from analysis.report import ReportContext, build_sr
 from analysis.vision.simulator import simulated_findings
 from conf import ImagingSettings
 from storage import outbox
-from storage.db import make_engine, make_session_factory, transaction
+from storage.db import open_database, transaction
 from storage.files import InstanceStore
+from storage.models import utc_now
 
 
 def complete_with_simulated_findings(
     database_url: str, root: Path, study: str, destinations: list[str]
 ) -> str:
     """Returns the SR's SOP Instance UID."""
-    engine = make_engine(database_url)
-    sessions = make_session_factory(engine)
-    try:
+    with open_database(database_url) as sessions:
         with sessions() as session:
             prepared = prepare_study(session, study, root, ImagingSettings())
             sources: dict[str, Dataset] = {}
@@ -45,7 +43,7 @@ def complete_with_simulated_findings(
             "simulator",
             "ainode-simulated-vision",
             PROMPT_VERSION,
-            dt.datetime.now(dt.UTC),
+            utc_now(),
             simulated=True,
         )
         sr = build_sr(findings, prepared.composed, sources, context)
@@ -54,9 +52,5 @@ def complete_with_simulated_findings(
         relative = f"sr/{study}/{sr.SOPInstanceUID}.dcm"
         InstanceStore(root).write_atomically(relative, buffer.getvalue())
         with transaction(sessions) as session:
-            outbox.enqueue(
-                session, study, 1, relative, str(sr.SOPInstanceUID), destinations, dt.datetime.now(dt.UTC)
-            )
+            outbox.enqueue(session, study, 1, relative, str(sr.SOPInstanceUID), destinations, utc_now())
         return str(sr.SOPInstanceUID)
-    finally:
-        engine.dispose()
