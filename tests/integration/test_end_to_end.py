@@ -27,8 +27,9 @@ def _identifying_study(tmp_path: Path) -> tuple[str, list[Path]]:
     return study, files
 
 
-def _node(make_node: NodeFactory, simulator_url: str, orthanc_port: int, **extra: Any) -> Node:
-    return make_node(
+def _node(make_node: NodeFactory, simulator_url: str, orthanc_ports: dict[str, int], **extra: Any) -> Node:
+    """A node analysing with the simulator and sending to Orthanc, which knows it as "ainode"."""
+    node = make_node(
         vision={
             "provider": "simulator",
             "base_url": simulator_url,
@@ -36,10 +37,14 @@ def _node(make_node: NodeFactory, simulator_url: str, orthanc_port: int, **extra
             "backoff_cap_seconds": 0.2,
             **extra.pop("vision", {}),
         },
-        worker={"poll_seconds": 0.2},
-        destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port}],
+        worker={"poll_seconds": 0.2, **extra.pop("worker", {})},
+        destinations=[
+            {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_ports["dicom_port"]}
+        ],
         **extra,
     ).start()
+    _register(orthanc_ports["http_port"], node)
+    return node
 
 
 def _register(http_port: int, node: Node) -> None:
@@ -92,8 +97,7 @@ def test_orthanc_study_comes_back_with_one_sr(make_node: NodeFactory, tmp_path: 
     study, files = _identifying_study(tmp_path)
     record = tmp_path / "requests.jsonl"
     with simulator(tmp_path, "--record", str(record)) as url, orthanc(tmp_path) as ports:
-        node = _node(make_node, url, ports["dicom_port"])
-        _register(ports["http_port"], node)
+        node = _node(make_node, url, ports)
         _push_from_orthanc(ports["http_port"], files)
         _check(tmp_path, node, study, ports["http_port"], record)
         # The PACS sends the same study again (a routing rule firing twice): no second SR.
@@ -128,8 +132,7 @@ def test_429s_then_500s_from_the_api_still_end_in_one_sr(make_node: NodeFactory,
     record = tmp_path / "requests.jsonl"
     flags = ["--fail-429", "3", "--retry-after", "0.2", "--fail-500", "2", "--record", str(record)]
     with simulator(tmp_path, *flags) as url, orthanc(tmp_path) as ports:
-        node = _node(make_node, url, ports["dicom_port"])
-        _register(ports["http_port"], node)
+        node = _node(make_node, url, ports)
         _push_from_orthanc(ports["http_port"], files)
         _check(tmp_path, node, study, ports["http_port"], record)
     assert len(record.read_text().splitlines()) == 6
@@ -140,8 +143,7 @@ def test_retry_makes_a_new_sr_version_naming_its_predecessor(make_node: NodeFact
     study, files = _identifying_study(tmp_path)
     record = tmp_path / "requests.jsonl"
     with simulator(tmp_path, "--record", str(record)) as url, orthanc(tmp_path) as ports:
-        node = _node(make_node, url, ports["dicom_port"])
-        _register(ports["http_port"], node)
+        node = _node(make_node, url, ports)
         _push_from_orthanc(ports["http_port"], files)
         first = node.wait_for_state(study, "done", timeout=30)["sr_sop_instance_uid"]
         assert "queued again as version 2" in node.cli("retry", study).stdout

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, func, select
 
 from storage.models import ApiCall, Job
 from tests.data.generate import write_series
-from tests.integration.test_end_to_end import _push_from_orthanc, _register, _sr_in_orthanc
+from tests.integration.test_end_to_end import _node, _push_from_orthanc, _sr_in_orthanc
 from tests.nodes import NodeFactory, dcmtk, orthanc, simulator, stop_process
 
 
@@ -25,14 +25,7 @@ def test_kill_9_during_analysis_still_ends_in_exactly_one_sr(make_node: NodeFact
         simulator(tmp_path, "--latency-ms", "4000", "--record", str(record)) as url,
         orthanc(tmp_path) as ports,
     ):
-        node = make_node(
-            vision={"provider": "simulator", "base_url": url},
-            worker={"poll_seconds": 0.2, "lease_seconds": 3},
-            destinations=[
-                {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": ports["dicom_port"]}
-            ],
-        ).start()
-        _register(ports["http_port"], node)
+        node = _node(make_node, url, ports, worker={"lease_seconds": 3})
         _push_from_orthanc(ports["http_port"], files)
         deadline = time.monotonic() + 30
         while not (record.exists() and record.read_text().strip()) and time.monotonic() < deadline:
