@@ -11,7 +11,9 @@
         │   └── CircuitOpen     the provider failed repeatedly; no call was made
         └── VisionPermanent     retrying cannot help: 400, 401, 403, quota, text-only model
             ├── BudgetExceeded  the study's estimated cost is over the configured budget
-            └── InvalidFindings the reply, even after one repair request, is not valid findings
+            ├── InvalidFindings the reply, even after one repair request, is not valid findings
+            └── ModelRefused    the model declined to answer (an OpenAI refusal, Anthropic
+                                stop_reason "refusal", a content filter); its reason is kept
 """
 
 
@@ -49,3 +51,7 @@ class InvalidFindings(VisionPermanent):
     def __init__(self, message: str, raw_reply: str) -> None:
         super().__init__(message)
         self.raw_reply = raw_reply
+
+
+class ModelRefused(VisionPermanent):
+    """The model declined to answer; asking again the same way gets the same answer."""

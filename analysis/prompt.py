@@ -9,13 +9,13 @@ from __future__ import annotations
 from analysis.mosaic import ComposedImage
 from analysis.selection import SeriesPlan
 
-PROMPT_VERSION = "ainode-prompt-1"
+PROMPT_VERSION = "ainode-prompt-2"
 
 _INSTRUCTIONS = (
     "You are assisting a radiologist by pre-reading a medical imaging study. Your output is "
     "preliminary and will be verified by the radiologist. Describe clinically relevant findings "
-    "only; if the images are non-diagnostic, say so. For each finding give the image number and, "
-    "where you can, a bounding box in that image's pixel coordinates."
+    "only; if the images are non-diagnostic, say so. For each finding give the number of the image "
+    "it is on and, where you can, a box around it in the coordinates the instructions describe."
 )
 
 

@@ -126,7 +126,7 @@ def _clean(text: str) -> str:
 def _tracking_label(finding: Finding, simulated: bool) -> str:
     kind = _coded(finding.description, FINDING_CODES)
     what = kind.meaning.lower() if kind.scheme_designator != LOCAL_SCHEME else _clean(finding.description)
-    label = f"AI: {what}, {_clean(finding.body_site)}"
+    label = f"AI: {what}" + (f", {_clean(finding.body_site)}" if finding.body_site else "")
     return (("SIMULATED " if simulated and not label.startswith("AI: SIMULATED") else "") + label)[:64]
 
 
@@ -151,20 +151,36 @@ def _group(
         ),
         identifier=_tracking_label(finding, ctx.simulated),
     )
-    laterality = LATERALITY_CODES.get(finding.laterality)
-    site = hd.sr.FindingSite(_coded(finding.body_site, SITE_CODES), laterality=laterality)
-    certainty = hd.sr.Measurement(
-        name=codes.DCM.CertaintyOfFinding, value=round(finding.confidence * 100, 1), unit=codes.UCUM.Percent
+    laterality = LATERALITY_CODES.get(finding.laterality) if finding.laterality else None
+    sites = (
+        [hd.sr.FindingSite(_coded(finding.body_site, SITE_CODES), laterality=laterality)]
+        if finding.body_site
+        else None
     )
-    evaluations = [hd.sr.QualitativeEvaluation(codes.SCT.Severity, SEVERITY_CODES[finding.severity])]
+    certainty = (
+        [
+            hd.sr.Measurement(
+                name=codes.DCM.CertaintyOfFinding,
+                value=round(finding.confidence * 100, 1),
+                unit=codes.UCUM.Percent,
+            )
+        ]
+        if finding.confidence is not None
+        else []
+    )
+    evaluations = (
+        [hd.sr.QualitativeEvaluation(codes.SCT.Severity, SEVERITY_CODES[finding.severity])]
+        if finding.severity is not None
+        else None
+    )
     finding_type = _coded(finding.description, FINDING_CODES)
     if region is None:
         return hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
             finding_type=finding_type,
             algorithm_id=_algorithm(ctx),
-            finding_sites=[site],
-            measurements=[certainty],
+            finding_sites=sites,
+            measurements=certainty or None,
             qualitative_evaluations=evaluations,
         )
     source = sources[region.sop_instance_uid]
@@ -190,8 +206,8 @@ def _group(
         tracking_identifier=tracking,
         finding_type=finding_type,
         algorithm_id=_algorithm(ctx),
-        finding_sites=[site],
-        measurements=[length, certainty],
+        finding_sites=sites,
+        measurements=[length, *certainty],
         qualitative_evaluations=evaluations,
     )
 
@@ -253,6 +269,17 @@ def _text_container(findings: Findings, ctx: ReportContext) -> hd.sr.ContainerCo
                     relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
                 )
             )
+    notes = [*findings.notes]
+    for number, finding in enumerate(findings.findings, start=1):
+        notes += [f"Finding {number} ({_clean(finding.description)[:80]}): {note}" for note in finding.notes]
+    for note in notes:
+        items.append(
+            hd.sr.TextContentItem(
+                Code("121106", "DCM", "Comment"),
+                labelled(note),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
     if not findings.findings:
         items.append(
             hd.sr.TextContentItem(
@@ -281,7 +308,11 @@ def build_sr(
     groups = []
     for index, finding in enumerate(findings.findings):
         region = None
-        if finding.box is not None and 1 <= finding.image_index <= len(composed):
+        if (
+            finding.box is not None
+            and finding.image_index is not None
+            and finding.image_index <= len(composed)
+        ):
             region = map_box_to_source(finding.box, composed[finding.image_index - 1])
         groups.append(_group(finding, index, region, sources, ctx))
     observer = hd.sr.ObserverContext(

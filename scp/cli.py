@@ -68,7 +68,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--fail-status", type=int, default=0, help="then answer this status ...")
     simulate.add_argument("--fail-status-count", type=int, default=0, help="... to N calls")
+    simulate.add_argument("--refuse", type=int, default=0, help="then answer N calls with a refusal")
     simulate.add_argument("--quota-exhausted", action="store_true", help="429 insufficient_quota, always")
+    simulate.add_argument(
+        "--style",
+        choices=["plain", "fenced", "prose"],
+        default="plain",
+        help="JSON as is, in fences, after prose",
+    )
+    simulate.add_argument(
+        "--boundary",
+        action="store_true",
+        help="answer with the schema's edge values (highest index, no-area box)",
+    )
+    simulate.add_argument("--findings", type=int, default=1, help="findings per answer (default 1)")
+    simulate.add_argument(
+        "--reply-tokens",
+        type=int,
+        default=0,
+        help="pad answers to about N tokens (cut at the request's max_tokens)",
+    )
+    simulate.add_argument("--api-key", default=None, help="refuse requests without this key (401)")
     simulate.add_argument("--rpm-limit", type=int, default=0, help="429 past N requests a minute")
     simulate.add_argument("--record", type=Path, default=None, help="append each request body to FILE")
     for cmd in (
@@ -154,6 +174,7 @@ def _preview(settings: Settings, study_instance_uid: str, out: Path) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from analysis.vision.simulated_model import Answering
     from analysis.vision.simulator import Behaviour, SimulatorServer
 
     behaviour = Behaviour(
@@ -164,9 +185,14 @@ def _simulate(args: argparse.Namespace) -> int:
         malformed=args.malformed,
         fail_status=args.fail_status,
         fail_status_count=args.fail_status_count,
+        refuse=args.refuse,
         quota_exhausted=args.quota_exhausted,
         rpm_limit=args.rpm_limit,
+        api_key=args.api_key,
         record=args.record,
+        answering=Answering(
+            style=args.style, boundary=args.boundary, findings=args.findings, reply_tokens=args.reply_tokens
+        ),
     )
     server = SimulatorServer((args.host, args.port), behaviour)
     stop = threading.Event()

@@ -110,13 +110,15 @@ class Node:
         self.log = workdir / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, command: str = "serve") -> Node:
+    def start(self, command: str = "serve", env: dict[str, str] | None = None) -> Node:
+        """``env``: variables added to this process's environment (an API key, say)."""
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "scp.cli", "-c", str(self.config), command],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
+                env={**os.environ, **(env or {})},
             )
         wait_for_port(self.port, proc=self.proc)
         return self

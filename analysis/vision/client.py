@@ -16,22 +16,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
-from pydantic import ValidationError
 
 from analysis.encode import EncodedImage
 from analysis.errors import (
     BudgetExceeded,
     CircuitOpen,
     InvalidFindings,
+    ModelRefused,
     VisionPermanent,
     VisionRetryable,
 )
-from analysis.findings import FINDINGS_SCHEMA, Findings
+from analysis.findings import Findings
 from analysis.vision import wire
 from analysis.vision.limits import CircuitBreaker, RateLimiter
+from analysis.vision.reading import UnusableReply, extract_json, read_findings
 from analysis.vision.tokens import IMAGE_TOKEN_FORMULAS
 from conf import VisionSettings
 from conf.providers import ProviderPreset, preset_for
@@ -54,6 +54,11 @@ class VisionResult:
     @property
     def cost_usd(self) -> float:
         return sum(call.cost_usd for call in self.calls)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat[:limit] + ("..." if len(flat) > limit else "")
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -113,7 +118,9 @@ class VisionClient:
 
     def estimate_tokens(self, images: list[EncodedImage], prompt: str) -> int:
         formula = IMAGE_TOKEN_FORMULAS[self.preset.token_formula]
-        text = (len(prompt) + len(wire.SYSTEM_PROMPT) + len(json.dumps(FINDINGS_SCHEMA))) // 4
+        schema = wire.request_schema(self.preset, images)
+        system = wire.system_message(self.preset, schema)
+        text = (len(prompt) + len(system) + len(json.dumps(schema))) // 4
         return sum(formula(image.width, image.height) for image in images) + text
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
@@ -126,10 +133,15 @@ class VisionClient:
 
     def analyse(self, study_instance_uid: str, images: list[EncodedImage], prompt: str) -> VisionResult:
         """Findings for one study: raises :class:`VisionPermanent` or :class:`VisionRetryable`
-        (with ``.calls`` set) when there are none."""
+        (with ``.calls`` set) when there are none.
+
+        At most three answered requests: the question; once more with twice the ``max_tokens``
+        if the reply was cut at the limit; one repair request if the reply has no usable
+        structure (:mod:`analysis.vision.reading`). A refusal is final."""
         calls: list[CallRecord] = []
         estimate = self.estimate_tokens(images, prompt)
-        worst_cost = 2 * self.cost(estimate, self.settings.max_output_tokens)  # with one repair
+        max_tokens = self.settings.max_output_tokens
+        worst_cost = self.cost(estimate, max_tokens) + 2 * self.cost(estimate, 2 * max_tokens)
         if worst_cost > self.settings.max_cost_usd_per_study:
             raise self._tag(
                 BudgetExceeded(
@@ -138,68 +150,65 @@ class VisionClient:
                 ),
                 calls,
             )
+        sizes = [(image.width, image.height) for image in images]
         history: list[tuple[str, str]] = []
-        for repair in (False, True):
-            reply = self._send_with_retries(study_instance_uid, images, prompt, history, estimate, calls)
-            try:
-                findings = Findings.model_validate(self._normalised(reply.content, images))
-            except (ValueError, ValidationError) as exc:
-                problem = str(exc)[:1500]
-                if repair:
+        extended = repaired = False
+        while True:
+            reply = self._send_with_retries(
+                study_instance_uid, images, prompt, history, estimate, calls, max_tokens
+            )
+            if reply.refusal is not None:
+                raise self._tag(
+                    ModelRefused(
+                        f"study {study_instance_uid}: the model declined to answer: "
+                        + _one_line(reply.refusal)
+                    ),
+                    calls,
+                )
+            if reply.truncated:
+                if extended:
                     raise self._tag(
                         InvalidFindings(
-                            f"study {study_instance_uid}: not valid findings after a repair request: "
-                            f"{problem[:300]}",
+                            f"study {study_instance_uid}: the reply was cut at max_tokens {max_tokens} "
+                            "twice; raise vision.max_output_tokens",
+                            reply.content,
+                        ),
+                        calls,
+                    )
+                extended = True
+                max_tokens *= 2
+                log.warning(
+                    "study %s: reply cut at the token limit; asking again with max_tokens %d",
+                    study_instance_uid,
+                    max_tokens,
+                )
+                continue
+            try:
+                findings = read_findings(extract_json(reply.content), sizes, self.preset.box_convention)
+            except UnusableReply as exc:
+                if repaired:
+                    raise self._tag(
+                        InvalidFindings(
+                            f"study {study_instance_uid}: no usable findings after a repair request: {exc}",
                             reply.content,
                         ),
                         calls,
                     ) from None
+                repaired = True
                 log.warning(
-                    "study %s: reply failed validation; asking once for a corrected reply", study_instance_uid
+                    "study %s: reply unusable (%s); asking once for a corrected reply",
+                    study_instance_uid,
+                    exc,
                 )
                 history.append(
                     (
                         reply.content,
-                        (
-                            "Your reply did not match the required JSON schema. The validation error was:\n"
-                            f"{problem}\nReply again with only the corrected JSON object."
-                        ),
+                        "Your reply could not be used: "
+                        f"{exc}. Reply again with only one JSON object that follows the required schema.",
                     )
                 )
                 continue
             return VisionResult(findings, reply.content, calls)
-        raise AssertionError("unreachable")
-
-    def _normalised(self, content: str, images: list[EncodedImage]) -> Any:
-        """Parse the reply and convert boxes from the provider's convention to clamped
-        fractions of the image sent."""
-        text = content.strip()
-        if text.startswith("```"):  # some models fence JSON even when told not to
-            text = text.strip("`").removeprefix("json").strip()
-        data = json.loads(text)
-        convention = self.preset.box_convention
-        for finding in data.get("findings", []) if isinstance(data, dict) else []:
-            box = finding.get("box") if isinstance(finding, dict) else None
-            if not isinstance(box, dict):
-                continue
-            index = finding.get("image_index")
-            size = (
-                (images[index - 1].width, images[index - 1].height)
-                if (isinstance(index, int) and 1 <= index <= len(images))
-                else None
-            )
-            for key in ("x_min", "x_max", "y_min", "y_max"):
-                value = box.get(key)
-                if not isinstance(value, int | float):
-                    continue
-                if convention == "per_mille" or (value > 1 and size is None):
-                    value = value / 1000
-                elif (convention == "pixel" or value > 1) and size is not None:
-                    value = value / (size[0] if key.startswith("x") else size[1])
-                box[key] = min(max(float(value), 0.0), 1.0)
-            if isinstance(index, int) and not 1 <= index <= len(images):
-                raise ValueError(f"image_index {index} names no image (there are {len(images)})")
-        return data
 
     def _tag(self, error: Exception, calls: list[CallRecord]) -> Exception:
         error.calls = calls  # type: ignore[attr-defined]
@@ -217,15 +226,10 @@ class VisionClient:
         history: list[tuple[str, str]],
         estimate: int,
         calls: list[CallRecord],
+        max_tokens: int,
     ) -> wire.Reply:
         body = wire.build_body(
-            self.preset,
-            self.model,
-            images,
-            prompt,
-            self.settings.max_output_tokens,
-            self.settings.temperature,
-            history,
+            self.preset, self.model, images, prompt, max_tokens, self.settings.temperature, history
         )
         payload = json.dumps(body).encode("utf-8")
         url = wire.endpoint(self.preset, self.base_url)
@@ -247,7 +251,7 @@ class VisionClient:
             try:
                 with self.in_flight:
                     # Count the request when it really leaves, not while it waits for a slot.
-                    self.limiter.acquire(estimate + self.settings.max_output_tokens)
+                    self.limiter.acquire(estimate + max_tokens)
                     started = time.perf_counter()
                     response = self.http.post(url, content=payload, headers=headers)
                 status = response.status_code

@@ -16,28 +16,44 @@ from dataclasses import dataclass
 from typing import Any
 
 from analysis.encode import EncodedImage
-from analysis.findings import FINDINGS_SCHEMA
+from analysis.findings import box_sentence, findings_schema
 from conf.providers import ProviderPreset
 
 ANTHROPIC_VERSION = "2023-06-01"
 TOOL_NAME = "report_findings"
-SYSTEM_PROMPT = (
-    "You are a careful radiology assistant. Answer only with the requested JSON object. "
-    "Coordinates of boxes are fractions (0 to 1) of the width and height of the image they refer to."
-)
+ROLE = "You are a careful radiology assistant pre-reading a study for a radiologist."
 
 
 @dataclass(frozen=True)
 class Reply:
-    """What came back: the findings JSON as text, and the token usage."""
+    """What came back: the findings JSON as text, the token usage, and whether the model stopped
+    because it ran out of tokens (``truncated``) or declined (``refusal``, its own words)."""
 
     content: str
     prompt_tokens: int
     completion_tokens: int
+    truncated: bool = False
+    refusal: str | None = None
 
 
 class ReplyFormatError(ValueError):
     """The HTTP body is not a reply of the expected wire format."""
+
+
+def system_message(preset: ProviderPreset, schema: dict[str, Any]) -> str:
+    """The system text for ``preset``'s structured mode: the box convention, stated once, and in
+    ``json_object`` mode the schema itself, since nothing else shows it to the model."""
+    lines = [ROLE, box_sentence(preset.box_convention)]
+    if preset.structured == "json_object":
+        lines += [
+            "Answer with one JSON object, and nothing else, that validates against this JSON Schema:",
+            json.dumps(schema, separators=(",", ":")),
+        ]
+    elif preset.structured == "tool":
+        lines.append(f"Report through the {TOOL_NAME} tool.")
+    else:
+        lines.append("Answer only with the requested JSON object.")
+    return "\n".join(lines)
 
 
 def headers(preset: ProviderPreset, api_key: str | None) -> dict[str, str]:
@@ -56,6 +72,10 @@ def endpoint(preset: ProviderPreset, base_url: str) -> str:
     return base_url.rstrip("/") + path
 
 
+def request_schema(preset: ProviderPreset, images: Sequence[EncodedImage]) -> dict[str, Any]:
+    return findings_schema([(image.width, image.height) for image in images], preset.box_convention)
+
+
 def _data_url(image: EncodedImage) -> str:
     return f"data:{image.media_type};base64,{base64.b64encode(image.data).decode('ascii')}"
 
@@ -69,7 +89,10 @@ def build_body(
     temperature: float,
     history: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
-    """The request body; ``history`` holds (bad reply, correction) pairs for a repair request."""
+    """The request body; ``history`` holds (bad reply, correction) pairs for a repair request.
+    The schema is built for these images (:func:`analysis.findings.findings_schema`)."""
+    schema = request_schema(preset, images)
+    system = system_message(preset, schema)
     if preset.wire == "anthropic":
         content: list[dict[str, Any]] = [
             {
@@ -93,13 +116,13 @@ def build_body(
             "model": model,
             "max_tokens": max_tokens,
             "temperature": temperature,
-            "system": SYSTEM_PROMPT,
+            "system": system,
             "messages": messages,
             "tools": [
                 {
                     "name": TOOL_NAME,
                     "description": "Report the findings of the study.",
-                    "input_schema": FINDINGS_SCHEMA,
+                    "input_schema": schema,
                 }
             ],
             "tool_choice": {"type": "tool", "name": TOOL_NAME},
@@ -109,7 +132,7 @@ def build_body(
     ]
     user.append({"type": "text", "text": prompt})
     chat: list[dict[str, Any]] = [
-        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "system", "content": system},
         {"role": "user", "content": user},
     ]
     for bad, correction in history:
@@ -123,7 +146,7 @@ def build_body(
     if preset.structured == "json_schema":
         body["response_format"] = {
             "type": "json_schema",
-            "json_schema": {"name": "findings", "strict": True, "schema": FINDINGS_SCHEMA},
+            "json_schema": {"name": "findings", "strict": True, "schema": schema},
         }
     else:
         body["response_format"] = {"type": "json_object"}
@@ -131,23 +154,43 @@ def build_body(
 
 
 def parse_reply(preset: ProviderPreset, payload: Any) -> Reply:
-    """Extract the findings text and usage; :class:`ReplyFormatError` when the body is not a
-    reply of this wire format at all."""
+    """Extract the findings text, usage and stop reason; :class:`ReplyFormatError` when the body
+    is not a reply of this wire format at all."""
     try:
         if preset.wire == "anthropic":
-            usage = payload.get("usage", {})
-            for block in payload["content"]:
+            usage = payload.get("usage") or {}
+            stop = payload.get("stop_reason")
+            blocks = payload["content"]
+            texts = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
+            for block in blocks:
                 if block.get("type") == "tool_use" and block.get("name") == TOOL_NAME:
                     text = json.dumps(block["input"])
                     break
             else:
-                text = "".join(b.get("text", "") for b in payload["content"] if b.get("type") == "text")
-            return Reply(text, int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0)))
+                text = texts
+            return Reply(
+                text,
+                int(usage.get("input_tokens", 0)),
+                int(usage.get("output_tokens", 0)),
+                truncated=stop == "max_tokens",
+                refusal=(texts or "no reason given") if stop == "refusal" else None,
+            )
         usage = payload.get("usage") or {}
-        message = payload["choices"][0]["message"]
+        choice = payload["choices"][0]
+        message = choice["message"]
         text = message.get("content") or ""
         if isinstance(text, list):  # some servers answer with content parts
             text = "".join(part.get("text", "") for part in text if isinstance(part, dict))
-        return Reply(str(text), int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+        finish = choice.get("finish_reason")
+        refusal = message.get("refusal") or (
+            "the provider's content filter stopped the reply" if finish == "content_filter" else None
+        )
+        return Reply(
+            str(text),
+            int(usage.get("prompt_tokens", 0)),
+            int(usage.get("completion_tokens", 0)),
+            truncated=finish == "length",
+            refusal=str(refusal) if refusal else None,
+        )
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
         raise ReplyFormatError(f"reply is not a {preset.wire} response: {type(exc).__name__} {exc}") from None

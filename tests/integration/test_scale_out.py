@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, func, select
 
 from storage.models import ApiCall, Job
 from tests.data.generate import write_series
-from tests.integration.test_end_to_end import _node, _push_from_orthanc, _sr_in_orthanc
+from tests.integration.loop import node_with_orthanc, push_from_orthanc, sr_in_orthanc
 from tests.nodes import NodeFactory, dcmtk, orthanc, simulator, stop_process
 
 
@@ -25,8 +25,8 @@ def test_kill_9_during_analysis_still_ends_in_exactly_one_sr(make_node: NodeFact
         simulator(tmp_path, "--latency-ms", "4000", "--record", str(record)) as url,
         orthanc(tmp_path) as ports,
     ):
-        node = _node(make_node, url, ports, worker={"lease_seconds": 3})
-        _push_from_orthanc(ports["http_port"], files)
+        node = node_with_orthanc(make_node, url, ports, worker={"lease_seconds": 3})
+        push_from_orthanc(ports["http_port"], files)
         deadline = time.monotonic() + 30
         while not (record.exists() and record.read_text().strip()) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -35,7 +35,7 @@ def test_kill_9_during_analysis_still_ends_in_exactly_one_sr(make_node: NodeFact
         node.start()
         row = node.wait_for_state(study, "done", timeout=40)
         time.sleep(1)
-        assert len(_sr_in_orthanc(ports["http_port"], study)) == 1
+        assert len(sr_in_orthanc(ports["http_port"], study)) == 1
     assert len(record.read_text().splitlines()) == 2  # the uncommitted call was repeated, once
     engine = create_engine(node.database_url)
     with engine.connect() as conn:

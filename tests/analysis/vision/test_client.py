@@ -9,11 +9,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import SecretStr
 
 from analysis.encode import EncodedImage
-from analysis.errors import BudgetExceeded, CircuitOpen, InvalidFindings, VisionPermanent, VisionRetryable
+from analysis.errors import (
+    BudgetExceeded,
+    CircuitOpen,
+    InvalidFindings,
+    ModelRefused,
+    VisionPermanent,
+    VisionRetryable,
+)
 from analysis.vision.client import VisionClient
 from conf import VisionSettings
 from tests.data.images import noise_image
@@ -89,7 +97,10 @@ def test_malformed_reply_gets_one_repair_request_quoting_the_error(tmp_path: Pat
     assert len(result.calls) == 2 and result.findings.findings
     repair = json.loads(record.read_text().splitlines()[1])
     correction = repair["messages"][-1]["content"]
-    assert "did not match the required JSON schema" in correction and "validation error" in correction
+    assert correction == (
+        "Your reply could not be used: the reply is a JSON object cut off before its end (truncated?). "
+        "Reply again with only one JSON object that follows the required schema."
+    )
     assert repair["messages"][-2] == {
         "role": "assistant",
         "content": '{"study_quality": "SIMULATED malformed", "findings": "not a list"',
@@ -165,3 +176,102 @@ def test_the_api_key_is_sent_but_never_logged(tmp_path: Path, caplog: pytest.Log
 def test_a_text_only_provider_is_refused_at_start() -> None:
     with pytest.raises(ValueError, match='"deepseek" \\(model deepseek-chat\\) takes text only'):
         VisionSettings(provider="deepseek")
+
+
+@pytest.mark.parametrize("provider", ["holysheep", "openai", "gemini", "anthropic", "ollama"])
+@pytest.mark.parametrize("style", ["fenced", "prose"])
+def test_json_in_fences_or_after_prose_is_read_in_every_wire_mode(
+    tmp_path: Path, provider: str, style: str
+) -> None:
+    with simulator(tmp_path, "--style", style) as url:
+        result = client(url, provider=provider).analyse("1.2.3", one_image(), "Describe.")
+    (finding,) = result.findings.findings
+    assert finding.description.startswith("SIMULATED") and finding.box is not None
+    assert len(result.calls) == 1  # found as written: no repair request
+
+
+def test_a_reply_cut_at_max_tokens_is_asked_again_with_twice_the_limit(tmp_path: Path) -> None:
+    record = tmp_path / "requests.jsonl"
+    with simulator(tmp_path, "--reply-tokens", "3000", "--record", str(record)) as url:
+        result = client(url, max_output_tokens=2048).analyse("1.2.3", one_image(), "Describe.")
+    assert result.findings.summary.startswith("SIMULATED")
+    sent = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [body["max_tokens"] for body in sent] == [2048, 4096]
+    assert len(sent[1]["messages"]) == 2  # the same question again, not a repair
+
+
+def test_a_reply_cut_twice_fails_with_a_reason_naming_the_setting(tmp_path: Path) -> None:
+    with (
+        simulator(tmp_path, "--reply-tokens", "9000") as url,
+        pytest.raises(InvalidFindings, match=r"cut at max_tokens 4096 twice; raise vision\.max_output"),
+    ):
+        client(url, max_output_tokens=2048).analyse("1.2.3", one_image(), "Describe.")
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_refusal_is_final_and_keeps_the_models_reason(tmp_path: Path, provider: str) -> None:
+    with simulator(tmp_path, "--refuse", "5") as url, pytest.raises(ModelRefused) as caught:
+        client(url, provider=provider).analyse("1.2.3", one_image(), "Describe.")
+    assert "the model declined to answer: SIMULATED refusal: I can't help" in str(caught.value)
+    assert len(caught.value.calls) == 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("provider", ["holysheep", "openai", "gemini", "anthropic", "ollama"])
+def test_answers_at_the_schemas_edges_never_fail_the_study(tmp_path: Path, provider: str) -> None:
+    """Highest image index, a box of no area, certainty 1, urgency 5: all allowed by the schema
+    we sent, so all must read; the box is dropped with a note."""
+    with simulator(tmp_path, "--boundary", "--findings", "3") as url:
+        result = client(url, provider=provider).analyse("1.2.3", one_image() * 2, "Describe.")
+    assert len(result.findings.findings) == 3 and result.findings.overall_urgency == 5
+    for finding in result.findings.findings:
+        assert (finding.image_index, finding.box, finding.confidence) == (2, None, 1.0)
+        assert finding.notes == ("The model's region is not shown: it has no area inside the image.",)
+    assert len(result.calls) == 1
+
+
+def test_the_simulator_answers_a_schemaless_json_request_in_a_shape_of_its_own(tmp_path: Path) -> None:
+    """A json_object request that never shows the schema (the old bug) gets what a real model
+    gives: JSON of its own shape, which the repair request cannot fix either."""
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Describe the findings as JSON."}],
+        "response_format": {"type": "json_object"},
+    }
+    with simulator(tmp_path) as url, httpx.Client() as http:
+        answer = http.post(f"{url}/chat/completions", json=body).json()
+        no_json_word = http.post(
+            f"{url}/chat/completions",
+            json={**body, "messages": [{"role": "user", "content": "Describe the findings."}]},
+        )
+    content = json.loads(answer["choices"][0]["message"]["content"])
+    assert "summary" not in content and "impression" in content
+    assert no_json_word.status_code == 400 and "must contain the word 'json'" in no_json_word.text
+
+
+def test_a_strict_schema_outside_openais_subset_is_refused_as_openai_does(tmp_path: Path) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"summary": {"type": "string", "minLength": 1}},
+        "required": ["summary"],
+        "additionalProperties": False,
+    }
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Describe."}],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "f", "strict": True, "schema": schema},
+        },
+    }
+    with simulator(tmp_path) as url, httpx.Client() as http:
+        response = http.post(f"{url}/chat/completions", json=body)
+    assert response.status_code == 400 and "'minLength' is not permitted" in response.text
+
+
+def test_anthropic_requests_need_a_key_and_a_version_like_the_real_api(tmp_path: Path) -> None:
+    body = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}
+    with simulator(tmp_path) as url, httpx.Client() as http:
+        no_key = http.post(f"{url}/messages", json=body, headers={"anthropic-version": "2023-06-01"})
+        no_version = http.post(f"{url}/messages", json=body, headers={"x-api-key": "k"})
+    assert no_key.status_code == 401 and no_key.json()["error"]["type"] == "authentication_error"
+    assert no_version.status_code == 400 and "anthropic-version" in no_version.text

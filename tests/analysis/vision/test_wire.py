@@ -8,12 +8,13 @@ import json
 import pytest
 
 from analysis.encode import EncodedImage
-from analysis.findings import FINDINGS_SCHEMA
+from analysis.findings import box_sentence, findings_schema
 from analysis.vision import wire
 from conf.providers import PRESETS
 
 IMAGE = EncodedImage(b"\xff\xd8\xff\xe0fake-jpeg", "image/jpeg", 1024, 768)
 B64 = base64.b64encode(IMAGE.data).decode()
+SCHEMA = findings_schema([(1024, 768)], "fraction")
 
 
 def test_openai_chat_completions_body_is_the_documented_shape_byte_for_byte() -> None:
@@ -21,7 +22,7 @@ def test_openai_chat_completions_body_is_the_documented_shape_byte_for_byte() ->
     documented = {  # platform.openai.com/docs/api-reference/chat/create, vision + structured outputs
         "model": "gpt-4.1",
         "messages": [
-            {"role": "system", "content": wire.SYSTEM_PROMPT},
+            {"role": "system", "content": wire.system_message(PRESETS["openai"], SCHEMA)},
             {
                 "role": "user",
                 "content": [
@@ -37,7 +38,7 @@ def test_openai_chat_completions_body_is_the_documented_shape_byte_for_byte() ->
         "temperature": 0.0,
         "response_format": {
             "type": "json_schema",
-            "json_schema": {"name": "findings", "strict": True, "schema": FINDINGS_SCHEMA},
+            "json_schema": {"name": "findings", "strict": True, "schema": SCHEMA},
         },
     }
     assert json.dumps(body) == json.dumps(documented)
@@ -51,19 +52,48 @@ def test_openai_chat_completions_body_is_the_documented_shape_byte_for_byte() ->
     }
 
 
-def test_json_object_mode_for_providers_without_strict_schemas() -> None:
-    body = wire.build_body(PRESETS["holysheep"], "vision-pro", [IMAGE], "Describe.", 100, 0.2)
+@pytest.mark.parametrize("provider", ["holysheep", "ollama"])
+def test_json_object_mode_writes_the_schema_into_the_system_message(provider: str) -> None:
+    """json_object servers never see a schema unless we write it out: the bug that failed every
+    study with the default provider."""
+    body = wire.build_body(PRESETS[provider], "m", [IMAGE, IMAGE], "Describe.", 100, 0.2)
     assert body["response_format"] == {"type": "json_object"}
+    system = body["messages"][0]["content"]
+    assert "JSON" in system  # OpenAI refuses json_object requests whose messages never say JSON
+    written = json.loads(system.split("\n")[-1])
+    assert written == findings_schema([(1024, 768)] * 2, "fraction")
+    assert "Answer with one JSON object, and nothing else, that validates against this JSON Schema:" in system
     assert body["messages"][1]["content"][0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
 
 
+@pytest.mark.parametrize("provider", ["holysheep", "openai", "gemini", "anthropic", "ollama", "vllm"])
+def test_one_box_convention_stated_once_and_matching_the_schema(provider: str) -> None:
+    preset = PRESETS[provider]
+    body = wire.build_body(preset, "m", [IMAGE], "Describe.", 100, 0.0)
+    system = body["system"] if preset.wire == "anthropic" else body["messages"][0]["content"]
+    sentence = box_sentence(preset.box_convention)
+    prose = system.split("\n")[:-1] if preset.structured == "json_object" else system.split("\n")
+    assert "\n".join(prose).count(sentence) == 1  # (json_object: the written schema repeats it)
+    schema = (
+        body["tools"][0]["input_schema"]
+        if preset.structured == "tool"
+        else body["response_format"]["json_schema"]["schema"]
+        if preset.structured == "json_schema"
+        else json.loads(system.split("\n")[-1])
+    )
+    box = schema["properties"]["findings"]["items"]["properties"]["box"]["anyOf"][0]
+    assert box["description"].endswith(sentence)
+    assert "pixel" not in json.dumps(body).replace(sentence, "") or preset.box_convention == "pixel"
+
+
 def test_anthropic_messages_body_is_the_documented_shape_byte_for_byte() -> None:
+    pixel_schema = findings_schema([(1024, 768)], "pixel")
     body = wire.build_body(PRESETS["anthropic"], "claude-sonnet-4-5", [IMAGE], "Describe.", 2048, 0.0)
     documented = {  # docs.anthropic.com/en/api/messages: images before text, forced tool use
         "model": "claude-sonnet-4-5",
         "max_tokens": 2048,
         "temperature": 0.0,
-        "system": wire.SYSTEM_PROMPT,
+        "system": wire.system_message(PRESETS["anthropic"], pixel_schema),
         "messages": [
             {
                 "role": "user",
@@ -77,7 +107,7 @@ def test_anthropic_messages_body_is_the_documented_shape_byte_for_byte() -> None
             {
                 "name": "report_findings",
                 "description": "Report the findings of the study.",
-                "input_schema": FINDINGS_SCHEMA,
+                "input_schema": pixel_schema,
             }
         ],
         "tool_choice": {"type": "tool", "name": "report_findings"},
@@ -114,6 +144,17 @@ def test_documented_replies_parse() -> None:
         "usage": {"prompt_tokens": 1200, "completion_tokens": 80, "total_tokens": 1280},
     }
     assert wire.parse_reply(PRESETS["openai"], openai_reply) == wire.Reply('{"a": 1}', 1200, 80)
+    cut = json.loads(json.dumps(openai_reply).replace('"finish_reason": "stop"', '"finish_reason": "length"'))
+    assert wire.parse_reply(PRESETS["openai"], cut).truncated
+    refused = {
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": None, "refusal": "I can't."},
+                "finish_reason": "stop",
+            }
+        ]
+    }
+    assert wire.parse_reply(PRESETS["openai"], refused).refusal == "I can't."
     anthropic_reply = {
         "id": "msg_1",
         "type": "message",
@@ -123,5 +164,8 @@ def test_documented_replies_parse() -> None:
         "usage": {"input_tokens": 1500, "output_tokens": 90},
     }
     assert wire.parse_reply(PRESETS["anthropic"], anthropic_reply) == wire.Reply('{"a": 1}', 1500, 90)
+    assert wire.parse_reply(PRESETS["anthropic"], {**anthropic_reply, "stop_reason": "max_tokens"}).truncated
+    declined = {**anthropic_reply, "stop_reason": "refusal", "content": [{"type": "text", "text": "No."}]}
+    assert wire.parse_reply(PRESETS["anthropic"], declined).refusal == "No."
     with pytest.raises(wire.ReplyFormatError, match="not a openai response"):
         wire.parse_reply(PRESETS["openai"], {"unexpected": True})
