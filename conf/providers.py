@@ -31,6 +31,7 @@ class ProviderPreset:
     max_bytes_per_request: int = 20_000_000
     max_long_edge_px: int = 2048
     box_convention: BoxConvention = "fraction"
+    needs_key: bool = True  # local servers (vLLM, Ollama, the simulator) take no API key
 
 
 PRESETS: dict[str, ProviderPreset] = {
@@ -113,6 +114,7 @@ PRESETS: dict[str, ProviderPreset] = {
             0.0,
             0.0,
             max_images=8,
+            needs_key=False,
         ),
         ProviderPreset(
             "ollama",
@@ -125,6 +127,7 @@ PRESETS: dict[str, ProviderPreset] = {
             0.0,
             0.0,
             max_images=4,
+            needs_key=False,
         ),
         ProviderPreset(
             "simulator",
@@ -136,6 +139,7 @@ PRESETS: dict[str, ProviderPreset] = {
             "openai",
             0.0,
             0.0,
+            needs_key=False,
         ),
     )
 }

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_origin
 
 from pydantic import (
     BaseModel,
@@ -21,7 +22,16 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from conf.providers import preset_for
 from conf.routing import Route
@@ -81,6 +91,18 @@ class StorageSettings(_Section):
         default=0, ge=0
     )  # delete instance files this long after the SR is delivered; 0 keeps them
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        try:
+            make_url(value)
+        except (ArgumentError, ValueError):
+            raise ValueError(
+                "storage.database_url must be a database URL such as sqlite:///var/ainode/ainode.db or "
+                "postgresql+psycopg://user@host/db"
+            ) from None
+        return value
+
 
 class StudySettings(_Section):
     settle_seconds: float = Field(default=10.0, ge=0)
@@ -138,6 +160,14 @@ class VisionSettings(_Section):
     temperature: float = Field(default=0.0, ge=0, le=2)
     circuit_failure_threshold: int = Field(default=5, ge=1)
     circuit_cooldown_seconds: float = Field(default=60.0, gt=0)
+
+    @property
+    def missing_key(self) -> str | None:
+        """Why no study can be analysed yet, or None: the provider needs a key and has none."""
+        if self.api_key is None and preset_for(self.provider).needs_key:
+            variable = self.api_key_env or "AINODE_VISION__API_KEY"
+            return f"no vision API key for {self.provider}; set {variable}"
+        return None
 
     @model_validator(mode="after")
     def _vision_capable(self) -> VisionSettings:
@@ -227,7 +257,37 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's values arrive as init arguments; the environment must override them.
-        return env_settings, init_settings
+        return _EnvironmentSource(settings_cls), init_settings
+
+
+class _EnvironmentSource(EnvSettingsSource):
+    """``AINODE_*`` variables as pydantic-settings reads them (JSON for lists and tables), and a
+    list also as a shell user writes it: ``AINODE_NODE__ALLOWED_CALLING_AETS=CT01,MR02``."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:
+            sequence = field is not None and get_origin(field.annotation) in (tuple, list)
+            if isinstance(value, str) and sequence and not value.lstrip().startswith(("[", "{")):
+                return [part.strip() for part in value.split(",") if part.strip()]
+            variable = next(
+                (
+                    name
+                    for name in os.environ
+                    if name.upper().startswith("AINODE_")
+                    and name.upper().endswith(field_name.upper())
+                    and os.environ[name] == value
+                ),
+                f"the variable for {field_name}",
+            )
+            raise ValueError(
+                f"{variable}: not valid JSON; give a list as CT01,MR02 or as JSON, a table as JSON"
+            ) from None
+
+
+def packaged_config_path() -> Path:
+    return Path(__file__).with_name("ainode.toml")
 
 
 def default_config_path(environ: dict[str, str] | None = None) -> Path:
@@ -239,12 +299,76 @@ def default_config_path(environ: dict[str, str] | None = None) -> Path:
     local = Path("conf/ainode.toml")
     if local.is_file():
         return local
-    return Path(__file__).with_name("ainode.toml")
+    return packaged_config_path()
+
+
+def data_home(environ: dict[str, str] | None = None) -> Path:
+    """Where the packaged default configuration keeps the node's files: ``$XDG_DATA_HOME/ainode``,
+    else ``~/.local/share/ainode`` (never the installed package's folder)."""
+    env = os.environ if environ is None else environ
+    base = Path(env["XDG_DATA_HOME"]) if env.get("XDG_DATA_HOME") else Path.home() / ".local" / "share"
+    return base / "ainode"
+
+
+def _absolute(path: Path, base: Path) -> Path:
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def resolve_paths(settings: Settings, base: Path) -> Settings:
+    """Relative ``storage.root``, SQLite file and TLS paths, made absolute against ``base`` (the
+    configuration file's folder), so every command reads the same node wherever it runs."""
+    storage = settings.storage
+    url = make_url(storage.database_url)
+    database_url = storage.database_url
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        database = _absolute(Path(url.database), base)
+        database_url = url.set(database=str(database)).render_as_string(hide_password=False)
+    node = settings.node
+    tls = {
+        name: _absolute(value, base)
+        for name in ("tls_cert", "tls_key", "tls_ca")
+        if (value := getattr(node, name)) is not None
+    }
+    return settings.model_copy(
+        update={
+            "storage": storage.model_copy(
+                update={"root": _absolute(storage.root, base), "database_url": database_url}
+            ),
+            "node": node.model_copy(update=tls),
+        }
+    )
+
+
+_SECRET_KEYS = frozenset({"api_key", "database_url"})  # a database URL may hold a password
+
+
+def _env_variable(loc: tuple[str | int, ...], environ: Mapping[str, str]) -> str | None:
+    """The AINODE_* variable a value at ``loc`` came from, if one is set."""
+    names = [str(part) for part in loc if isinstance(part, str)]
+    candidate = "AINODE_" + "__".join(names).upper()
+    upper = {name.upper(): name for name in environ}
+    return upper.get(candidate)
+
+
+def _describe_error(error: Any, environ: Mapping[str, str]) -> str:
+    """One validation error as ``where: problem (got value; from VARIABLE)``, never echoing a
+    secret or a whole table (which could hold one)."""
+    loc = tuple(error["loc"])
+    where = ".".join(str(p) for p in loc) or "configuration"
+    details = []
+    got = error.get("input")
+    if not any(str(part) in _SECRET_KEYS for part in loc) and isinstance(got, str | int | float | bool):
+        details.append(f"got {got!r}")
+    variable = _env_variable(loc, environ)
+    if variable is not None:
+        details.append(f"from environment variable {variable}")
+    return f"{where}: {error['msg']}" + (f" ({'; '.join(details)})" if details else "")
 
 
 def load_settings(path: Path | None = None) -> Settings:
     """Read and validate the configuration; raise :class:`ConfigError` with a one-line reason."""
     config_path = path if path is not None else default_config_path()
+    packaged = path is None and config_path == packaged_config_path()
     try:
         with config_path.open("rb") as fh:
             data = tomllib.load(fh)
@@ -256,11 +380,11 @@ def load_settings(path: Path | None = None) -> Settings:
     if key_env and os.environ.get(key_env) and not os.environ.get("AINODE_VISION__API_KEY"):
         data.setdefault("vision", {})["api_key"] = os.environ[key_env]
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        got = first.get("input")
-        raise ConfigError(
-            f"{config_path}: {where}: {first['msg']} (got {got!r}; {exc.error_count()} error(s) in all)"
-        ) from None
+        first = _describe_error(exc.errors()[0], os.environ)
+        raise ConfigError(f"{config_path}: {first} ({exc.error_count()} error(s) in all)") from None
+    except SettingsError as exc:
+        cause = exc.__cause__
+        raise ConfigError(f"{config_path}: {cause if isinstance(cause, ValueError) else exc}") from None
+    return resolve_paths(settings, data_home() if packaged else config_path.parent.resolve())

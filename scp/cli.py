@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -17,19 +18,47 @@ from scp.errors import PeerError
 from scp.http_status import StatusServer
 from scp.logs import setup_logging
 from scp.peers import parse_peer
-from scp.scu import dicom_files, echo, send
+from scp.scu import dicom_files, dicom_headers, echo, send
 from scp.sender import SrSender
 from scp.server import StorageSCP
 from scp.status_report import format_table, study_rows
 from storage.db import open_database, transaction
+from storage.errors import DatabaseNotUsable
 from storage.models import utc_now
 from storage.studies import requeue_study
 
 log = logging.getLogger("ainode")
 
 
+USAGE_EPILOG = """\
+A DICOM node that receives studies (C-STORE), shows a vision model a few de-identified images,
+and sends the findings back to the PACS as a DICOM Structured Report.
+
+first steps:
+  ainode simulate-vision &                        a stand-in model, SIMULATED findings
+  AINODE_VISION__PROVIDER=simulator ainode serve  the node, DICOM port 11112, AE title AINODE
+  ainode send study/ --to AINODE@127.0.0.1:11112  send a study as a modality would
+  ainode status                                   what happened to it
+
+Every configuration key can be set as AINODE_<SECTION>__<KEY>, e.g. AINODE_NODE__PORT=11113.
+"""
+
+
+def _version() -> str:
+    try:
+        return version("ainode")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ainode", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ainode",
+        description="ainode: a vision-language model in the hospital's DICOM workflow.",
+        epilog=USAGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ainode {_version()}")
     parser.add_argument(
         "-c",
         "--config",
@@ -38,8 +67,8 @@ def _parser() -> argparse.ArgumentParser:
         help="configuration file (default: $AINODE_CONFIG, else conf/ainode.toml)",
     )
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the node (DICOM listener and study queue)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("serve", help="run the whole node: DICOM listener, analysis, SR delivery, /healthz")
     sub.add_parser("scp", help="run only the DICOM listener (scale-out)")
     sub.add_parser("worker", help="run only analysis and SR delivery (scale-out)")
     retry = sub.add_parser("retry", help="analyse a study again (a new SR version)")
@@ -51,11 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     send_cmd = sub.add_parser("send", help="C-STORE files or folders to a peer")
     send_cmd.add_argument("paths", nargs="+", type=Path)
     send_cmd.add_argument("--to", required=True, help="AE@HOST:PORT")
-    preview = sub.add_parser("preview", help="write exactly the images and prompt the model would get")
+    preview = sub.add_parser("preview", help="write the exact images and prompt the model would get")
     preview.add_argument("study_instance_uid")
     preview.add_argument("--out", type=Path, required=True, help="folder to write into")
     simulate = sub.add_parser(
-        "simulate-vision", help="a local chat-completions endpoint with SIMULATED findings"
+        "simulate-vision", help="a stand-in vision API (OpenAI and Anthropic protocols), SIMULATED findings"
     )
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=8089)
@@ -107,34 +136,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-KEYLESS_PROVIDERS = frozenset({"vllm", "ollama", "simulator"})
-
-
 def _make_worker(settings: Settings, sessions: Any, settles: bool) -> Any:
-    """The analysis workers, when the vision API can be called (a key, or a local server)."""
+    """The analysis workers (the vision API can be called: a key, or a local server)."""
     from analysis.vision.client import VisionClient
     from analysis.worker import AnalysisWorker
 
-    if settings.vision.api_key is None and settings.vision.provider not in KEYLESS_PROVIDERS:
-        log.warning(
-            "no vision API key (AINODE_VISION__API_KEY): studies are stored and queued but not "
-            'analysed; try `ainode simulate-vision` with vision.provider = "simulator"'
-        )
-        return None
     return AnalysisWorker(settings, sessions, VisionClient(settings.vision), settles=settles)
 
 
 def _run_roles(settings: Settings, command: str) -> int:
     """serve: everything; scp: the DICOM listener; worker: analysis and SR delivery."""
+    missing_key = settings.vision.missing_key
+    if missing_key is not None and command == "worker":
+        print(f"ainode worker: {missing_key}", file=sys.stderr)
+        return 2
+    if missing_key is not None and command == "serve":
+        log.warning(
+            "%s: studies are received, stored and shown as waiting until the node is started with it "
+            '(to try the loop without a model: `ainode simulate-vision` and vision.provider = "simulator")',
+            missing_key,
+        )
+    analyses = command == "worker" or (command == "serve" and missing_key is None)
     with open_database(settings.storage.database_url) as sessions:
-        scp = StorageSCP(settings, sessions) if command in ("serve", "scp") else None
-        sender = SrSender(settings, sessions) if command in ("serve", "worker") else None
-        # In serve the SCP's loop settles studies and reaps leases; a lone worker must do it itself.
-        worker = (
-            _make_worker(settings, sessions, settles=command == "worker")
-            if command in ("serve", "worker")
+        scp = (
+            StorageSCP(settings, sessions, waiting_reason=missing_key if command == "serve" else None)
+            if command in ("serve", "scp")
             else None
         )
+        sender = SrSender(settings, sessions) if command in ("serve", "worker") else None
+        # In serve the SCP's loop settles studies and reaps leases; a lone worker must do it itself.
+        worker = _make_worker(settings, sessions, settles=command == "worker") if analyses else None
         http = StatusServer(settings, sessions) if command == "serve" else None
         stop = threading.Event()
 
@@ -156,6 +187,7 @@ def _run_roles(settings: Settings, command: str) -> int:
 
 def _preview(settings: Settings, study_instance_uid: str, out: Path) -> int:
     from analysis.prepare import for_provider, prepare_study, write_preview
+    from analysis.vision import wire
     from conf.providers import preset_for
 
     with open_database(settings.storage.database_url) as sessions, sessions() as session:
@@ -166,6 +198,21 @@ def _preview(settings: Settings, study_instance_uid: str, out: Path) -> int:
         return 1
     for path in write_preview(prepared, out):
         print(path)
+    if prepared.encoded:  # the request exactly as sent, images named by their files
+        preset = preset_for(settings.vision.provider)
+        body = wire.build_body(
+            preset,
+            settings.vision.model or preset.default_model,
+            prepared.encoded,
+            prepared.prompt,
+            settings.vision.max_output_tokens,
+            settings.vision.temperature,
+        )
+        files = [entry["file"] for entry in prepared.manifest()["images"]]
+        request = out / "request.json"
+        shown = wire.shown_body(body, files)
+        request.write_text(json.dumps(shown, indent=2, ensure_ascii=False), encoding="utf-8")
+        print(request)
     print(
         f"{len(prepared.encoded)} image(s) for the model, {len(prepared.exclusions)} instance(s) left out "
         "(reasons in manifest.json)"
@@ -245,12 +292,24 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if status == 0 else 1
         if args.command == "send":
             peer = parse_peer(args.to)
-            results = send(dicom_files(args.paths), peer, settings.node.ae_title)
+            headers, skipped = dicom_headers(dicom_files(args.paths))
+            for path, reason in skipped:
+                print(f"{path}: skipped, {reason}")
+            if not headers:
+                print(
+                    f"ainode send: no DICOM files to send in {' '.join(map(str, args.paths))}",
+                    file=sys.stderr,
+                )
+                return 1
+            results = send(headers, peer, settings.node.ae_title)
             for result in results:
                 print(f"{result.path}: 0x{result.status & 0xFFFF:04X}")
             failed = sum(not r.ok for r in results)
             print(f"sent {len(results) - failed} of {len(results)} to {peer}")
             return 0 if failed == 0 else 1
+    except DatabaseNotUsable as exc:
+        print(f"ainode {args.command}: {exc}", file=sys.stderr)
+        return 2
     except (PeerError, ValueError, OSError) as exc:
         print(f"ainode {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -150,6 +150,9 @@ def health(settings: Settings, sessions: sessionmaker[Session]) -> tuple[bool, d
             destinations[destination.name] = f"unreachable: {exc.strerror or type(exc).__name__}"
             healthy = False
     report["destinations"] = destinations
+    report["vision"] = settings.vision.missing_key or "configured"
+    if settings.vision.missing_key:
+        healthy = False
     report["status"] = "ok" if healthy else "degraded"
     return healthy, report
 

@@ -34,3 +34,5 @@ def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Migrations run at every start; their step-by-step lines are noise unless one fails.
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -73,12 +75,30 @@ def dicom_files(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
+def dicom_headers(files: Iterable[Path]) -> tuple[dict[Path, Dataset], list[tuple[Path, str]]]:
+    """The header of each DICOM file, and the files that are not DICOM instances with why (a
+    folder holds DICOMDIRs, README files, thumbnails)."""
+    headers: dict[Path, Dataset] = {}
+    skipped: list[tuple[Path, str]] = []
+    for path in files:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            skipped.append((path, f"not a DICOM file ({type(exc).__name__})"))
+            continue
+        missing = [k for k in ("SOPClassUID", "SOPInstanceUID") if k not in ds]
+        if missing or "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
+            skipped.append((path, f"not a DICOM instance (no {', '.join(missing) or 'file meta'})"))
+            continue
+        headers[path] = ds
+    return headers, skipped
+
+
 def send(
-    files: list[Path], peer: Peer, calling_ae_title: str = "AINODE", timeout: float = 30.0
+    headers: dict[Path, Dataset], peer: Peer, calling_ae_title: str = "AINODE", timeout: float = 30.0
 ) -> list[SendResult]:
     """C-STORE each file to ``peer`` over one association, proposing each file's own transfer
     syntax (as stored, no re-encoding) with an uncompressed fallback."""
-    headers = {path: dcmread(path, stop_before_pixels=True) for path in files}
     ae = _new_ae(calling_ae_title, timeout)
     contexts: dict[str, set[str]] = {}
     for ds in headers.values():

@@ -48,6 +48,7 @@ from storage.studies import (
     IngestResult,
     ReceivedInstance,
     extend_settle,
+    hold_queued,
     record_instance,
     settle_due,
 )
@@ -222,10 +223,14 @@ class StorageSCP:
         settings: Settings,
         sessions: sessionmaker[Session],
         clock: Clock = utc_now,
+        waiting_reason: str | None = None,
     ) -> None:
+        """``waiting_reason``: this node cannot analyse (no API key); settled studies are shown
+        ``waiting`` with this reason instead of ``queued``."""
         self.settings = settings
         self.sessions = sessions
         self.clock = clock
+        self.waiting_reason = waiting_reason
         self.store = InstanceStore(settings.storage.root)
         self._open: dict[int, set[str]] = {}
         self._open_lock = threading.Lock()
@@ -356,6 +361,9 @@ class StorageSCP:
                     settled = settle_due(session, self.clock(), routes=self.settings.routes)
                 for uid in settled:
                     log.info("study %s settled and queued for analysis", uid)
+                if self.waiting_reason is not None:
+                    with transaction(self.sessions) as session:
+                        hold_queued(session, self.waiting_reason)
                 with transaction(self.sessions) as session:
                     reaped = reap_expired(session, self.clock())
                 for job_id in reaped:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from storage.models import Job, Study
-from storage.outbox import deliveries
+from storage.models import ApiCall, Job, Outbox, Study
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -20,6 +19,27 @@ def study_rows(session: Session) -> list[dict[str, Any]]:
     jobs: dict[str, Job | None] = {}
     for row in session.scalars(select(Job).order_by(Job.study_instance_uid, Job.study_version)):
         jobs[row.study_instance_uid] = row  # the newest version's job wins
+    costs = dict(
+        session.execute(  # type: ignore[arg-type]
+            select(ApiCall.study_instance_uid, func.sum(ApiCall.cost_usd)).group_by(
+                ApiCall.study_instance_uid
+            )
+        ).all()
+    )
+    sends: dict[str, list[dict[str, object]]] = {}
+    for d, s, a, e, u, study_uid in session.execute(
+        select(
+            Outbox.destination,
+            Outbox.state,
+            Outbox.attempts,
+            Outbox.last_error,
+            Outbox.sr_sop_instance_uid,
+            Outbox.study_instance_uid,
+        ).order_by(Outbox.id)
+    ):
+        sends.setdefault(study_uid, []).append(
+            {"destination": d, "state": s, "attempts": a, "last_error": e, "sr_sop_instance_uid": u}
+        )
     rows: list[dict[str, Any]] = []
     for study in session.scalars(select(Study).order_by(Study.first_received_at)):
         job = jobs.get(study.study_instance_uid)
@@ -38,14 +58,28 @@ def study_rows(session: Session) -> list[dict[str, Any]]:
                 "attempts": current.attempts if current is not None else 0,
                 "last_error": study.last_error or (current.last_error if current is not None else None),
                 "sr_sop_instance_uid": study.sr_sop_instance_uid,
-                "deliveries": deliveries(session, study.study_instance_uid),
-                "cost_usd": None,
+                "deliveries": sends.get(study.study_instance_uid, []),
+                "cost_usd": (
+                    round(costs[study.study_instance_uid], 6) if study.study_instance_uid in costs else None
+                ),
             }
         )
     return rows
 
 
+def _problem(row: dict[str, Any]) -> str | None:
+    """The study's own error, else the newest delivery error (a PACS that refuses or is down)."""
+    if row["last_error"]:
+        return str(row["last_error"])
+    failing = [d for d in row["deliveries"] if d["last_error"]]
+    if failing:
+        newest = failing[-1]
+        return f"{newest['destination']}: {newest['last_error']} (attempt {newest['attempts']})"
+    return None
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
+    rows = [{**row, "problem": _problem(row)} for row in rows]
     columns = [
         ("study_instance_uid", "STUDY"),
         ("state", "STATE"),
@@ -54,7 +88,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ("calling_ae_title", "FROM"),
         ("last_received_at", "LAST RECEIVED"),
         ("attempts", "TRIES"),
-        ("last_error", "LAST ERROR"),
+        ("problem", "LAST ERROR"),
     ]
     table = [[h for _, h in columns]]
     table += [["" if r[k] is None else str(r[k]) for k, _ in columns] for r in rows]

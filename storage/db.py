@@ -18,10 +18,10 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.errors import DatabaseUnavailable
+from storage.errors import DatabaseNotUsable, DatabaseUnavailable
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -68,12 +68,33 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def _safe(database_url: str) -> str:
+    try:
+        return make_url(database_url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(unparseable)"
+
+
 @contextmanager
 def open_database(database_url: str) -> Iterator[sessionmaker[Session]]:
-    """Engine, migrations, sessions for one command's lifetime; the engine is disposed after."""
-    engine = make_engine(database_url)
+    """Engine, migrations, sessions for one command's lifetime; the engine is disposed after.
+    :class:`DatabaseNotUsable` names the fix when the URL, its driver or the server is wrong."""
+    where = f"storage.database_url {_safe(database_url)}"
     try:
-        migrate(engine)
+        engine = make_engine(database_url)
+    except ArgumentError:
+        raise DatabaseNotUsable(
+            f"{where} is not a database URL (sqlite:///path/ainode.db or postgresql+psycopg://user@host/db)"
+        ) from None
+    except (NoSuchModuleError, ModuleNotFoundError) as exc:
+        fix = 'pip install "ainode[postgres]"' if "postgres" in database_url else "install its driver"
+        raise DatabaseNotUsable(f"{where}: its database driver is not installed ({exc}); {fix}") from None
+    try:
+        try:
+            migrate(engine)
+        except (OperationalError, InterfaceError) as exc:
+            reason = " ".join(str(exc.orig).split())[:200]
+            raise DatabaseNotUsable(f"{where} cannot be opened: {reason}") from None
         yield make_session_factory(engine)
     finally:
         engine.dispose()
@@ -93,8 +114,6 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def _is_operational(exc: DBAPIError) -> bool:
-    from sqlalchemy.exc import OperationalError
-
     return isinstance(exc, OperationalError)
 
 

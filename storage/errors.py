@@ -6,7 +6,9 @@
     ├── StorageUnavailable      retryable: the disk is (nearly) full or the database is unreachable
     │   ├── DiskFull
     │   └── DatabaseUnavailable
-    └── LeaseLost               not retryable by the holder: another worker owns the job now
+    ├── LeaseLost               not retryable by the holder: another worker owns the job now
+    └── DatabaseNotUsable       at start: the URL is malformed, its driver is not installed, or
+                                the server cannot be reached; the message names the fix
 """
 
 
@@ -24,6 +26,10 @@ class DiskFull(StorageUnavailable):
 
 class DatabaseUnavailable(StorageUnavailable):
     """The database did not answer or refused the connection."""
+
+
+class DatabaseNotUsable(StorageError):
+    """``storage.database_url`` cannot be opened; the message is one line and has no password."""
 
 
 class LeaseLost(StorageError):

@@ -62,6 +62,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 class StudyState(enum.StrEnum):
     RECEIVING = "receiving"
     QUEUED = "queued"
+    WAITING = "waiting"  # queued, but this node cannot analyse yet (no API key); last_error says why
     ANALYSING = "analysing"
     SENDING = "sending"
     DONE = "done"

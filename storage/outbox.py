@@ -75,7 +75,8 @@ def enqueue(
         session,
         study_instance_uid,
         study_version,
-        {"state": StudyState.SENDING, "sr_sop_instance_uid": sr_sop_instance_uid},
+        # The SR is committed: earlier errors of this version (retries, a wait for a key) are over.
+        {"state": StudyState.SENDING, "sr_sop_instance_uid": sr_sop_instance_uid, "last_error": None},
     )
     return count
 
@@ -206,17 +207,3 @@ def _settle_study(session: Session, delivery: Delivery) -> None:
         },
         in_states=[StudyState.SENDING],
     )
-
-
-def deliveries(session: Session, study_instance_uid: str) -> list[dict[str, object]]:
-    rows = session.execute(
-        select(
-            Outbox.destination, Outbox.state, Outbox.attempts, Outbox.last_error, Outbox.sr_sop_instance_uid
-        )
-        .where(Outbox.study_instance_uid == study_instance_uid)
-        .order_by(Outbox.id)
-    ).all()
-    return [
-        {"destination": d, "state": s, "attempts": a, "last_error": e, "sr_sop_instance_uid": u}
-        for d, s, a, e, u in rows
-    ]

@@ -91,6 +91,14 @@ def claim(
         return None
     job = ClaimedJob(row[0], row[1], row[2], row[3], row[4], row[5], token, expires)
     if job.kind == JobKind.ANALYSE:
+        # A study that waited for a key no longer does: its reason goes with the wait.
+        update_study_version(
+            session,
+            job.study_instance_uid,
+            job.study_version,
+            {"last_error": None},
+            in_states=[StudyState.WAITING],
+        )
         _set_study_state(session, job, StudyState.ANALYSING)
     return job
 
@@ -120,7 +128,7 @@ def _set_study_state(session: Session, job: ClaimedJob, state: StudyState, error
         job.study_instance_uid,
         job.study_version,
         values,
-        in_states=[StudyState.QUEUED, StudyState.ANALYSING, StudyState.SENDING],
+        in_states=[StudyState.QUEUED, StudyState.WAITING, StudyState.ANALYSING, StudyState.SENDING],
     )
 
 

@@ -242,7 +242,7 @@ def _reopen(session: Session, study: _LockedStudy, settle_at: dt.datetime) -> di
     the current one has begun (its job is no longer waiting in the queue). Returns the study
     columns to set."""
     version = study.version
-    if study.state == StudyState.QUEUED:
+    if study.state in (StudyState.QUEUED, StudyState.WAITING):
         # Still unclaimed: keep its job, just push it back (debounce, not a second job).
         session.execute(
             update(Job)
@@ -295,6 +295,18 @@ def requeue_study(session: Session, study_instance_uid: str, now: dt.datetime) -
     )
     settle_due(session, now)
     return version
+
+
+def hold_queued(session: Session, reason: str) -> int:
+    """Queued studies move to ``waiting`` with ``reason`` as their last error: the node stores
+    and queues them but cannot analyse them yet (no API key). Their jobs stay queued, so a node
+    started with a key takes them at once. Returns how many studies moved."""
+    result = session.execute(
+        update(Study)
+        .where(Study.state == StudyState.QUEUED)
+        .values(state=StudyState.WAITING, last_error=reason)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def extend_settle(session: Session, study_instance_uids: Iterable[str], until: dt.datetime) -> int:

@@ -153,6 +153,26 @@ def build_body(
     return body
 
 
+def shown_body(body: dict[str, Any], image_files: Sequence[str]) -> dict[str, Any]:
+    """``body`` as ``ainode preview`` writes it: every image's base64 replaced by the name of the
+    file that holds its bytes, in order; everything else exactly as sent."""
+    names = iter(image_files)
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            if value.get("type") == "image_url":
+                return {**value, "image_url": {**value["image_url"], "url": f"(the bytes of {next(names)})"}}
+            if value.get("type") == "base64" and "data" in value:
+                return {**value, "data": f"(the bytes of {next(names)})"}
+            return {key: walk(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [walk(item) for item in value]
+        return value
+
+    result: dict[str, Any] = walk(body)
+    return result
+
+
 def parse_reply(preset: ProviderPreset, payload: Any) -> Reply:
     """Extract the findings text, usage and stop reason; :class:`ReplyFormatError` when the body
     is not a reply of this wire format at all."""

@@ -60,3 +60,86 @@ def test_cli_exits_non_zero_with_a_one_line_reason(tmp_path: Path) -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "storage.min_free_mb" in lines[0] and "-5" in lines[0]
+
+
+def test_lists_from_the_environment_as_a_shell_user_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    packaged = Path(__file__).parents[2] / "conf" / "ainode.toml"
+    monkeypatch.setenv("AINODE_NODE__ALLOWED_CALLING_AETS", "CT01, MR02")
+    assert load_settings(packaged).node.allowed_calling_aets == ("CT01", "MR02")
+    monkeypatch.setenv("AINODE_NODE__ALLOWED_CALLING_AETS", '["CT01"]')
+    assert load_settings(packaged).node.allowed_calling_aets == ("CT01",)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "AINODE_NODE__PORT",
+            "eleven",
+            r"node.port: .*got 'eleven'; from environment variable AINODE_NODE__PORT",
+        ),
+        ("AINODE_DESTINATIONS", '[{"name": ', r"AINODE_DESTINATIONS: not valid JSON"),
+        (
+            "AINODE_NODE__ALLOWED_CALLING_AETS",
+            "A\\B",
+            r"node.allowed_calling_aets.*AINODE_NODE__ALLOWED_CALLING",
+        ),
+    ],
+)
+def test_an_error_from_the_environment_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(Path(__file__).parents[2] / "conf" / "ainode.toml")
+
+
+def test_configuration_errors_never_echo_the_api_key_or_a_database_password(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    packaged = Path(__file__).parents[2] / "conf" / "ainode.toml"
+    monkeypatch.setenv("AINODE_VISION__API_KEY", "sk-never-print-me")
+    monkeypatch.setenv("AINODE_VISION__PROVIDER", "openal")
+    with pytest.raises(ConfigError) as typo:
+        load_settings(packaged)
+    assert "openal" in str(typo.value) and "sk-never-print-me" not in str(typo.value)
+    monkeypatch.delenv("AINODE_VISION__PROVIDER")
+    monkeypatch.setenv("AINODE_STORAGE__DATABASE_URL", "postgresql+psycopg://u:pw-never-print@h:port/db")
+    with pytest.raises(ConfigError, match="storage.database_url must be a database URL") as other:
+        load_settings(packaged)
+    assert "pw-never-print" not in str(other.value)
+
+
+def test_relative_paths_are_relative_to_the_configuration_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "site" / "ainode.toml"
+    config.parent.mkdir()
+    config.write_text(
+        '[storage]\nroot = "data"\ndatabase_url = "sqlite:///data/node.db"\n'
+        '[node]\ntls_cert = "certs/node.crt"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    settings = load_settings(config)
+    assert settings.storage.root == tmp_path / "site" / "data"
+    assert settings.storage.database_url == f"sqlite:///{tmp_path}/site/data/node.db"
+    assert settings.node.tls_cert == tmp_path / "site" / "certs" / "node.crt"
+    config.write_text('[storage]\nroot = "/srv/ainode"\ndatabase_url = "sqlite:////srv/ainode/a.db"\n')
+    absolute = load_settings(config)
+    assert (absolute.storage.root, absolute.storage.database_url) == (
+        Path("/srv/ainode"),
+        "sqlite:////srv/ainode/a.db",
+    )
+
+
+def test_the_packaged_default_keeps_its_files_in_the_users_data_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no conf/ainode.toml here
+    monkeypatch.delenv("AINODE_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    settings = load_settings()
+    assert settings.storage.root == tmp_path / "xdg" / "ainode" / "var" / "ainode"
+    assert settings.storage.database_url == f"sqlite:///{tmp_path}/xdg/ainode/var/ainode/ainode.db"

@@ -58,7 +58,7 @@ def test_the_sr_arrives_in_the_source_study_on_orthanc(make_node: NodeFactory, t
             ]
         ).start()
         _send_to_node(node, files)
-        _wait_state(node, study, "queued")
+        _wait_state(node, study, "waiting")  # no API key: stored, queued, held
         sr_uid = complete_with_simulated_findings(node.database_url, node.root, study, ["pacs"])
         row = _wait_state(node, study, "done")
         assert row["sr_sop_instance_uid"] == sr_uid
@@ -83,7 +83,7 @@ def test_orthanc_down_then_up_gets_the_sr_exactly_once(make_node: NodeFactory, t
         delivery={"retry_base_seconds": 0.5, "retry_cap_seconds": 1.0, "poll_seconds": 0.2},
     ).start()
     _send_to_node(node, files)
-    _wait_state(node, study, "queued")
+    _wait_state(node, study, "waiting")  # no API key: stored, queued, held
     complete_with_simulated_findings(node.database_url, node.root, study, ["pacs"])
     deadline = time.monotonic() + 30
     while node.status()[0]["deliveries"][0]["attempts"] < 3 and time.monotonic() < deadline:
@@ -137,7 +137,7 @@ def test_a_refusing_destination_is_dead_lettered_without_blocking_another(
             ]
         ).start()
         _send_to_node(node, files)
-        _wait_state(node, study, "queued")
+        _wait_state(node, study, "waiting")  # no API key: stored, queued, held
         sr_uid = complete_with_simulated_findings(node.database_url, node.root, study, ["picky", "pacs"])
         row = _wait_state(node, study, "failed")
         series = _orthanc_series(ports["http_port"], study)
@@ -157,7 +157,7 @@ def test_queuing_the_same_sr_again_sends_nothing_new(make_node: NodeFactory, tmp
             destinations=[{"name": "pacs", "ae_title": "PICKYPACS", "host": "127.0.0.1", "port": port}]
         ).start()
         _send_to_node(node, files)
-        _wait_state(node, study, "queued")
+        _wait_state(node, study, "waiting")  # no API key: stored, queued, held
         first = complete_with_simulated_findings(node.database_url, node.root, study, ["pacs"])
         _wait_state(node, study, "done")
         second = complete_with_simulated_findings(node.database_url, node.root, study, ["pacs"])

@@ -34,9 +34,11 @@ def test_echoscu_and_storescu_series_arrive_intact(make_node: NodeFactory, tmp_p
         ds = dcmread(path, stop_before_pixels=True)
         assert_same_dataset(stored[ds.SOPInstanceUID], path)
     study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    row = node.wait_for_state(study_uid, "queued")
+    row = node.wait_for_state(study_uid, "waiting")
     assert (row["instance_count"], row["series_count"], row["calling_ae_title"]) == (20, 1, "CT_SCANNER")
-    assert row["sr_sop_instance_uid"] is None and row["last_error"] is None
+    # Without an API key the node keeps the study, queued, and says why it waits.
+    assert row["sr_sop_instance_uid"] is None
+    assert row["last_error"] == "no vision API key for holysheep; set AINODE_VISION__API_KEY"
 
 
 COMPRESSED = [
@@ -119,7 +121,7 @@ def test_same_uid_same_bytes_is_a_no_op_and_new_bytes_replace(make_node: NodeFac
     first = node.stored_files()
     assert len(first) == 1
     study_uid = str(dcmread(source).StudyInstanceUID)
-    node.wait_for_state(study_uid, "queued")
+    node.wait_for_state(study_uid, "waiting")
     changed = copy.deepcopy(dcmread(source))
     changed.WindowCenter, changed.WindowWidth = 40, 400
     edited = tmp_path / "edited.dcm"
@@ -130,7 +132,7 @@ def test_same_uid_same_bytes_is_a_no_op_and_new_bytes_replace(make_node: NodeFac
     assert dataset_bytes(files[0]) == dataset_bytes(edited)
     row = node.status()[0]
     assert row["instance_count"] == 1 and row["state"] == "receiving"
-    node.wait_for_state(study_uid, "queued")
+    node.wait_for_state(study_uid, "waiting")
 
 
 def test_disk_below_minimum_answers_out_of_resources(make_node: NodeFactory, tmp_path: Path) -> None:
@@ -188,7 +190,7 @@ def test_orthanc_pushes_a_study_to_the_node(make_node: NodeFactory, tmp_path: Pa
     assert len(stored) == 5
     for path in files:
         assert_same_dataset(stored[dcmread(path).SOPInstanceUID], path)
-    row = node.wait_for_state(str(dcmread(files[0]).StudyInstanceUID), "queued")
+    row = node.wait_for_state(str(dcmread(files[0]).StudyInstanceUID), "waiting")
     assert row["calling_ae_title"] == "ORTHANC"
 
 

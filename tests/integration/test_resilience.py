@@ -72,7 +72,7 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(make_node: NodeFacto
         resent = dcmtk("storescu", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, files))
         assert resent.returncode == 0, resent.stderr
         study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-        row = node.wait_for_state(study_uid, "queued", timeout=20)
+        row = node.wait_for_state(study_uid, "waiting", timeout=20)
         assert row["instance_count"] == 120
         with engine.connect() as conn:
             assert conn.scalar(select(func.count()).select_from(Job)) == 1
