@@ -6,6 +6,7 @@ COPY scp scp
 COPY analysis analysis
 COPY storage storage
 COPY conf conf
-RUN pip install --no-cache-dir .
+# Installed as a user installs it (not editable), and checked: every package must be in the wheel.
+RUN pip install --no-cache-dir . && cd / && ainode --version && python -c "import analysis.vision.client"
 EXPOSE 11112 8080
 CMD ["ainode", "serve"]
