@@ -299,6 +299,32 @@ def _text_container(findings: Findings, ctx: ReportContext) -> hd.sr.ContainerCo
     return container
 
 
+# Type 2 attributes of the Patient and General Study modules that highdicom copies from the
+# evidence into the SR: a source may lack them (empty is what Type 2 allows, absent is not).
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def _with_type2_study_attributes(source: Dataset) -> Dataset:
+    missing = [keyword for keyword in TYPE2_COPIED if keyword not in source]
+    if not missing:
+        return source
+    copy = Dataset(source)
+    copy.file_meta = getattr(source, "file_meta", Dataset())
+    for keyword in missing:
+        setattr(copy, keyword, "")
+    return copy
+
+
 def build_sr(
     findings: Findings, composed: Sequence[ComposedImage], sources: dict[str, Dataset], ctx: ReportContext
 ) -> hd.sr.Comprehensive3DSR:
@@ -324,7 +350,7 @@ def build_sr(
             model_name=ctx.model[:64],
         ),
     )
-    evidence = [sources[uid] for uid in sorted(sources)]
+    evidence = [_with_type2_study_attributes(sources[uid]) for uid in sorted(sources)]
     if not groups:  # highdicom needs one group; a study without findings gets an empty one
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(

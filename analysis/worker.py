@@ -25,7 +25,8 @@ from pydicom.filebase import DicomBytesIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from analysis.errors import VisionError, VisionPermanent
+from analysis.errors import CircuitOpen, VisionError, VisionPermanent
+from analysis.findings import Findings
 from analysis.prepare import for_provider, prepare_study
 from analysis.prompt import PROMPT_VERSION
 from analysis.report import ReportContext, build_sr
@@ -35,13 +36,23 @@ from conf.routing import Route
 from storage import outbox, queue
 from storage.api_calls import record_api_calls
 from storage.db import transaction
-from storage.errors import LeaseLost
+from storage.errors import LeaseLost, StorageUnavailable
 from storage.files import InstanceStore
 from storage.models import Instance, Job, JobKind, Outbox, StudyState, utc_now
 from storage.retention import purge_delivered
 from storage.studies import settle_due, update_study_version
 
 log = logging.getLogger("ainode.worker")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 class AnalysisWorker:
@@ -73,6 +84,11 @@ class AnalysisWorker:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        host = self.owner.rpartition(":")[0]
+        with transaction(self.sessions) as session:
+            reclaimed = queue.reclaim_orphans(session, host, _process_alive, self.clock())
+        for job_id in reclaimed:
+            log.warning("job %d: its worker process on this host is gone; queued again now", job_id)
         for n in range(self.settings.worker.concurrency):
             thread = threading.Thread(target=self._loop, name=f"worker-{n}", daemon=True)
             thread.start()
@@ -106,12 +122,15 @@ class AnalysisWorker:
     # -- one job -----------------------------------------------------------------------------
 
     def run_once(self) -> bool:
-        """Claim and finish one analysis; False when none was due."""
+        """Claim and finish one analysis; False when none was due (or the provider's circuit is
+        open: a study claimed now could only wait)."""
         lease = self.settings.worker.lease_seconds
         with transaction(self.sessions) as session:
             if self.settles:
                 settle_due(session, self.clock(), routes=self.settings.routes)
                 queue.reap_expired(session, self.clock())
+            if self.vision.breaker.state == "open":
+                return False
             job = queue.claim(session, JobKind.ANALYSE, self.owner, lease, self.clock())
         if job is None:
             return False
@@ -123,25 +142,53 @@ class AnalysisWorker:
             job.attempts,
         )
         beating = threading.Event()
+        lost = threading.Event()
         holder = {"job": job}
 
         def heartbeat() -> None:
+            """Renew the lease every third of it. A database that fails for a moment is tried
+            again at the next beat; a lease that is really gone stops the work (``lost``)."""
             while not beating.wait(lease / 3):
                 try:
                     with transaction(self.sessions) as session:
                         holder["job"] = queue.heartbeat(session, holder["job"], lease, self.clock())
                 except LeaseLost:
-                    log.warning("job %d: lease lost", job.id)
+                    log.warning("job %d: lease lost; stopping its work", job.id)
+                    lost.set()
                     return
+                except Exception as exc:
+                    log.warning("job %d: heartbeat failed (%s); trying again", job.id, type(exc).__name__)
 
         pulse = threading.Thread(target=heartbeat, name=f"heartbeat-{job.id}", daemon=True)
         pulse.start()
         try:
-            self._analyse(holder)
+            self._analyse(holder, lost)
+        except LeaseLost as exc:
+            log.warning("job %d: %s; the job is another worker's now", job.id, exc)
+        except Exception as exc:
+            log.exception("job %d: analysis failed", job.id)
+            self._record_failure(holder, exc)
         finally:
             beating.set()
             pulse.join(5)
         return True
+
+    def _record_failure(self, holder: dict[str, queue.ClaimedJob], exc: BaseException) -> None:
+        """Every exception ends in a recorded outcome, never a lapsed lease: the calls it made and
+        the real reason. Disk and database trouble is retried; anything else (a bug, a header
+        highdicom cannot use) fails the study with its reason, since repeating it cannot help."""
+        job = holder["job"]
+        retryable = isinstance(exc, OSError | StorageUnavailable)
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+        try:
+            with transaction(self.sessions) as session:
+                record_api_calls(session, getattr(exc, "calls", []), self.clock(), job.id)
+                state = queue.fail(session, job, reason, self.clock(), retryable=retryable)
+            log.warning("job %d: %s (%s)", job.id, reason, state)
+        except LeaseLost:
+            log.warning("job %d: lease lost before its failure could be recorded", job.id)
+        except Exception:
+            log.exception("job %d: could not record its failure; its lease will lapse", job.id)
 
     def _route(self, job_id: int) -> Route | None:
         with self.sessions() as session:
@@ -180,7 +227,7 @@ class AnalysisWorker:
                 is not None
             )
 
-    def _analyse(self, holder: dict[str, queue.ClaimedJob]) -> None:
+    def _analyse(self, holder: dict[str, queue.ClaimedJob], lost: threading.Event) -> None:
         job = holder["job"]
         study, version = job.study_instance_uid, job.study_version
         started = self.clock()
@@ -198,6 +245,7 @@ class AnalysisWorker:
         t0 = clock()
         with self.sessions() as session:
             prepared = prepare_study(session, study, self.store.root, imaging)
+            earlier = queue.stored_findings(session, job)
         t_prepared = clock()
         if not prepared.encoded:
             with transaction(self.sessions) as session:
@@ -211,23 +259,25 @@ class AnalysisWorker:
                 )
             log.info("job %d: study %s has no image to analyse; skipped", job.id, study)
             return
-        try:
+        if earlier is not None:  # an earlier attempt paid for these; never ask twice
+            findings = Findings.model_validate_json(earlier)
+            cost = 0.0
+            log.info("job %d: using the findings an earlier attempt committed; no model call", job.id)
+        else:
+            if lost.is_set():
+                raise LeaseLost(f"job {job.id}: lease lost before the model call")
             prompt = prepared.prompt + (f"\n\n{route.instructions}" if route and route.instructions else "")
-            result = vision.analyse(study, prepared.encoded, prompt)
-            t_model = clock()
-        except VisionError as exc:
-            calls = getattr(exc, "calls", [])
+            try:
+                result = vision.analyse(study, prepared.encoded, prompt)
+            except VisionError as exc:
+                self._vision_failed(holder, exc, vision)
+                return
+            findings, cost = result.findings, result.cost_usd
+            with transaction(self.sessions) as session:  # what was spent is kept whatever follows
+                record_api_calls(session, result.calls, self.clock(), job.id)
             with transaction(self.sessions) as session:
-                record_api_calls(session, calls, self.clock(), job.id)
-                state = queue.fail(
-                    session,
-                    holder["job"],
-                    str(exc)[:2000],
-                    self.clock(),
-                    retryable=not isinstance(exc, VisionPermanent),
-                )
-            log.warning("job %d: %s (%s)", job.id, exc, state)
-            return
+                queue.store_findings(session, holder["job"], findings.model_dump_json(), self.clock())
+        t_model = clock()
         sources = self._headers(
             study, {t.sop_instance_uid for image in prepared.composed for t in image.tiles}
         )
@@ -242,10 +292,14 @@ class AnalysisWorker:
             simulated=vision.preset.name == "simulator",
             predecessor=predecessor,
         )
-        sr = build_sr(result.findings, prepared.composed, sources, context)
+        sr = build_sr(findings, prepared.composed, sources, context)
         buffer = DicomBytesIO()
         sr.save_as(buffer, enforce_file_format=True)
-        relative = f"sr/{study}/{sr.SOPInstanceUID}.dcm"
+        # A name only this lease owns: a worker that lost its lease can never replace the file
+        # the winner's outbox row points to; the row makes it visible, in the guarded commit.
+        relative = f"sr/{study}/{sr.SOPInstanceUID}.{job.lease_token[:8]}.dcm"
+        if lost.is_set():
+            raise LeaseLost(f"job {job.id}: lease lost before the SR was written")
         self.store.write_atomically(relative, buffer.getvalue())  # durable before it is named
         t_report = clock()
         destinations = (
@@ -253,24 +307,27 @@ class AnalysisWorker:
             if route and route.destinations
             else [d.name for d in self.settings.destinations]
         )
-        with transaction(self.sessions) as session:
-            record_api_calls(session, result.calls, self.clock(), job.id)
-            outbox.enqueue(
-                session, study, version, relative, str(sr.SOPInstanceUID), destinations, self.clock()
-            )
-            finished: dict[str, object] = {"analysed_version": version}
-            if not destinations:  # nowhere to send: the study is finished now
-                finished["state"] = StudyState.DONE
-            update_study_version(session, study, version, finished)
-            queue.complete(session, holder["job"], self.clock())
+        try:
+            with transaction(self.sessions) as session:
+                outbox.enqueue(
+                    session, study, version, relative, str(sr.SOPInstanceUID), destinations, self.clock()
+                )
+                finished: dict[str, object] = {"analysed_version": version}
+                if not destinations:  # nowhere to send: the study is finished now
+                    finished["state"] = StudyState.DONE
+                update_study_version(session, study, version, finished)
+                queue.complete(session, holder["job"], self.clock())
+        except LeaseLost:
+            (self.store.root / relative).unlink(missing_ok=True)  # never named by any row
+            raise
         log.info(
             "job %d: study %s: %d finding(s), SR %s queued for %d destination(s), $%.4f",
             job.id,
             study,
-            len(result.findings.findings),
+            len(findings.findings),
             sr.SOPInstanceUID,
             len(destinations),
-            result.cost_usd,
+            cost,
         )
         t_committed = clock()
         log.info(
@@ -281,6 +338,24 @@ class AnalysisWorker:
             (t_report - t_model) * 1000,
             (t_committed - t_report) * 1000,
         )
+
+    def _vision_failed(
+        self, holder: dict[str, queue.ClaimedJob], exc: VisionError, vision: VisionClient
+    ) -> None:
+        """No findings: record the calls; a provider whose circuit is open only postpones the
+        study (no attempt spent, the cause kept), others retry or fail as the error says."""
+        job = holder["job"]
+        with transaction(self.sessions) as session:
+            record_api_calls(session, getattr(exc, "calls", []), self.clock(), job.id)
+            if isinstance(exc, CircuitOpen):
+                until = self.clock() + dt.timedelta(seconds=vision.settings.circuit_cooldown_seconds)
+                queue.postpone(session, job, until, str(exc)[:2000], self.clock())
+                log.warning("job %d: %s; postponed, no attempt spent", job.id, exc)
+                return
+            state = queue.fail(
+                session, job, str(exc)[:2000], self.clock(), retryable=not isinstance(exc, VisionPermanent)
+            )
+        log.warning("job %d: %s (%s)", job.id, exc, state)
 
     def _headers(self, study: str, sop_uids: set[str]) -> dict[str, Dataset]:
         with self.sessions() as session:

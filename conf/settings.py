@@ -191,7 +191,9 @@ class DeliverySettings(_Section):
 
 class WorkerSettings(_Section):
     concurrency: int = Field(default=2, ge=1, le=64)  # analyses in flight in this process
-    lease_seconds: float = Field(default=300.0, gt=0)  # renewed every third of it while working
+    # Renewed every third of it while working; a node that dies on another host delays its
+    # studies by about this long (on its own host, a restart reclaims them at once).
+    lease_seconds: float = Field(default=60.0, gt=0)
     poll_seconds: float = Field(default=1.0, gt=0)
 
 

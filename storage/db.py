@@ -1,14 +1,18 @@
 """Database engine and sessions, created once at start and passed in.
 
 SQLite (the default) runs in WAL mode with ``synchronous=FULL`` so a committed instance survives a
-power cut, a busy timeout so concurrent associations wait instead of failing, and every
-transaction starts with ``BEGIN IMMEDIATE``: taking the write lock up front avoids the deadlock
-where two readers both try to upgrade to writers (SQLITE_BUSY that no busy timeout can resolve).
+power cut, and a busy timeout so concurrent associations wait instead of failing. A
+:func:`transaction` (every write) starts with ``BEGIN IMMEDIATE``: taking the write lock up front
+avoids the deadlock where two readers both try to upgrade to writers (SQLITE_BUSY that no busy
+timeout can resolve). A plain session (``sessions()``, reads only: status, metrics, preparing a
+study's pixels) starts with a deferred ``BEGIN`` and never takes the write lock, so a long read
+never holds up a C-STORE commit (WAL readers and the one writer do not block each other).
 PostgreSQL needs none of that.
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,8 +64,11 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+_WRITING: contextvars.ContextVar[bool] = contextvars.ContextVar("ainode_db_writing", default=False)
+
+
 def _sqlite_on_begin(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if _WRITING.get() else "BEGIN")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -104,6 +111,7 @@ def open_database(database_url: str) -> Iterator[sessionmaker[Session]]:
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One committed transaction; database connection failures become
     :class:`DatabaseUnavailable` so callers can answer 0xA700 instead of crashing."""
+    writing = _WRITING.set(True)
     try:
         with factory.begin() as session:
             yield session
@@ -111,6 +119,8 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         if exc.connection_invalidated or _is_operational(exc):
             raise DatabaseUnavailable(f"database unavailable: {type(exc.orig).__name__}") from exc
         raise
+    finally:
+        _WRITING.reset(writing)
 
 
 def _is_operational(exc: DBAPIError) -> bool:
@@ -125,5 +135,10 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest migration (run at every start; a no-op when current)."""
-    command.upgrade(alembic_config(engine), "head")
+    """Bring the schema to the newest migration (run at every start; a no-op when current),
+    holding the write lock from its first read, as every write does."""
+    writing = _WRITING.set(True)
+    try:
+        command.upgrade(alembic_config(engine), "head")
+    finally:
+        _WRITING.reset(writing)

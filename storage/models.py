@@ -75,6 +75,7 @@ class JobState(enum.StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # superseded: a newer version of the study was opened before it ran
 
 
 class JobKind(enum.StrEnum):
@@ -212,6 +213,9 @@ class Job(Base):
     route: Mapped[str | None] = mapped_column(
         String(64), nullable=True
     )  # the [[routes]] entry that queued it
+    # The model's validated findings, committed as soon as the call returns, so a retry after a
+    # later failure (SR build, disk, crash) never pays for the same answer twice.
+    findings_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 

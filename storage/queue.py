@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from storage.errors import LeaseLost
-from storage.models import Job, JobKind, JobState, StudyState
+from storage.models import Job, JobKind, JobState, Study, StudyState
 from storage.studies import update_study_version
 
 BACKOFF_BASE_SECONDS = 30.0
@@ -56,8 +57,16 @@ def claim(
         raise ValueError(f'Argument "lease_seconds" must be positive, got {lease_seconds}')
     token = str(uuid.uuid4())
     expires = now + dt.timedelta(seconds=lease_seconds)
+    cancel_superseded(session, now)
     candidate = (
         select(Job.id)
+        # Only a settled study at this job's version: a study receiving again (a late series)
+        # is not analysed until it settles again, and an older version's job never runs.
+        .join(
+            Study,
+            (Study.study_instance_uid == Job.study_instance_uid) & (Study.version == Job.study_version),
+        )
+        .where(Study.state.in_([StudyState.QUEUED, StudyState.WAITING]))
         .where(Job.kind == kind)
         .where(Job.state == JobState.QUEUED)
         .where(Job.run_after <= now)
@@ -101,6 +110,46 @@ def claim(
         )
         _set_study_state(session, job, StudyState.ANALYSING)
     return job
+
+
+def cancel_superseded(session: Session, now: dt.datetime) -> int:
+    """Cancel queued analyses of study versions that are no longer current (late images or
+    ``ainode retry`` opened a newer one): running them would analyse the wrong instance set and
+    could land after the newer SR. Returns how many were cancelled."""
+    current = (
+        select(Study.version).where(Study.study_instance_uid == Job.study_instance_uid).scalar_subquery()
+    )
+    result = session.execute(
+        update(Job)
+        .where(Job.state == JobState.QUEUED)
+        .where(Job.study_version < current)
+        .values(
+            state=JobState.CANCELLED,
+            last_error="superseded: a newer version of the study was opened",
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def store_findings(session: Session, job: ClaimedJob, findings_json: str, now: dt.datetime) -> None:
+    """Commit the model's findings on the job (guarded by the lease) before anything else is
+    built from them."""
+    _apply(session, job, {"findings_json": findings_json, "updated_at": now}, "store findings")
+
+
+def stored_findings(session: Session, job: ClaimedJob) -> str | None:
+    """Findings an earlier attempt of this job committed, if any."""
+    return session.scalar(select(Job.findings_json).where(Job.id == job.id))
+
+
+def postpone(session: Session, job: ClaimedJob, until: dt.datetime, reason: str, now: dt.datetime) -> None:
+    """Back to the queue until ``until`` without spending an attempt: the provider is down (its
+    circuit is open), not this study's fault. ``reason`` keeps the cause for ``ainode status``."""
+    _requeue(
+        session, job, until, now, "postpone", {"attempts": Job.attempts - 1, "last_error": reason}, reason
+    )
 
 
 def _guarded(job: ClaimedJob):  # type: ignore[no-untyped-def]
@@ -221,10 +270,26 @@ def _requeue(
         _set_study_state(session, job, StudyState.QUEUED, error)
 
 
-def reap_expired(session: Session, now: dt.datetime) -> list[int]:
-    """Return jobs whose lease expired (their worker died) to the queue, or fail them when
-    their attempts are used up. Returns the ids it changed."""
-    expired = session.execute(
+def reclaim_orphans(session: Session, host: str, alive: Callable[[int], bool], now: dt.datetime) -> list[int]:
+    """At start: jobs leased by a process of this host (owner ``host:pid``) that is gone are
+    queued again at once, instead of waiting out their lease. Other hosts' leases lapse as
+    usual. Returns the ids it requeued."""
+    running = session.execute(
+        select(Job.id, Job.lease_owner)
+        .where(Job.state == JobState.RUNNING)
+        .where(Job.lease_owner.like(f"{host}:%"))
+        .with_for_update(skip_locked=True)
+    ).all()
+    orphans: list[int] = []
+    for job_id, owner in running:
+        pid = (owner or "").rpartition(":")[2]
+        if pid.isdigit() and not alive(int(pid)):
+            orphans.append(job_id)
+    return _requeue_now(session, orphans, "its worker process on this host is gone", now)
+
+
+def _requeue_now(session: Session, job_ids: list[int], reason: str, now: dt.datetime) -> list[int]:
+    rows = session.execute(
         select(
             Job.id,
             Job.kind,
@@ -234,25 +299,26 @@ def reap_expired(session: Session, now: dt.datetime) -> list[int]:
             Job.max_attempts,
             Job.lease_token,
             Job.lease_expires_at,
-        )
+        ).where(Job.id.in_(job_ids))
+    ).all()
+    done: list[int] = []
+    for job_id, kind, study, version, attempts, max_attempts, token, expires in rows:
+        job = ClaimedJob(job_id, kind, study, version, attempts, max_attempts, token or "", expires or now)
+        try:
+            fail(session, job, reason, now, retryable=True, retry_in_seconds=0)
+        except LeaseLost:
+            continue
+        done.append(job_id)
+    return done
+
+
+def reap_expired(session: Session, now: dt.datetime) -> list[int]:
+    """Return jobs whose lease expired (their worker died) to the queue at once, or fail them
+    when their attempts are used up. Returns the ids it changed."""
+    expired = session.scalars(
+        select(Job.id)
         .where(Job.state == JobState.RUNNING)
         .where(Job.lease_expires_at < now)
         .with_for_update(skip_locked=True)
     ).all()
-    reaped: list[int] = []
-    for job_id, kind, study, version, attempts, max_attempts, token, expires in expired:
-        job = ClaimedJob(job_id, kind, study, version, attempts, max_attempts, token or "", expires or now)
-        try:
-            # The worker died, the job did not fail: run it again at once.
-            fail(
-                session,
-                job,
-                "lease expired: the worker holding it stopped",
-                now,
-                retryable=True,
-                retry_in_seconds=0,
-            )
-        except LeaseLost:
-            continue
-        reaped.append(job.id)
-    return reaped
+    return _requeue_now(session, list(expired), "lease expired: the worker holding it stopped", now)

@@ -132,13 +132,25 @@ class VisionClient:
     # -- the call ----------------------------------------------------------------------------
 
     def analyse(self, study_instance_uid: str, images: list[EncodedImage], prompt: str) -> VisionResult:
+        """Findings for one study (:meth:`_analyse`); any error leaves with the calls made so
+        far in ``.calls``, so the caller can record what was spent."""
+        calls: list[CallRecord] = []
+        try:
+            return self._analyse(study_instance_uid, images, prompt, calls)
+        except Exception as exc:
+            if not hasattr(exc, "calls"):
+                self._tag(exc, calls)
+            raise
+
+    def _analyse(
+        self, study_instance_uid: str, images: list[EncodedImage], prompt: str, calls: list[CallRecord]
+    ) -> VisionResult:
         """Findings for one study: raises :class:`VisionPermanent` or :class:`VisionRetryable`
         (with ``.calls`` set) when there are none.
 
         At most three answered requests: the question; once more with twice the ``max_tokens``
         if the reply was cut at the limit; one repair request if the reply has no usable
         structure (:mod:`analysis.vision.reading`). A refusal is final."""
-        calls: list[CallRecord] = []
         estimate = self.estimate_tokens(images, prompt)
         max_tokens = self.settings.max_output_tokens
         worst_cost = self.cost(estimate, max_tokens) + 2 * self.cost(estimate, 2 * max_tokens)
@@ -238,10 +250,12 @@ class VisionClient:
         last_error = "no attempt made"
         for attempt in range(self.settings.max_retries + 1):
             if not self.breaker.allow():
+                cause = self.breaker.last_failure or "no answer"
                 raise self._tag(
                     CircuitOpen(
-                        f"{self.preset.name}: circuit open after {self.breaker.failures} failures in a row; "
-                        f"not calling for {self.settings.circuit_cooldown_seconds:g} s"
+                        f"{self.preset.name} is failing ({cause}); circuit open after "
+                        f"{self.breaker.failures} failures in a row, not calling for "
+                        f"{self.settings.circuit_cooldown_seconds:g} s"
                     ),
                     calls,
                 )
@@ -263,7 +277,7 @@ class VisionClient:
                     except (ValueError, wire.ReplyFormatError) as exc:
                         last_error = f"HTTP 200 with an unreadable body: {str(exc)[:200]}"
                         self._record(calls, study, images, 0, 0, latency, status, last_error)
-                        self.breaker.failed()
+                        self.breaker.failed(last_error)
                         delay = self._backoff(attempt)
                     else:
                         self._record(
@@ -286,7 +300,7 @@ class VisionClient:
                         if status == 429:  # up, but busy: the limiter's business, not the breaker's
                             self.breaker.succeeded()
                         else:
-                            self.breaker.failed()
+                            self.breaker.failed(last_error)
                         delay = _retry_after(response)
                         delay = self._backoff(attempt) if delay is None else delay
                     else:
@@ -298,12 +312,12 @@ class VisionClient:
                             ),
                             calls,
                         )
-            except httpx.TransportError as exc:  # connect/read timeouts, refused connections
+            except httpx.RequestError as exc:  # timeouts, refused connections, undecodable bodies
                 last_error = f"{type(exc).__name__}"
                 self._record(
                     calls, study, images, 0, 0, (time.perf_counter() - started) * 1000, None, last_error
                 )
-                self.breaker.failed()
+                self.breaker.failed(last_error)
                 delay = self._backoff(attempt)
             if attempt < self.settings.max_retries and delay is not None:
                 log.warning(

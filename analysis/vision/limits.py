@@ -135,6 +135,7 @@ class CircuitBreaker:
         self.cooldown = cooldown
         self.clock = clock
         self.failures = 0
+        self.last_failure = ""  # what the last failure was, for the reason a study waits
         self.open_until: float | None = None
         self.trial_running = False
         self.lock = threading.Lock()
@@ -152,9 +153,10 @@ class CircuitBreaker:
         with self.lock:
             self.failures, self.open_until, self.trial_running = 0, None, False
 
-    def failed(self) -> None:
+    def failed(self, reason: str = "") -> None:
         with self.lock:
             self.failures += 1
+            self.last_failure = reason or self.last_failure
             self.trial_running = False
             if self.failures >= self.threshold:
                 self.open_until = self.clock() + self.cooldown

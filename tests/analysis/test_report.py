@@ -13,6 +13,7 @@ from pydicom.uid import generate_uid
 from analysis.findings import Findings
 from analysis.prepare import PreparedStudy
 from analysis.report import SR_SERIES_DESCRIPTION, ReportContext, build_sr
+from analysis.vision.reading import read_findings
 from analysis.vision.simulator import simulated_findings
 from tests.data.generate import write_series
 from tests.data.ingest import prepared_study
@@ -157,3 +158,25 @@ def test_a_study_without_findings_gets_an_sr_that_says_so(tmp_path: Path) -> Non
     path = tmp_path / "empty.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert sr_errors(path) == []
+
+
+def test_degraded_findings_and_sources_missing_type_2_attributes_still_make_a_valid_sr(
+    tmp_path: Path,
+) -> None:
+    """A finding that lost its region, certainty, severity and site (reading kept only its words
+    and a note), from sources without StudyID or AccessionNumber (Type 2: highdicom needs them
+    present): the SR is valid and says in words what was dropped."""
+    study_prep, sources, study = prepared(tmp_path, "693_UNCI.dcm", 4)
+    for header in sources.values():
+        for keyword in ("StudyID", "AccessionNumber", "ReferringPhysicianName"):
+            if keyword in header:
+                delattr(header, keyword)
+    data = simulated_findings(images=1)
+    data["findings"][0] = {"description": "Opacity, left base", "image_index": 7, "box": None}
+    degraded = read_findings(data, [(512, 512)], "fraction")
+    sr = build_sr(degraded, study_prep.composed, sources, context(study))
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert sr_errors(path) == []
+    texts = [str(item.TextValue) for item in _walk(dcmread(path)) if item.ValueType == "TEXT"]
+    assert any("placed this finding on image 7, but 1 image(s) were sent" in text for text in texts)

@@ -105,7 +105,7 @@ def test_configuration_errors_never_echo_the_api_key_or_a_database_password(
     assert "openal" in str(typo.value) and "sk-never-print-me" not in str(typo.value)
     monkeypatch.delenv("AINODE_VISION__PROVIDER")
     monkeypatch.setenv("AINODE_STORAGE__DATABASE_URL", "postgresql+psycopg://u:pw-never-print@h:port/db")
-    with pytest.raises(ConfigError, match="storage.database_url must be a database URL") as other:
+    with pytest.raises(ConfigError, match=r"storage\.database_url must be a database URL") as other:
         load_settings(packaged)
     assert "pw-never-print" not in str(other.value)
 

@@ -295,3 +295,72 @@ def test_our_own_sr_sent_back_by_the_pacs_does_not_reopen_the_study(sessions: se
     assert receive(sessions, own, at(12)) is IngestOutcome.OWN_OUTPUT
     s = study(sessions)
     assert (s.state, s.version, s.instance_count) == (StudyState.SENDING, 1, 1)
+
+
+def test_a_study_receiving_a_late_series_is_not_claimed_until_it_settles_again(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The review's case 1: a second series sent in its own association right after the first
+    settled must not be analysed half-received."""
+    receive(sessions, instance("1.1"), at(0))
+    assert settle(sessions, at(SETTLE)) == ["1.2.3"]
+    receive(sessions, instance("2.1", series="1.2.3.2"), at(SETTLE + 1))  # the job is pushed back
+    receive(sessions, instance("2.2", series="1.2.3.2"), at(SETTLE + 9))  # ... but only once
+    assert study(sessions).state == StudyState.RECEIVING
+    assert claim(sessions, "w1", at(SETTLE + 12)) is None  # the job is due; the study is not settled
+    assert settle(sessions, at(SETTLE + 9 + SETTLE)) == ["1.2.3"]
+    job = claim(sessions, "w1", at(SETTLE + 9 + SETTLE))
+    assert job is not None and job.study_version == 1
+    assert study(sessions).state == StudyState.ANALYSING
+
+
+def test_a_superseded_version_is_cancelled_not_run(sessions: sessionmaker[Session]) -> None:
+    """The review's case 2: version 1's job requeued after version 2 opened must not run."""
+    receive(sessions, instance("1.1"), at(0))
+    settle(sessions, at(SETTLE))
+    first = claim(sessions, "w1", at(SETTLE))
+    assert first is not None
+    receive(sessions, instance("1.2"), at(SETTLE + 1))  # during the analysis: version 2
+    with transaction(sessions) as session:
+        queue.fail(session, first, "HTTP 503", at(SETTLE + 2), retry_in_seconds=0)  # version 1 requeued
+    settle(sessions, at(2 * SETTLE + 1))
+    second = claim(sessions, "w2", at(2 * SETTLE + 2))
+    assert second is not None and second.study_version == 2
+    assert claim(sessions, "w3", at(2 * SETTLE + 3)) is None
+    states = {(j.study_version, j.state, j.last_error) for j in jobs(sessions)}
+    assert (1, JobState.CANCELLED, "superseded: a newer version of the study was opened") in states
+
+
+def test_postponing_keeps_the_cause_and_spends_no_attempt(sessions: sessionmaker[Session]) -> None:
+    receive(sessions, instance("1.1"), at(0))
+    settle(sessions, at(SETTLE))
+    job = claim(sessions, "w1", at(SETTLE))
+    assert job is not None and job.attempts == 1
+    with transaction(sessions) as session:
+        queue.postpone(session, job, at(SETTLE + 60), "provider down: HTTP 503 (circuit open)", at(SETTLE))
+    (row,) = jobs(sessions)
+    assert (row.state, row.attempts, row.last_error) == (
+        JobState.QUEUED,
+        0,
+        "provider down: HTTP 503 (circuit open)",
+    )
+    assert study(sessions).last_error == "provider down: HTTP 503 (circuit open)"
+    assert claim(sessions, "w1", at(SETTLE + 59)) is None
+    assert claim(sessions, "w1", at(SETTLE + 60)) is not None
+
+
+def test_findings_committed_by_one_attempt_are_there_for_the_next(sessions: sessionmaker[Session]) -> None:
+    receive(sessions, instance("1.1"), at(0))
+    settle(sessions, at(SETTLE))
+    job = claim(sessions, "w1", at(SETTLE), lease=5)
+    assert job is not None
+    with transaction(sessions) as session:
+        queue.store_findings(session, job, '{"summary": "x"}', at(SETTLE + 1))
+    with transaction(sessions) as session:
+        assert queue.reap_expired(session, at(SETTLE + 10)) == [job.id]  # the worker died after
+    again = claim(sessions, "w2", at(SETTLE + 11))
+    assert again is not None and again.id == job.id
+    with sessions() as session:
+        assert queue.stored_findings(session, again) == '{"summary": "x"}'
+    with pytest.raises(LeaseLost), transaction(sessions) as session:
+        queue.store_findings(session, job, '{"summary": "stale"}', at(SETTLE + 12))  # the old lease
