@@ -100,6 +100,9 @@ class AnalysisWorker:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout)
+        with self._clients_lock:
+            for client in self._clients.values():
+                client.close()
 
     def _loop(self) -> None:
         next_purge = 0.0

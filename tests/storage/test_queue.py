@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -364,3 +365,45 @@ def test_findings_committed_by_one_attempt_are_there_for_the_next(sessions: sess
         assert queue.stored_findings(session, again) == '{"summary": "x"}'
     with pytest.raises(LeaseLost), transaction(sessions) as session:
         queue.store_findings(session, job, '{"summary": "stale"}', at(SETTLE + 12))  # the old lease
+
+
+def test_a_restarted_node_reclaims_at_once_what_its_dead_process_held(
+    sessions: sessionmaker[Session],
+) -> None:
+    for n, owner in enumerate(["ward-host:4242", "ward-host:5353", "other-host:4242"]):
+        receive(sessions, instance(f"1.{n}", study=f"1.2.{n}"), at(0))
+        settle(sessions, at(SETTLE))
+        assert claim(sessions, owner, at(SETTLE), lease=60) is not None
+    with transaction(sessions) as session:
+        reclaimed = queue.reclaim_orphans(session, "ward-host", lambda pid: pid == 5353, at(SETTLE + 1))
+    rows = {j.lease_owner or j.state: j for j in jobs(sessions)}
+    assert len(reclaimed) == 1  # 4242 on this host is gone; 5353 is alive; the other host is not ours
+    assert rows["ward-host:5353"].state == rows["other-host:4242"].state == JobState.RUNNING
+    requeued = next(j for j in jobs(sessions) if j.id == reclaimed[0])
+    assert (requeued.state, requeued.run_after) == (JobState.QUEUED, at(SETTLE + 1))
+    assert requeued.last_error == "its worker process on this host is gone"
+
+
+def test_on_sqlite_a_long_read_does_not_hold_up_a_write(tmp_path: Path) -> None:
+    """Status pages, metrics and pixel preparation read for a long time; C-STORE commits must
+    not wait behind them (readers take no write lock)."""
+    engine = make_engine(f"sqlite:///{tmp_path}/node.db")
+    migrate(engine)
+    factory = make_session_factory(engine)
+    receive(factory, instance("1.1"), at(0))
+    written = threading.Event()
+
+    def write() -> None:
+        receive(factory, instance("1.2"), at(1))
+        written.set()
+
+    try:
+        with factory() as reader:
+            assert reader.scalar(select(func.count()).select_from(Study)) == 1  # the read is open
+            writer = threading.Thread(target=write)
+            writer.start()
+            assert written.wait(10), "the write waited for the reader"
+            writer.join()
+            assert reader.scalar(select(func.count()).select_from(Job)) == 0  # still reading
+    finally:
+        engine.dispose()
