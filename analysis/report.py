@@ -319,7 +319,8 @@ def _with_type2_study_attributes(source: Dataset) -> Dataset:
     if not missing:
         return source
     copy = Dataset(source)
-    copy.file_meta = getattr(source, "file_meta", Dataset())
+    if "file_meta" in source.__dict__:
+        copy.file_meta = source.file_meta
     for keyword in missing:
         setattr(copy, keyword, "")
     return copy

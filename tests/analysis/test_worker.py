@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from analysis.vision.client import VisionClient
 from analysis.worker import AnalysisWorker
-from conf import Settings
+from conf import Settings, StorageSettings
 from storage.db import open_database, transaction
 from storage.files import InstanceStore
 from storage.models import ApiCall, Job, JobState, Outbox, Study, StudyState
@@ -53,7 +53,7 @@ def study_node(tmp_path: Path) -> Iterator[tuple[Settings, Any, str]]:
     store.prepare()
     url = f"sqlite:///{root}/ainode.db"
     study = ingest(write_series(tmp_path / "ct", 3, study_instance_uid=generate_uid()), store, url)
-    settings = Settings(storage={"root": root, "database_url": url})
+    settings = Settings(storage=StorageSettings(root=root, database_url=url))
     with open_database(url) as sessions:
         with transaction(sessions) as session:
             settle_due(session, T0)
@@ -88,7 +88,8 @@ def _worker(settings: Settings, sessions: Any, url: str, clock: Clock, **vision:
 
 def _job(sessions: Any) -> Job:
     with sessions() as session:
-        return session.scalars(select(Job)).one()
+        job: Job = session.scalars(select(Job)).one()
+        return job
 
 
 def _requests(record: Path) -> int:
