@@ -38,40 +38,57 @@ MAX_REPLY_CHARS = 1_000_000  # a reply longer than this is a model gone wrong, n
 MAX_OPENING_BRACES = 50  # where a JSON object after prose may start; bounds the work on garbage
 MAX_SUMMARY_CHARS = 20_000
 MAX_TEXT_CHARS = 8_000  # one finding's description or recommendation
+MAX_INT_DIGITS = 400  # a longer integer is read as a float (inf), not refused by int()'s limit
 _E = TypeVar("_E", StudyQuality, Laterality, Severity)
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+# What no DICOM text value may hold: C0/C1 controls other than tab, LF and CR, and UTF-16
+# surrogates left unpaired by a "\ud800" escape (they cannot even be encoded as UTF-8).
+_UNWRITABLE = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f-\x9f]|[\ud800-\udfff]")
 
 
 class UnusableReply(ValueError):
     """The reply has no usable findings structure; the message says why, in one line."""
 
 
+def _parse_int(digits: str) -> int | float:
+    """An integer of the reply; one past Python's digit limit (a ValueError that would discard
+    the whole reply for one number) becomes a float, infinite if it must."""
+    return int(digits) if len(digits) <= MAX_INT_DIGITS else float(digits)
+
+
 def extract_json(text: str) -> Any:
     """The JSON object in ``text``: the whole text, a fenced block, or the first ``{...}`` that
-    parses (after prose)."""
+    parses (after prose), preferring one with ``summary`` or ``findings``. A reply that starts as
+    an object but does not parse is cut off or broken: an object nested inside it is not the
+    answer."""
     if len(text) > MAX_REPLY_CHARS:
         raise UnusableReply(f"the reply is {len(text)} characters long, over {MAX_REPLY_CHARS}")
     stripped = text.strip()
     if not stripped:
         raise UnusableReply("the reply is empty")
+    decoder = json.JSONDecoder(parse_int=_parse_int)
     candidates = [stripped, *(m.group(1).strip() for m in _FENCE.finditer(stripped))]
     for candidate in candidates:
         try:
-            value = json.loads(candidate)
+            value = decoder.decode(candidate)
         except (ValueError, RecursionError):
             continue
         if isinstance(value, dict):
             return value
-    decoder = json.JSONDecoder()
+    first: dict[str, Any] | None = None
     for match in itertools.islice(re.finditer(r"\{", stripped), MAX_OPENING_BRACES):
         try:
             value, _ = decoder.raw_decode(stripped, match.start())
         except (ValueError, RecursionError):
             continue
         if isinstance(value, dict):
-            return value
+            if "summary" in value or "findings" in value:
+                return value
+            first = value if first is None else first
     if stripped.startswith("{"):
         raise UnusableReply("the reply is a JSON object cut off before its end (truncated?)")
+    if first is not None:
+        return first
     raise UnusableReply("the reply holds no JSON object: " + _excerpt(stripped))
 
 
@@ -83,14 +100,19 @@ def _excerpt(text: str, limit: int = 120) -> str:
 def _finite(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past the largest float
+        return None
     return number if math.isfinite(number) else None
 
 
 def _text(value: Any, limit: int) -> str | None:
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
         return None
-    text = str(value).strip()
+    text = _UNWRITABLE.sub(lambda m: "\ufffd" if m.group() >= "\ud800" else " ", value).strip()
+    if not text:
+        return None
     if len(text) > limit:
         return text[:limit] + f" [cut here: the model wrote {len(text)} characters]"
     return text
@@ -184,12 +206,13 @@ def read_findings(data: Any, image_sizes: Sequence[tuple[int, int]], convention:
     """Findings from a parsed reply to a request that sent images of ``image_sizes``."""
     if not isinstance(data, dict):
         raise UnusableReply(f"the reply is a JSON {type(data).__name__}, not an object")
-    summary = data.get("summary")
-    if not isinstance(summary, str) or not summary.strip():
+    raw_summary = data.get("summary")
+    if isinstance(raw_summary, str) and len(raw_summary) > MAX_SUMMARY_CHARS:
+        raise UnusableReply(f"the summary is {len(raw_summary)} characters long, over {MAX_SUMMARY_CHARS}")
+    summary = _text(raw_summary, MAX_SUMMARY_CHARS)
+    if summary is None:
         keys = ", ".join(sorted(str(k) for k in data)[:12]) or "none"
         raise UnusableReply(f'the reply has no "summary" text (its keys: {keys})')
-    if len(summary) > MAX_SUMMARY_CHARS:
-        raise UnusableReply(f"the summary is {len(summary)} characters long, over {MAX_SUMMARY_CHARS}")
     raw_findings = data.get("findings")
     if not isinstance(raw_findings, list):
         raise UnusableReply(f'"findings" is not a list (got {type(raw_findings).__name__})')
@@ -216,7 +239,7 @@ def read_findings(data: Any, image_sizes: Sequence[tuple[int, int]], convention:
     urgency = _index(data.get("overall_urgency"))
     return Findings(
         study_quality=_member(StudyQuality, data.get("study_quality")),
-        summary=summary.strip(),
+        summary=summary,
         overall_urgency=urgency if urgency is not None and 1 <= urgency <= 5 else None,
         findings=kept,
         notes=notes,

@@ -216,3 +216,47 @@ def test_boxes_are_read_in_the_presets_convention(
     data = _reply(image_index=2, box=box)
     (finding,) = read_findings(data, SIZES, convention).findings
     assert finding.box is not None and tuple(finding.box.model_dump().values()) == expected
+
+
+@pytest.mark.parametrize(
+    ("field", "digits", "note"),
+    [
+        ("image_index", 400, "placed this finding on image"),  # past float: 1e399 as an integer
+        ("image_index", 5_000, "placed this finding on image"),  # past int()'s 4300-digit limit
+        ("confidence", 400, "certainty"),
+        ("x_max", 400, "no usable x_max"),
+        ("x_max", 5_000, "no usable x_max"),
+    ],
+)
+def test_an_integer_too_large_for_a_float_loses_only_its_part(field: str, digits: int, note: str) -> None:
+    data = _reply()
+    placeholder = 123456789
+    if field == "x_max":
+        data["findings"][0]["box"]["x_max"] = placeholder
+    else:
+        data["findings"][0][field] = placeholder
+    data["overall_urgency"] = placeholder
+    text = json.dumps(data).replace(str(placeholder), "9" * digits)
+    findings = read_findings(extract_json(text), SIZES, "fraction")
+    (finding,) = findings.findings
+    assert finding.description == data["findings"][0]["description"] and findings.overall_urgency is None
+    assert any(note in text for text in finding.notes), finding.notes
+
+
+def test_unpaired_surrogates_and_control_characters_are_replaced_not_fatal() -> None:
+    text = json.dumps(_reply(description="nodule\\ud800 \x00left\x1b[0m", body_site="\x07lobe"))
+    text = text.replace("\\\\ud800", "\\ud800")  # a lone surrogate escape, as a model may write
+    data = extract_json(text.replace('"summary": "', '"summary": "\\udfff '))
+    findings = read_findings(data, SIZES, "fraction")
+    (finding,) = findings.findings
+    assert finding.description == "nodule\ufffd  left [0m" and finding.body_site == "lobe"
+    assert findings.summary.startswith("\ufffd SIMULATED")
+    findings.summary.encode("utf-8")  # writable, as the SR must write it
+
+
+def test_a_cut_off_reply_is_said_to_be_cut_off_not_read_from_an_inner_object() -> None:
+    text = json.dumps(simulated_findings(images=1))
+    box = '"box": {"x_min": 0.1, "y_min": 0.1, "x_max": 0.2, "y_max": 0.2}, "sev'
+    cut = text[: text.index('"body_site"')] + box  # one whole inner object, then the cut
+    with pytest.raises(UnusableReply, match="cut off"):
+        extract_json(cut)
