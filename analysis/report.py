@@ -105,9 +105,16 @@ def sr_uids(
     return series, instance
 
 
+def _long_string(text: str) -> str:
+    """``text`` as one LO value: no backslash (LO's value separator), whitespace collapsed, at
+    most 64 bytes of UTF-8 (what dciodvfy counts), never a character cut in half."""
+    flat = " ".join(text.replace("\\", "/").split())
+    return flat.encode("utf-8")[:64].decode("utf-8", errors="ignore").strip()
+
+
 def _local(text: str) -> Code:
     """A clearly labelled uncoded term: private scheme, meaning is the model's words."""
-    meaning = text.strip()[:64] or "unspecified"
+    meaning = _long_string(text) or "unspecified"
     return Code(hashlib.sha1(meaning.lower().encode()).hexdigest()[:16], LOCAL_SCHEME, meaning)
 
 

@@ -180,3 +180,41 @@ def test_degraded_findings_and_sources_missing_type_2_attributes_still_make_a_va
     assert sr_errors(path) == []
     texts = [str(item.TextValue) for item in _walk(dcmread(path)) if item.ValueType == "TEXT"]
     assert any("placed this finding on image 7, but 1 image(s) were sent" in text for text in texts)
+
+
+def test_an_sr_from_degraded_findings_in_any_script_passes_all_three_validators(tmp_path: Path) -> None:
+    """What reading keeps of a bad reply (no region, no certainty, notes) and the model's words as
+    they come (long Japanese, a backslash, control characters) make a valid SR: a Code Meaning is
+    one LO value of at most 64 bytes."""
+    study_prep, sources, study = prepared(tmp_path, "RG1_UNCI.dcm", 1)
+    sizes = [(image.width, image.height) for image in study_prep.encoded]
+    box = {"x_min": 0.1, "y_min": 0.1, "x_max": 0.2, "y_max": 0.2}
+    japanese = "右上葉に結節影を認める。大きさは約十五ミリで辺縁は不整である"
+    reply = {
+        "summary": "SIMULATED: a\\b \x1b[31m red \x07",
+        "findings": [
+            {"description": japanese, "body_site": "右肺上葉の後区域、胸膜直下"},
+            {
+                "description": "opacity \\ effusion\x0c",
+                "body_site": "lobe\\left\x01",
+                "recommendation": "x\\y\x02",
+                "image_index": 9,
+                "box": box,
+                "confidence": 7,
+            },
+            {"description": "inverted", "image_index": 1, "box": {**box, "x_min": 0.5}},
+            "not a finding",
+        ],
+    }
+    findings = read_findings(reply, sizes, "fraction")
+    assert [bool(f.notes) for f in findings.findings] == [False, True, True] and findings.notes
+    sr = build_sr(findings, study_prep.composed, sources, context(study, simulated=False))
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert sr_errors(path) == []
+    meanings = [
+        item.ConceptCodeSequence[0].CodeMeaning
+        for item in _walk(dcmread(path))
+        if "ConceptCodeSequence" in item
+    ]
+    assert "右上葉に結節影を認める。大きさは約十五ミリ" in meanings and "lobe/left" in meanings

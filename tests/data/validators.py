@@ -19,13 +19,17 @@ PIXELMED = [
 def sr_errors(path: Path) -> list[str]:
     """Every error line the three validators print for ``path`` (warnings are not errors)."""
     errors: list[str] = []
-    dciodvfy = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    dciodvfy = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=120
+    )
     errors += [
         f"dciodvfy: {line}"
         for line in (dciodvfy.stdout + dciodvfy.stderr).splitlines()
         if line.startswith("Error")
     ]
-    dsrdump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=120)
+    dsrdump = subprocess.run(
+        ["dsrdump", str(path)], capture_output=True, text=True, errors="replace", timeout=120
+    )
     if dsrdump.returncode != 0:
         errors.append(f"dsrdump: exit {dsrdump.returncode}")
     errors += [
@@ -33,7 +37,9 @@ def sr_errors(path: Path) -> list[str]:
         for line in (dsrdump.stdout + dsrdump.stderr).splitlines()
         if line.startswith(("E:", "F:"))
     ]
-    pixelmed = subprocess.run([*PIXELMED, str(path)], capture_output=True, text=True, timeout=300)
+    pixelmed = subprocess.run(
+        [*PIXELMED, str(path)], capture_output=True, text=True, errors="replace", timeout=300
+    )
     output = pixelmed.stdout + pixelmed.stderr
     if "IOD validation complete" not in output:
         errors.append(f"pixelmed: did not complete: {output[-500:]}")
