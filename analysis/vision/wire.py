@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,26 @@ class Reply:
 
 class ReplyFormatError(ValueError):
     """The HTTP body is not a reply of the expected wire format."""
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _count(value: Any) -> int:
+    """A token count from ``usage``; 0 for what is not one (null, a string, 1e400), which must
+    not throw away a reply whose findings are fine."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    try:
+        number = float(value)
+    except OverflowError:
+        return 0
+    return int(number) if math.isfinite(number) and number >= 0 else 0
+
+
+def _said(text: str) -> str:
+    """The model's own words for the error message and the database (PostgreSQL refuses NUL)."""
+    return _CONTROL.sub(" ", text)
 
 
 def system_message(preset: ProviderPreset, schema: dict[str, Any]) -> str:
@@ -190,10 +212,10 @@ def parse_reply(preset: ProviderPreset, payload: Any) -> Reply:
                 text = texts
             return Reply(
                 text,
-                int(usage.get("input_tokens", 0)),
-                int(usage.get("output_tokens", 0)),
+                _count(usage.get("input_tokens")),
+                _count(usage.get("output_tokens")),
                 truncated=stop == "max_tokens",
-                refusal=(texts or "no reason given") if stop == "refusal" else None,
+                refusal=_said(texts or "no reason given") if stop == "refusal" else None,
             )
         usage = payload.get("usage") or {}
         choice = payload["choices"][0]
@@ -207,10 +229,10 @@ def parse_reply(preset: ProviderPreset, payload: Any) -> Reply:
         )
         return Reply(
             str(text),
-            int(usage.get("prompt_tokens", 0)),
-            int(usage.get("completion_tokens", 0)),
+            _count(usage.get("prompt_tokens")),
+            _count(usage.get("completion_tokens")),
             truncated=finish == "length",
-            refusal=str(refusal) if refusal else None,
+            refusal=_said(str(refusal)) if refusal else None,
         )
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
         raise ReplyFormatError(f"reply is not a {preset.wire} response: {type(exc).__name__} {exc}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import pytest
 
@@ -169,3 +170,27 @@ def test_documented_replies_parse() -> None:
     assert wire.parse_reply(PRESETS["anthropic"], declined).refusal == "No."
     with pytest.raises(wire.ReplyFormatError, match="not a openai response"):
         wire.parse_reply(PRESETS["openai"], {"unexpected": True})
+
+
+@pytest.mark.parametrize("count", [None, "12", 1e400, -3, True, 10**400])
+def test_usage_that_is_not_a_count_costs_nothing_and_keeps_the_reply(count: Any) -> None:
+    """A server's odd ``usage`` (null, a string, 1e400 that JSON reads as infinity) must not
+    discard findings: the count is 0, never an OverflowError or a retried 'unreadable body'."""
+    openai_reply = {
+        "choices": [{"message": {"role": "assistant", "content": '{"a": 1}'}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": count, "completion_tokens": count},
+    }
+    assert wire.parse_reply(PRESETS["openai"], openai_reply) == wire.Reply('{"a": 1}', 0, 0)
+    anthropic_reply = {
+        "content": [{"type": "text", "text": '{"a": 1}'}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": count, "output_tokens": count},
+    }
+    assert wire.parse_reply(PRESETS["anthropic"], anthropic_reply) == wire.Reply('{"a": 1}', 0, 0)
+
+
+def test_a_refusal_keeps_its_words_without_control_characters() -> None:
+    refused = {
+        "choices": [{"message": {"content": None, "refusal": "No\x00 way\x1b"}, "finish_reason": "stop"}]
+    }
+    assert wire.parse_reply(PRESETS["openai"], refused).refusal == "No  way "
