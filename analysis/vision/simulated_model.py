@@ -42,6 +42,7 @@ STRICT_MAX_DEPTH = 10
 ANTHROPIC_MEDIA_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 # Where the named box edges sit in the schema's coordinate range, so a region is visible.
 BOX_PLACEMENT = {"x_min": 0.30, "y_min": 0.30, "x_max": 0.45, "y_max": 0.42}
+MAX_ARRAY_ITEMS = 1000  # a schema asking for more (minItems 10**9) gets this many
 
 
 class RequestRejected(Exception):
@@ -131,6 +132,8 @@ def instance(schema: Any, answering: Answering, name: str = "") -> Any:
         return schema["const"]
     if "enum" in schema:
         values = schema["enum"]
+        if not isinstance(values, list) or not values:
+            return None
         return values[-1] if answering.boundary else values[0]
     if "anyOf" in schema:
         options = [o for o in schema["anyOf"] if isinstance(o, dict) and o.get("type") != "null"]
@@ -142,7 +145,7 @@ def instance(schema: Any, answering: Answering, name: str = "") -> Any:
         return {key: instance(sub, answering, key) for key, sub in (schema.get("properties") or {}).items()}
     if kind == "array":
         count = max(int(schema.get("minItems", 0)), answering.findings)
-        count = min(count, int(schema.get("maxItems", count)))
+        count = min(count, int(schema.get("maxItems", count)), MAX_ARRAY_ITEMS)
         return [instance(schema.get("items", {}), answering, name) for _ in range(count)]
     if kind in ("integer", "number"):
         return _number(schema, answering, name, integer=kind == "integer")
@@ -175,7 +178,7 @@ def schema_in_text(texts: list[str]) -> dict[str, Any] | None:
         for match in re.finditer(r"\{", text):
             try:
                 value, end = decoder.raw_decode(text, match.start())
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(value, dict) and value.get("type") == "object" and "properties" in value:
                 found.append((end - match.start(), value))
@@ -247,6 +250,10 @@ def _texts_openai(body: dict[str, Any]) -> tuple[list[str], int]:
     return texts, images
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def openai_answer(body: Any, answering: Answering) -> tuple[Any, int]:
     """The answer to a chat-completions request: (the value to write, images seen)."""
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body.get("model"):
@@ -255,6 +262,11 @@ def openai_answer(body: Any, answering: Answering) -> tuple[Any, int]:
         texts, images = _texts_openai(body)
     except (AttributeError, TypeError) as exc:
         raise RequestRejected(400, "invalid_request_error", f"malformed messages: {exc}") from None
+    for key in ("max_tokens", "max_completion_tokens"):
+        if body.get(key) is not None and not _positive_int(body[key]):
+            raise RequestRejected(
+                400, "invalid_request_error", f"Invalid '{key}': expected an integer of at least 1."
+            )
     response_format = body.get("response_format") or {}
     kind = response_format.get("type", "text")
     if kind == "json_schema":
@@ -287,7 +299,7 @@ def anthropic_answer(body: Any, headers: dict[str, str], answering: Answering) -
         raise RequestRejected(400, "invalid_request_error", "anthropic-version: header is required")
     if not isinstance(body, dict) or not body.get("model") or not isinstance(body.get("messages"), list):
         raise RequestRejected(400, "invalid_request_error", "model and messages are required")
-    if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
+    if not _positive_int(body.get("max_tokens")):
         raise RequestRejected(400, "invalid_request_error", "max_tokens: Field required")
     texts = [body["system"]] if isinstance(body.get("system"), str) else []
     images = 0

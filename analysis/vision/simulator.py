@@ -37,6 +37,7 @@ from analysis.vision.simulated_model import (
 )
 
 log = logging.getLogger("ainode.simulator")
+MAX_BODY_BYTES = 64 * 1024 * 1024  # over every preset's max_bytes_per_request
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,36 @@ class _Handler(BaseHTTPRequestHandler):
         return auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else None
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("content-length", "0"))
-        raw = self.rfile.read(length)
+        """Every request gets an HTTP answer, whatever it holds: a test peer that hangs or drops
+        the connection would hide what the client does with a real answer."""
+        try:
+            self._post()
+        except Exception as exc:
+            log.exception("simulator: request not handled")
+            self.close_connection = True
+            self._error(500, "server_error", f"the simulator could not answer: {type(exc).__name__}")
+
+    def _body(self) -> bytes | None:
+        """The request body, or None when an error was answered (length not a number, negative or
+        over MAX_BODY_BYTES: the connection is closed, the body is never read)."""
+        try:
+            length = int(self.headers.get("content-length") or "0")
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            self._error(400, "invalid_request_error", "content-length is not a byte count")
+            return None
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            self._error(413, "request_too_large", f"the body is over {MAX_BODY_BYTES} bytes")
+            return None
+        return self.rfile.read(length)
+
+    def _post(self) -> None:
+        raw = self._body()
+        if raw is None:
+            return
         path = self.path.rstrip("/")
         anthropic = path.endswith("/messages")
         if not (anthropic or path.endswith("/chat/completions")):
@@ -160,7 +189,7 @@ class _Handler(BaseHTTPRequestHandler):
         except RequestRejected as exc:
             self._error(exc.status, exc.kind, str(exc))
             return
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             self._error(400, "invalid_request_error", f"could not read the request: {type(exc).__name__}")
             return
         call, limited = state.next_call()
@@ -199,7 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         call -= b.fail_status_count if b.fail_status else 0
         refused = 0 < call <= b.refuse
-        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 1 << 30)
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 1 << 30
         content, truncated = cut(content, max_tokens)
         prompt_tokens = 85 + 170 * 4 * images + len(raw) // 400
         completion_tokens = tokens(REFUSAL if refused else content)
