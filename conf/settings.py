@@ -95,12 +95,17 @@ class StorageSettings(_Section):
     @classmethod
     def _database_url(cls, value: str) -> str:
         try:
-            make_url(value)
+            url = make_url(value)
         except (ArgumentError, ValueError):
             raise ValueError(
                 "storage.database_url must be a database URL such as sqlite:///var/ainode/ainode.db or "
                 "postgresql+psycopg://user@host/db"
             ) from None
+        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+            raise ValueError(
+                "storage.database_url: an in-memory SQLite database keeps nothing a second command "
+                "can read; give a file, e.g. sqlite:///var/ainode/ainode.db"
+            )
         return value
 
 
@@ -160,6 +165,17 @@ class VisionSettings(_Section):
     temperature: float = Field(default=0.0, ge=0, le=2)
     circuit_failure_threshold: int = Field(default=5, ge=1)
     circuit_cooldown_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _api_key(cls, value: Any) -> Any:
+        """An empty or blank key (``AINODE_VISION__API_KEY=$UNSET``) is no key: the node waits
+        and says so, instead of sending every study unauthenticated into a permanent 401; a
+        newline pasted with the key is not sent as part of a header."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(raw, str):
+            return raw.strip() or None
+        return value
 
     @property
     def missing_key(self) -> str | None:
@@ -313,6 +329,7 @@ def data_home(environ: dict[str, str] | None = None) -> Path:
 
 
 def _absolute(path: Path, base: Path) -> Path:
+    path = path.expanduser()  # root = "~/ainode" is the user's folder, not one named "~"
     return path if path.is_absolute() else (base / path).resolve()
 
 
@@ -347,9 +364,14 @@ _SECRET_KEYS = frozenset({"api_key", "database_url"})  # a database URL may hold
 def _env_variable(loc: tuple[str | int, ...], environ: Mapping[str, str]) -> str | None:
     """The AINODE_* variable a value at ``loc`` came from, if one is set."""
     names = [str(part) for part in loc if isinstance(part, str)]
-    candidate = "AINODE_" + "__".join(names).upper()
     upper = {name.upper(): name for name in environ}
-    return upper.get(candidate)
+    for end in range(len(names), 0, -1):  # the key's own variable, else its table's (JSON)
+        candidate = "AINODE_" + "__".join(names[:end]).upper()
+        if candidate in upper:
+            return upper[candidate]
+    # An error of a whole table (vision.provider checked against its model): the keys set in it.
+    below = sorted(upper[name] for name in upper if names and name.startswith(f"AINODE_{names[0].upper()}__"))
+    return ", ".join(below) or None
 
 
 def _describe_error(error: Any, environ: Mapping[str, str]) -> str:
@@ -378,9 +400,11 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError(f"configuration file {str(config_path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {str(config_path)!r} is not valid TOML: {exc}") from None
-    key_env = data.get("vision", {}).get("api_key_env") or os.environ.get("AINODE_VISION__API_KEY_ENV")
-    if key_env and os.environ.get(key_env) and not os.environ.get("AINODE_VISION__API_KEY"):
-        data.setdefault("vision", {})["api_key"] = os.environ[key_env]
+    vision = data.get("vision", {})
+    table = isinstance(vision, dict)  # `vision = 5`: validation below says what is wrong
+    key_env = (vision.get("api_key_env") if table else None) or os.environ.get("AINODE_VISION__API_KEY_ENV")
+    if table and key_env and os.environ.get(key_env) and not os.environ.get("AINODE_VISION__API_KEY"):
+        data["vision"] = {**vision, "api_key": os.environ[key_env]}
     try:
         settings = Settings(**data)
     except ValidationError as exc:

@@ -143,3 +143,59 @@ def test_the_packaged_default_keeps_its_files_in_the_users_data_folder(
     settings = load_settings()
     assert settings.storage.root == tmp_path / "xdg" / "ainode" / "var" / "ainode"
     assert settings.storage.database_url == f"sqlite:///{tmp_path}/xdg/ainode/var/ainode/ainode.db"
+
+
+@pytest.mark.parametrize("key", ["", "   ", "\n"])
+def test_an_empty_api_key_is_no_key(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    """``AINODE_VISION__API_KEY=$KEY`` with KEY unset: the node waits and names the variable, not
+    a permanent 401 for every study."""
+    monkeypatch.setenv("AINODE_VISION__API_KEY", key)
+    vision = load_settings(Path(__file__).parents[2] / "conf" / "ainode.toml").vision
+    assert vision.api_key is None
+    assert vision.missing_key == "no vision API key for holysheep; set AINODE_VISION__API_KEY"
+    monkeypatch.setenv("AINODE_VISION__API_KEY", " sk-pasted-with-a-newline\n")
+    key_read = load_settings(Path(__file__).parents[2] / "conf" / "ainode.toml").vision.api_key
+    assert key_read is not None and key_read.get_secret_value() == "sk-pasted-with-a-newline"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("vision = 5\n", r"vision: Input should be a valid dictionary"),
+        ('[storage]\ndatabase_url = "sqlite:///:memory:"\n', r"in-memory SQLite database"),
+        ('[storage]\ndatabase_url = "sqlite://"\n', r"in-memory SQLite database"),
+    ],
+)
+def test_odd_files_are_one_clear_line_not_a_traceback(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "odd.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(path)
+
+
+def test_a_path_under_the_home_folder_is_the_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = tmp_path / "ainode.toml"
+    config.write_text('[storage]\nroot = "~/ainode"\ndatabase_url = "sqlite:///~/ainode/node.db"\n')
+    settings = load_settings(config)
+    assert settings.storage.root == tmp_path / "home" / "ainode"
+    assert settings.storage.database_url == f"sqlite:///{tmp_path}/home/ainode/node.db"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "AINODE_DESTINATIONS",
+            '[{"name": "pacs"}]',
+            r"destinations.0.ae_title.*from environment variable AINODE_DESTINATIONS",
+        ),
+        ("AINODE_VISION__PROVIDER", "deepseek", r"takes text only.*AINODE_VISION__PROVIDER"),
+    ],
+)
+def test_an_error_inside_a_table_from_the_environment_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(Path(__file__).parents[2] / "conf" / "ainode.toml")
