@@ -73,6 +73,11 @@ class NodeSettings(_Section):
     def _ae_title(cls, value: str) -> str:
         return _check_ae_title(value, "node.ae_title")
 
+    @field_validator("allowed_calling_aets", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return () if isinstance(value, str) and not value.strip() else value  # AINODE_..._AETS=
+
     @field_validator("allowed_calling_aets")
     @classmethod
     def _allowed(cls, value: tuple[str, ...]) -> tuple[str, ...]:

@@ -36,3 +36,5 @@ def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     root.setLevel(level)
     # Migrations run at every start; their step-by-step lines are noise unless one fails.
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
+    # pynetdicom narrates every association and message; the node logs its own one line each.
+    logging.getLogger("pynetdicom").setLevel(max(level, logging.WARNING))

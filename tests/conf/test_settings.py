@@ -68,6 +68,8 @@ def test_lists_from_the_environment_as_a_shell_user_writes_them(monkeypatch: pyt
     assert load_settings(packaged).node.allowed_calling_aets == ("CT01", "MR02")
     monkeypatch.setenv("AINODE_NODE__ALLOWED_CALLING_AETS", '["CT01"]')
     assert load_settings(packaged).node.allowed_calling_aets == ("CT01",)
+    monkeypatch.setenv("AINODE_NODE__ALLOWED_CALLING_AETS", "")  # set but empty: anyone may call
+    assert load_settings(packaged).node.allowed_calling_aets == ()
 
 
 @pytest.mark.parametrize(
