@@ -25,7 +25,7 @@ from scp.status_report import format_table, study_rows
 from storage.db import open_database, transaction
 from storage.errors import DatabaseNotUsable
 from storage.models import utc_now
-from storage.studies import requeue_study
+from storage.studies import complete_study, requeue_study
 
 log = logging.getLogger("ainode")
 
@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="run only analysis and SR delivery (scale-out)")
     retry = sub.add_parser("retry", help="analyse a study again (a new SR version)")
     retry.add_argument("study_instance_uid")
+    complete = sub.add_parser("complete", help="declare a study complete now: queue it without waiting")
+    complete.add_argument("study_instance_uid")
     status = sub.add_parser("status", help="list the studies the node holds")
     status.add_argument("--json", action="store_true", help="print one JSON array")
     echo_cmd = sub.add_parser("echo", help="C-ECHO a peer: AE@HOST:PORT")
@@ -125,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.choices["scp"],
         sub.choices["worker"],
         retry,
+        complete,
         status,
         echo_cmd,
         send_cmd,
@@ -277,11 +280,23 @@ def main(argv: list[str] | None = None) -> int:
                     open_database(settings.storage.database_url) as sessions,
                     transaction(sessions) as session,
                 ):
-                    version = requeue_study(session, args.study_instance_uid, utc_now())
+                    version = requeue_study(session, args.study_instance_uid, utc_now(), settings.routes)
             except LookupError as exc:
                 print(f"ainode retry: {exc}", file=sys.stderr)
                 return 1
             print(f"study {args.study_instance_uid} queued again as version {version}")
+            return 0
+        if args.command == "complete":
+            try:
+                with (
+                    open_database(settings.storage.database_url) as sessions,
+                    transaction(sessions) as session,
+                ):
+                    state = complete_study(session, args.study_instance_uid, utc_now(), settings.routes)
+            except LookupError as exc:
+                print(f"ainode complete: {exc}", file=sys.stderr)
+                return 1
+            print(f"study {args.study_instance_uid}: {state}")
             return 0
         if args.command == "preview":
             return _preview(settings, args.study_instance_uid, args.out)

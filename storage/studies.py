@@ -279,9 +279,12 @@ def update_study_version(
     return bool(session.execute(statement.values(**values)).rowcount == 1)  # type: ignore[attr-defined]
 
 
-def requeue_study(session: Session, study_instance_uid: str, now: dt.datetime) -> int:
-    """``ainode retry``: a new version of the study, queued at once (a new analysis, a new SR
-    version that names its predecessor). Returns the new version."""
+def requeue_study(
+    session: Session, study_instance_uid: str, now: dt.datetime, routes: Sequence[Route] = ()
+) -> int:
+    """``ainode retry``: a new version of the study, queued at once through the same routing as
+    settling (a new analysis, a new SR version that names its predecessor; the old version's
+    queued job is cancelled at the next claim). Returns the new version."""
     study = session.execute(
         select(Study.version).where(Study.study_instance_uid == study_instance_uid).with_for_update()
     ).scalar_one_or_none()
@@ -293,8 +296,30 @@ def requeue_study(session: Session, study_instance_uid: str, now: dt.datetime) -
         .where(Study.study_instance_uid == study_instance_uid)
         .values(version=version, state=StudyState.RECEIVING, settle_at=now, last_error=None)
     )
-    settle_due(session, now)
+    _settle_one(session, study_instance_uid, now, routes)
     return version
+
+
+def complete_study(
+    session: Session, study_instance_uid: str, now: dt.datetime, routes: Sequence[Route] = ()
+) -> str:
+    """``ainode complete``: the study is complete now (a modality that keeps its association
+    open, a series known to be last): queue its current version through the routes without
+    waiting out the settle time. Returns the state it is in afterwards."""
+    row = session.execute(
+        select(Study.state).where(Study.study_instance_uid == study_instance_uid).with_for_update()
+    ).scalar_one_or_none()
+    if row is None:
+        raise LookupError(f"no study {study_instance_uid} in the database")
+    if row != StudyState.RECEIVING:
+        return str(row)  # already settled (queued, analysing, done ...): nothing to complete
+    session.execute(update(Study).where(Study.study_instance_uid == study_instance_uid).values(settle_at=now))
+    _settle_one(session, study_instance_uid, now, routes)
+    return str(session.scalar(select(Study.state).where(Study.study_instance_uid == study_instance_uid)))
+
+
+def _settle_one(session: Session, study_instance_uid: str, now: dt.datetime, routes: Sequence[Route]) -> None:
+    settle_due(session, now, routes=routes, only=study_instance_uid)
 
 
 def hold_queued(session: Session, reason: str) -> int:
@@ -341,7 +366,11 @@ def study_facts(session: Session, study_instance_uid: str) -> StudyFacts:
 
 
 def settle_due(
-    session: Session, now: dt.datetime, priority: int = 0, routes: Sequence[Route] = ()
+    session: Session,
+    now: dt.datetime,
+    priority: int = 0,
+    routes: Sequence[Route] = (),
+    only: str | None = None,
 ) -> list[str]:
     """Queue every receiving study whose settle time has passed; return their UIDs.
 
@@ -350,13 +379,16 @@ def settle_due(
     Safe to run from several processes at once: rows are locked (SKIP LOCKED on PostgreSQL,
     the write lock on SQLite), and the job's unique key turns a repeat into a no-op.
     """
-    due = session.execute(
+    query = (
         select(Study.study_instance_uid, Study.version)
         .where(Study.state == StudyState.RECEIVING)
         .where(Study.settle_at <= now)
         .order_by(Study.settle_at)
         .with_for_update(skip_locked=True)
-    ).all()
+    )
+    if only is not None:  # ainode retry / complete: this study alone
+        query = query.where(Study.study_instance_uid == only)
+    due = session.execute(query).all()
     settled: list[str] = []
     for uid, version in due:
         route_name: str | None = None

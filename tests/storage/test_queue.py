@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from conf.routing import Route
 from storage import queue
 from storage.db import make_engine, make_session_factory, migrate, transaction
 from storage.errors import LeaseLost
@@ -19,8 +20,10 @@ from storage.studies import (
     HeaderIndex,
     IngestOutcome,
     ReceivedInstance,
+    complete_study,
     extend_settle,
     record_instance,
+    requeue_study,
     settle_due,
 )
 
@@ -407,3 +410,31 @@ def test_on_sqlite_a_long_read_does_not_hold_up_a_write(tmp_path: Path) -> None:
             assert reader.scalar(select(func.count()).select_from(Job)) == 0  # still reading
     finally:
         engine.dispose()
+
+
+def test_complete_queues_a_receiving_study_now_through_the_routes(sessions: sessionmaker[Session]) -> None:
+    routes = [Route(name="stat", calling_aets=("MODALITY",), priority=10)]
+    receive(sessions, instance("1.1"), at(0))
+    receive(sessions, instance("9.1", study="9.9.9"), at(0))  # another study, also receiving
+    with transaction(sessions) as session:
+        assert complete_study(session, "1.2.3", at(1), routes) == StudyState.QUEUED
+    (job,) = jobs(sessions)
+    assert (job.study_instance_uid, job.route, job.priority, job.run_after) == ("1.2.3", "stat", 10, at(1))
+    assert study(sessions, "9.9.9").state == StudyState.RECEIVING  # only the one named
+    with transaction(sessions) as session:
+        assert complete_study(session, "1.2.3", at(2), routes) == StudyState.QUEUED  # nothing to do
+    with pytest.raises(LookupError, match=r"no study 4\.5\.6"), transaction(sessions) as session:
+        complete_study(session, "4.5.6", at(3), routes)
+
+
+def test_retry_goes_through_the_routes_and_the_old_version_never_runs(
+    sessions: sessionmaker[Session],
+) -> None:
+    routes = [Route(name="skip-modality", calling_aets=("MODALITY",), action="skip")]
+    receive(sessions, instance("1.1"), at(0))
+    settle(sessions, at(SETTLE))  # no routes here: queued
+    with transaction(sessions) as session:
+        assert requeue_study(session, "1.2.3", at(SETTLE + 1), routes) == 2
+    assert study(sessions).state == StudyState.SKIPPED
+    assert claim(sessions, "w1", at(SETTLE + 2)) is None  # version 1's job is cancelled, not run
+    assert [(j.study_version, j.state) for j in jobs(sessions)] == [(1, JobState.CANCELLED)]
