@@ -208,6 +208,9 @@ class DeliverySettings(_Section):
     retry_base_seconds: float = Field(default=15.0, gt=0)
     retry_cap_seconds: float = Field(default=900.0, gt=0)
     poll_seconds: float = Field(default=1.0, gt=0)
+    # Then dead-lettered (visible in status, redeliverable): about four days of a PACS that
+    # refuses or is down, at the 15-minute cap.
+    max_attempts: int = Field(default=400, ge=1)
 
 
 class WorkerSettings(_Section):

@@ -2,9 +2,11 @@
 PACS that is down never delays the others.
 
 Each association proposes only the SR's SOP class, in the file's own transfer syntax with an
-uncompressed fallback, with TCP_NODELAY. Success and warnings complete the delivery; 0xA7xx,
-refused or dropped connections retry with backoff; any other answer (or no SR context
-accepted) is dead-lettered with the reason.
+uncompressed fallback, with TCP_NODELAY. Success and warnings complete the delivery; transient
+answers (0xA7xx out of resources, 0x0110 processing failure), refused or dropped connections and
+any unexpected error retry with backoff, up to ``delivery.max_attempts``; any other answer (or no
+SR context accepted) is dead-lettered with the reason. No exception leaves a delivery
+``sending``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from storage.models import utc_now
 log = logging.getLogger("ainode.sender")
 LEASE_SECONDS = 300.0
 WARNING_STATUSES = frozenset({0x0107, 0x0116, 0xB000, 0xB006, 0xB007})
+PROCESSING_FAILURE = 0x0110  # PS3.7 C.4.2.1.4: the PACS failed, not the SR (its database, say)
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,11 @@ def store_sr(path: Path, destination: DestinationSettings, calling_ae_title: str
     status = int(response.Status)
     if status == 0x0000 or status in WARNING_STATUSES:
         return Outcome("sent", status, "stored" if status == 0 else f"stored with warning 0x{status:04X}")
+    comment = str(response.get("ErrorComment", "")).strip()
     if status & 0xFF00 == 0xA700:
         return Outcome("retry", status, f"out of resources (0x{status:04X})")
-    comment = str(response.get("ErrorComment", "")).strip()
+    if status == PROCESSING_FAILURE:
+        return Outcome("retry", status, f"processing failure (0x0110){': ' + comment if comment else ''}")
     return Outcome("dead", status, f"C-STORE refused with 0x{status:04X}{': ' + comment if comment else ''}")
 
 
@@ -128,15 +133,20 @@ class SrSender:
             outcome = store_sr(
                 path, destination, self.settings.node.ae_title, self.settings.node.network_timeout_seconds
             )
-        except (OSError, ValueError) as exc:
-            outcome = Outcome("retry", None, f"{type(exc).__name__}: {exc}"[:300])
+        except Exception as exc:  # a missing file, a PACS that breaks pynetdicom: retried, recorded
+            log.exception("outbox %d: sending to %s failed", delivery.id, destination.name)
+            outcome = Outcome("retry", None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300])
+        policy = self.settings.delivery
+        if outcome.kind == "retry" and delivery.attempts >= policy.max_attempts:
+            outcome = Outcome(
+                "dead", outcome.status, f"gave up after {delivery.attempts} attempts: {outcome.detail}"
+            )
         try:
             with transaction(self.sessions) as session:
                 now = self.clock()
                 if outcome.kind == "sent":
                     outbox.mark_sent(session, delivery, outcome.status or 0, now)
                 elif outcome.kind == "retry":
-                    policy = self.settings.delivery
                     delay = outbox.retry_delay(
                         delivery.attempts, policy.retry_base_seconds, policy.retry_cap_seconds
                     )

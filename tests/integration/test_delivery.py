@@ -104,13 +104,14 @@ def test_orthanc_down_then_up_gets_the_sr_exactly_once(make_node: NodeFactory, t
 
 
 @contextmanager
-def refusing_pacs(status: int) -> Iterator[tuple[int, list[str]]]:
-    """A pynetdicom SCP that answers every SR C-STORE with ``status``."""
+def refusing_pacs(status: int, *first: int) -> Iterator[tuple[int, list[str]]]:
+    """A pynetdicom SCP that counts every SR C-STORE it receives (a duplicate send shows, even
+    with the same SOP Instance UID) and answers the first ones with ``first``, then ``status``."""
     received: list[str] = []
 
     def handle(event: evt.Event) -> int:
         received.append(str(getattr(event.request, "AffectedSOPInstanceUID", "")))
-        return status
+        return first[len(received) - 1] if len(received) <= len(first) else status
 
     ae = AE(ae_title="PICKYPACS")
     ae.add_supported_context(Comprehensive3DSRStorage)
@@ -164,3 +165,43 @@ def test_queuing_the_same_sr_again_sends_nothing_new(make_node: NodeFactory, tmp
         time.sleep(2)
     assert first == second and received == [first]
     assert len(node.status()[0]["deliveries"]) == 1
+
+
+FAST_RETRIES = {"retry_base_seconds": 0.2, "retry_cap_seconds": 0.3, "poll_seconds": 0.1}
+
+
+def test_a_processing_failure_is_retried_until_the_pacs_stores_it_once(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    study, files = _study(tmp_path)
+    with refusing_pacs(0x0000, 0x0110, 0x0110) as (port, received):
+        node = make_node(
+            destinations=[{"name": "pacs", "ae_title": "PICKYPACS", "host": "127.0.0.1", "port": port}],
+            delivery=FAST_RETRIES,
+        ).start()
+        _send_to_node(node, files)
+        _wait_state(node, study, "waiting")
+        sr_uid = complete_with_simulated_findings(node.database_url, node.root, study, ["pacs"])
+        row = _wait_state(node, study, "done")
+        time.sleep(1)  # long enough for a wrong extra send to show in the count
+    assert received == [sr_uid] * 3  # two refusals, one store, nothing after it
+    assert [(d["state"], d["attempts"]) for d in row["deliveries"]] == [("sent", 3)]
+
+
+def test_a_destination_that_never_recovers_is_dead_lettered_after_max_attempts(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    study, files = _study(tmp_path)
+    with refusing_pacs(0xA700) as (port, received):
+        node = make_node(
+            destinations=[{"name": "pacs", "ae_title": "PICKYPACS", "host": "127.0.0.1", "port": port}],
+            delivery={**FAST_RETRIES, "max_attempts": 3},
+        ).start()
+        _send_to_node(node, files)
+        _wait_state(node, study, "waiting")
+        complete_with_simulated_findings(node.database_url, node.root, study, ["pacs"])
+        row = _wait_state(node, study, "failed")
+    (delivery,) = row["deliveries"]
+    assert (delivery["state"], delivery["attempts"], len(received)) == ("dead", 3, 3)
+    assert delivery["last_error"] == "gave up after 3 attempts: out of resources (0xA700)"
+    assert "pacs: gave up after 3 attempts" in node.cli("status").stdout
