@@ -185,8 +185,10 @@ def orthanc(
     modalities: dict[str, list[Any]] | None = None,
     dicom_port: int | None = None,
     http_port: int | None = None,
+    **extra: Any,
 ) -> Iterator[dict[str, int]]:
-    """Orthanc with a JSON config, listening on fresh (or given) ports; stopped by PID afterwards."""
+    """Orthanc with a JSON config, listening on fresh (or given) ports; stopped by PID afterwards.
+    ``extra``: more of Orthanc's configuration (``LuaScripts``, ``StableAge`` ...)."""
     dicom_port, http_port = dicom_port or free_port(), http_port or free_port()
     config = {
         "Name": "test-orthanc",
@@ -199,6 +201,7 @@ def orthanc(
         "AuthenticationEnabled": False,
         "DicomModalities": modalities or {},
         "Plugins": [],
+        **extra,
     }
     cfg = workdir / "orthanc.json"
     cfg.write_text(json.dumps(config))
