@@ -93,12 +93,17 @@ def for_provider(imaging: ImagingSettings, preset: ProviderPreset) -> ImagingSet
     )
 
 
-def source_images(session: Session, study_instance_uid: str, root: Path) -> list[SourceImage]:
+def source_images(
+    session: Session, study_instance_uid: str, root: Path, only: set[str] | None = None
+) -> list[SourceImage]:
+    """The study's instances (``only``: just these SOP Instance UIDs, a version's fixed set)."""
     # Core rows, not ORM objects: a 300-slice study loads in a few milliseconds.
     rows = session.execute(
         select(*Instance.__table__.columns).where(Instance.study_instance_uid == study_instance_uid)
     )
-    return [SourceImage.from_instance(row, root) for row in rows]
+    return [
+        SourceImage.from_instance(row, root) for row in rows if only is None or row.sop_instance_uid in only
+    ]
 
 
 def _mask(frame: DisplayFrame, image: SourceImage, fraction: float) -> DisplayFrame:
@@ -135,14 +140,19 @@ def _render(
 
 
 def prepare_study(
-    session: Session, study_instance_uid: str, root: Path, settings: ImagingSettings
+    session: Session,
+    study_instance_uid: str,
+    root: Path,
+    settings: ImagingSettings,
+    only: set[str] | None = None,
 ) -> PreparedStudy:
-    """Choose, render, compose and encode; every image left out is listed with its reason."""
+    """Choose, render, compose and encode; every image left out is listed with its reason.
+    ``only``: the version's fixed instance set (the worker); None: every instance (preview)."""
     for preset in settings.ct_window_by_body_part.values():
         if preset not in CT_PRESETS:
             raise ValueError(f'imaging.ct_window_by_body_part: "{preset}" is not one of {sorted(CT_PRESETS)}')
     budget = ImageBudget(settings.max_images, settings.mosaic_grid**2, settings.allow_burned_in_annotation)
-    plans, exclusions = plan_study(source_images(session, study_instance_uid, root), budget)
+    plans, exclusions = plan_study(source_images(session, study_instance_uid, root, only), budget)
     kept_plans: list[SeriesPlan] = []
     composed: list[ComposedImage] = []
     encoded: list[EncodedImage] = []

@@ -334,9 +334,16 @@ def _with_type2_study_attributes(source: Dataset) -> Dataset:
 
 
 def build_sr(
-    findings: Findings, composed: Sequence[ComposedImage], sources: dict[str, Dataset], ctx: ReportContext
+    findings: Findings,
+    composed: Sequence[ComposedImage],
+    sources: dict[str, Dataset],
+    ctx: ReportContext,
+    evidence: Sequence[Dataset] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """``sources``: the original headers (no pixels) of every instance shown, by SOP Instance UID."""
+    """``sources``: the original headers (no pixels) of every instance shown, by SOP Instance
+    UID: the image library and the regions reference these. ``evidence``: the headers of the
+    whole analysed instance set (the version's), for the Current Requested Procedure Evidence
+    Sequence (PS3.3 C.17.2); the shown images when not given."""
     if not sources:
         raise ValueError('Argument "sources" must name at least one source instance')
     groups = []
@@ -358,7 +365,12 @@ def build_sr(
             model_name=ctx.model[:64],
         ),
     )
-    evidence = [_with_type2_study_attributes(sources[uid]) for uid in sorted(sources)]
+    shown = [_with_type2_study_attributes(sources[uid]) for uid in sorted(sources)]
+    analysed = (
+        sorted((_with_type2_study_attributes(ds) for ds in evidence), key=lambda ds: str(ds.SOPInstanceUID))
+        if evidence
+        else shown
+    )
     if not groups:  # highdicom needs one group; a study without findings gets an empty one
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -381,10 +393,14 @@ def build_sr(
     first_measurements = next(
         i for i, item in enumerate(content) if item.ConceptNameCodeSequence[0].CodeValue == "126010"
     )
-    content.insert(first_measurements, _image_library(evidence))  # TID 1500 row 5, before row 6
+    content.insert(first_measurements, _image_library(shown))  # TID 1500 row 5, before row 6
     content.append(_text_container(findings, ctx))
     series_uid, sop_uid = sr_uids(
-        ctx.study_instance_uid, ctx.study_version, list(sources), ctx.model, ctx.prompt_version
+        ctx.study_instance_uid,
+        ctx.study_version,
+        [str(ds.SOPInstanceUID) for ds in analysed],
+        ctx.model,
+        ctx.prompt_version,
     )
     equipment = hd.ContributingEquipment(
         manufacturer=ALGORITHM_MANUFACTURER,
@@ -400,7 +416,7 @@ def build_sr(
             "ignore", message=r"The string .* is unlikely to represent the intended person"
         )
         sr = hd.sr.Comprehensive3DSR(
-            evidence=evidence,
+            evidence=analysed,
             content=report[0],
             series_instance_uid=series_uid,
             series_number=SR_SERIES_NUMBER,
@@ -419,7 +435,7 @@ def build_sr(
     ):
         # Type 1C once identity is marked removed; copy the source's, or say where it came from.
         method = next(
-            (str(ds.DeidentificationMethod) for ds in evidence if "DeidentificationMethod" in ds), None
+            (str(ds.DeidentificationMethod) for ds in analysed if "DeidentificationMethod" in ds), None
         )
         sr.DeidentificationMethod = method or "As received: source images marked de-identified"
     sr.PreliminaryFlag = "PRELIMINARY"

@@ -40,7 +40,7 @@ from storage.errors import LeaseLost, StorageUnavailable
 from storage.files import InstanceStore
 from storage.models import Instance, Job, JobKind, Outbox, StudyState, utc_now
 from storage.retention import purge_delivered
-from storage.studies import settle_due, update_study_version
+from storage.studies import instance_set, settle_due, update_study_version
 
 log = logging.getLogger("ainode.worker")
 
@@ -247,7 +247,8 @@ class AnalysisWorker:
         clock = time.perf_counter
         t0 = clock()
         with self.sessions() as session:
-            prepared = prepare_study(session, study, self.store.root, imaging)
+            fixed = instance_set(session, study, version)  # exactly this version's instances
+            prepared = prepare_study(session, study, self.store.root, imaging, only=fixed)
             earlier = queue.stored_findings(session, job)
         t_prepared = clock()
         if not prepared.encoded:
@@ -281,9 +282,9 @@ class AnalysisWorker:
             with transaction(self.sessions) as session:
                 queue.store_findings(session, holder["job"], findings.model_dump_json(), self.clock())
         t_model = clock()
-        sources = self._headers(
-            study, {t.sop_instance_uid for image in prepared.composed for t in image.tiles}
-        )
+        analysed = self._headers(study, fixed)
+        shown = {t.sop_instance_uid for image in prepared.composed for t in image.tiles}
+        sources = {uid: header for uid, header in analysed.items() if uid in shown}
         predecessor = self._predecessor(study)
         context = ReportContext(
             study,
@@ -295,7 +296,7 @@ class AnalysisWorker:
             simulated=vision.preset.name == "simulator",
             predecessor=predecessor,
         )
-        sr = build_sr(findings, prepared.composed, sources, context)
+        sr = build_sr(findings, prepared.composed, sources, context, evidence=list(analysed.values()))
         buffer = DicomBytesIO()
         sr.save_as(buffer, enforce_file_format=True)
         # A name only this lease owns: a worker that lost its lease can never replace the file
@@ -360,7 +361,8 @@ class AnalysisWorker:
             )
         log.warning("job %d: %s (%s)", job.id, exc, state)
 
-    def _headers(self, study: str, sop_uids: set[str]) -> dict[str, Dataset]:
+    def _headers(self, study: str, sop_uids: set[str] | None) -> dict[str, Dataset]:
+        """The stored headers (no pixels) of ``sop_uids`` (None: every instance of the study)."""
         with self.sessions() as session:
             rows = session.execute(
                 select(Instance.sop_instance_uid, Instance.path).where(Instance.study_instance_uid == study)
@@ -368,7 +370,7 @@ class AnalysisWorker:
         return {
             uid: dcmread(self.store.root / path, stop_before_pixels=True)
             for uid, path in rows
-            if uid in sop_uids
+            if sop_uids is None or uid in sop_uids
         }
 
     def _predecessor(self, study: str) -> Dataset | None:

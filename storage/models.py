@@ -225,3 +225,22 @@ class Job(Base):
         Index("ix_jobs_claim", "kind", "state", "priority", "run_after"),
         Index("ix_jobs_lease", "state", "lease_expires_at"),
     )
+
+
+class VersionInstance(Base):
+    """The fixed set of instances of one study version, recorded when the version is queued
+    (PS3.3 C.17.2: the SR's evidence lists this set). The analysis uses exactly these; an
+    instance that arrives later belongs to a later version."""
+
+    __tablename__ = "version_instances"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, ForeignKey("studies.study_instance_uid"))
+    study_version: Mapped[int] = mapped_column(Integer)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+
+    __table_args__ = (
+        UniqueConstraint(
+            "study_instance_uid", "study_version", "sop_instance_uid", name="uq_version_instances"
+        ),
+    )

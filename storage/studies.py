@@ -16,12 +16,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from conf.routing import Route, StudyFacts, match
-from storage.models import Instance, Job, JobKind, JobState, Outbox, Study, StudyState
+from storage.models import Instance, Job, JobKind, JobState, Outbox, Study, StudyState, VersionInstance
 
 
 class IngestOutcome(enum.StrEnum):
@@ -322,6 +322,38 @@ def _settle_one(session: Session, study_instance_uid: str, now: dt.datetime, rou
     settle_due(session, now, routes=routes, only=study_instance_uid)
 
 
+def fix_instance_set(session: Session, study_instance_uid: str, version: int) -> int:
+    """Record the study's instances now as the set of ``version`` (replacing a set recorded
+    before a late instance reopened the still unclaimed version). Returns its size."""
+    session.execute(
+        delete(VersionInstance)
+        .where(VersionInstance.study_instance_uid == study_instance_uid)
+        .where(VersionInstance.study_version == version)
+    )
+    result = session.execute(
+        insert(VersionInstance).from_select(
+            ["study_instance_uid", "study_version", "sop_instance_uid"],
+            select(Instance.study_instance_uid, literal(version), Instance.sop_instance_uid).where(
+                Instance.study_instance_uid == study_instance_uid
+            ),
+        )
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def instance_set(session: Session, study_instance_uid: str, version: int) -> set[str] | None:
+    """The SOP Instance UIDs fixed for ``version``, or None if none was recorded (a version
+    queued before sets were kept)."""
+    uids = set(
+        session.scalars(
+            select(VersionInstance.sop_instance_uid)
+            .where(VersionInstance.study_instance_uid == study_instance_uid)
+            .where(VersionInstance.study_version == version)
+        )
+    )
+    return uids or None
+
+
 def hold_queued(session: Session, reason: str) -> int:
     """Queued studies move to ``waiting`` with ``reason`` as their last error: the node stores
     and queues them but cannot analyse them yet (no API key). Their jobs stay queued, so a node
@@ -431,5 +463,6 @@ def settle_due(
             .values(run_after=now)
         )
         if update_study_version(session, uid, version, {"state": StudyState.QUEUED}, [StudyState.RECEIVING]):
+            fix_instance_set(session, uid, version)
             settled.append(uid)
     return settled

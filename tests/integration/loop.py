@@ -95,6 +95,14 @@ def check_sr(tmp_path: Path, node: Node, study: str, http_port: int, record: Pat
     assert sr.StudyInstanceUID == study and sr.Modality == "SR"
     row = node.wait_for_state(study, "done", timeout=30)
     assert row["sr_sop_instance_uid"] == sr.SOPInstanceUID
+    # The evidence is the whole analysed instance set (PS3.3 C.17.2), not only the images shown.
+    evidence = {
+        sop.ReferencedSOPInstanceUID
+        for item in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in item.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+    assert len(evidence) == row["instance_count"]
     sent = record.read_text()
     for token in identifying_tokens():
         assert token not in sent, f"{token!r} reached the vision API"

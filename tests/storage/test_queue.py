@@ -22,6 +22,7 @@ from storage.studies import (
     ReceivedInstance,
     complete_study,
     extend_settle,
+    instance_set,
     record_instance,
     requeue_study,
     settle_due,
@@ -438,3 +439,29 @@ def test_retry_goes_through_the_routes_and_the_old_version_never_runs(
     assert study(sessions).state == StudyState.SKIPPED
     assert claim(sessions, "w1", at(SETTLE + 2)) is None  # version 1's job is cancelled, not run
     assert [(j.study_version, j.state) for j in jobs(sessions)] == [(1, JobState.CANCELLED)]
+
+
+def test_each_version_keeps_the_instance_set_it_was_queued_with(sessions: sessionmaker[Session]) -> None:
+    receive(sessions, instance("1.1"), at(0))
+    receive(sessions, instance("1.2"), at(1))
+    settle(sessions, at(1 + SETTLE))
+    first = claim(sessions, "w1", at(1 + SETTLE))
+    assert first is not None
+    receive(sessions, instance("2.1", series="1.2.3.2"), at(12))  # during the analysis: version 2
+    with sessions() as session:
+        assert instance_set(session, "1.2.3", 1) == {"1.1", "1.2"}  # the late one is not in it
+        assert instance_set(session, "1.2.3", 2) is None  # not fixed until version 2 settles
+    settle(sessions, at(12 + SETTLE))
+    with sessions() as session:
+        assert instance_set(session, "1.2.3", 2) == {"1.1", "1.2", "2.1"}
+
+
+def test_a_set_fixed_before_a_late_instance_is_fixed_again_when_it_resettles(
+    sessions: sessionmaker[Session],
+) -> None:
+    receive(sessions, instance("1.1"), at(0))
+    settle(sessions, at(SETTLE))
+    receive(sessions, instance("1.2"), at(SETTLE + 1))  # before any claim: same version, reopened
+    settle(sessions, at(2 * SETTLE + 1))
+    with sessions() as session:
+        assert instance_set(session, "1.2.3", 1) == {"1.1", "1.2"}
