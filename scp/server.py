@@ -30,6 +30,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,7 +42,7 @@ from scp.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
 from storage.db import transaction
 from storage.errors import StorageUnavailable
 from storage.files import InstanceStore, is_safe_uid, sha256_of
-from storage.models import utc_now
+from storage.models import Instance, utc_now
 from storage.queue import reap_expired
 from storage.studies import (
     IngestOutcome,
@@ -373,6 +374,25 @@ class StorageSCP:
 
     # -- C-STORE -----------------------------------------------------------------------------
 
+    def remove_if_unreferenced(self, sop_instance_uid: str, relative: str) -> bool:
+        """Remove a file this association installed but could not commit, unless a committed row
+        names it: two identical instances racing (a modality retrying after a DIMSE timeout)
+        share one content-hashed name, and the other may have been acknowledged already. When
+        the database cannot say, keep it: an orphan costs disk, a removed acknowledged instance
+        is lost. Returns whether the file was removed."""
+        try:
+            with self.sessions() as session:
+                path = session.scalar(
+                    select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
+                )
+        except Exception as exc:
+            log.warning("keeping %s: the database cannot say whether a row names it (%s)", relative, exc)
+            return False
+        if path == relative:
+            return False
+        self.store.remove(relative)
+        return True
+
     def _on_c_store(self, event: evt.Event) -> Dataset | int:
         started = time.perf_counter()
         request = event.request
@@ -464,7 +484,7 @@ class StorageSCP:
             result = self._record(instance)
         except StorageUnavailable as exc:
             if created:
-                self.store.remove(relative)  # not referenced by any row: drop it
+                self.remove_if_unreferenced(sop_instance, relative)
             return StoreStatus.OUT_OF_RESOURCES, str(exc), None
         if result.outcome is IngestOutcome.OWN_OUTPUT and created:
             self.store.remove(relative)  # no row names it
