@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -33,26 +31,17 @@ from analysis.report import ReportContext, build_sr
 from analysis.vision.client import VisionClient
 from conf import Settings
 from conf.routing import Route
-from storage import outbox, queue
+from storage import crashpoints, outbox, queue
 from storage.api_calls import record_api_calls
 from storage.db import transaction
 from storage.errors import LeaseLost, StorageUnavailable
 from storage.files import InstanceStore
 from storage.models import Instance, Job, JobKind, Outbox, StudyState, utc_now
+from storage.owners import host_of, process_alive, this_process
 from storage.retention import purge_delivered
 from storage.studies import instance_set, settle_due, update_study_version
 
 log = logging.getLogger("ainode.worker")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 class AnalysisWorker:
@@ -77,16 +66,15 @@ class AnalysisWorker:
             (vision.preset.name, settings.vision.model): vision
         }
         self._clients_lock = threading.Lock()
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = this_process()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        host = self.owner.rpartition(":")[0]
         with transaction(self.sessions) as session:
-            reclaimed = queue.reclaim_orphans(session, host, _process_alive, self.clock())
+            reclaimed = queue.reclaim_orphans(session, host_of(self.owner), process_alive, self.clock())
         for job_id in reclaimed:
             log.warning("job %d: its worker process on this host is gone; queued again now", job_id)
         for n in range(self.settings.worker.concurrency):
@@ -276,11 +264,13 @@ class AnalysisWorker:
             except VisionError as exc:
                 self._vision_failed(holder, exc, vision)
                 return
+            crashpoints.reached("analysis.after_model_reply")
             findings, cost = result.findings, result.cost_usd
             with transaction(self.sessions) as session:  # what was spent is kept whatever follows
                 record_api_calls(session, result.calls, self.clock(), job.id)
             with transaction(self.sessions) as session:
                 queue.store_findings(session, holder["job"], findings.model_dump_json(), self.clock())
+            crashpoints.reached("analysis.after_findings_commit")
         t_model = clock()
         analysed = self._headers(study, fixed)
         shown = {t.sop_instance_uid for image in prepared.composed for t in image.tiles}
@@ -305,6 +295,7 @@ class AnalysisWorker:
         if lost.is_set():
             raise LeaseLost(f"job {job.id}: lease lost before the SR was written")
         self.store.write_atomically(relative, buffer.getvalue())  # durable before it is named
+        crashpoints.reached("analysis.after_sr_write")
         t_report = clock()
         destinations = (
             list(route.destinations)
@@ -324,6 +315,7 @@ class AnalysisWorker:
         except LeaseLost:
             (self.store.root / relative).unlink(missing_ok=True)  # never named by any row
             raise
+        crashpoints.reached("analysis.after_outbox_commit")
         log.info(
             "job %d: study %s: %d finding(s), SR %s queued for %d destination(s), $%.4f",
             job.id,

@@ -22,6 +22,7 @@ from scp.scu import dicom_files, dicom_headers, echo, send
 from scp.sender import SrSender
 from scp.server import StorageSCP
 from scp.status_report import format_table, study_rows
+from storage import crashpoints
 from storage.db import open_database, transaction
 from storage.errors import DatabaseNotUsable
 from storage.models import utc_now
@@ -259,6 +260,12 @@ def _simulate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_format)
+    if crashpoints.unknown():
+        print(
+            f"ainode: AINODE_CRASH_AT names no crash point: {', '.join(crashpoints.unknown())}",
+            file=sys.stderr,
+        )
+        return 2
     if args.command == "simulate-vision":  # needs no configuration: it stands in for a provider
         return _simulate(args)
     try:

@@ -26,10 +26,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conf import DestinationSettings, Settings
 from scp.server import set_nodelay
-from storage import outbox
+from storage import crashpoints, outbox
 from storage.db import transaction
 from storage.errors import LeaseLost
 from storage.models import utc_now
+from storage.owners import host_of, process_alive, this_process
 
 log = logging.getLogger("ainode.sender")
 LEASE_SECONDS = 300.0
@@ -95,10 +96,15 @@ class SrSender:
         self.sessions = sessions
         self.clock = clock
         self.poll_seconds = settings.delivery.poll_seconds
+        self.owner = this_process()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        with transaction(self.sessions) as session:
+            reclaimed = outbox.reclaim_orphans(session, host_of(self.owner), process_alive, self.clock())
+        if reclaimed:
+            log.warning("%d delivery(ies) of a stopped process on this host are due again now", reclaimed)
         for destination in self.settings.destinations:
             thread = threading.Thread(
                 target=self._run, args=(destination,), name=f"send-{destination.name}", daemon=True
@@ -124,7 +130,7 @@ class SrSender:
     def send_next(self, destination: DestinationSettings) -> bool:
         """Send one due delivery to ``destination``; False when there was none."""
         with transaction(self.sessions) as session:
-            delivery = outbox.claim(session, destination.name, LEASE_SECONDS, self.clock())
+            delivery = outbox.claim(session, destination.name, LEASE_SECONDS, self.clock(), self.owner)
         if delivery is None:
             return False
         path = self.settings.storage.root / delivery.sr_path
@@ -136,6 +142,8 @@ class SrSender:
         except Exception as exc:  # a missing file, a PACS that breaks pynetdicom: retried, recorded
             log.exception("outbox %d: sending to %s failed", delivery.id, destination.name)
             outcome = Outcome("retry", None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300])
+        if outcome.kind == "sent":
+            crashpoints.reached("delivery.mid_send")
         policy = self.settings.delivery
         if outcome.kind == "retry" and delivery.attempts >= policy.max_attempts:
             outcome = Outcome(

@@ -39,6 +39,7 @@ from scp.dataset_check import check_dataset_file
 from scp.errors import DatasetCorrupt, DatasetMismatch
 from scp.statuses import StoreStatus
 from scp.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
+from storage import crashpoints
 from storage.db import transaction
 from storage.errors import StorageUnavailable
 from storage.files import InstanceStore, is_safe_uid, sha256_of
@@ -469,6 +470,7 @@ class StorageSCP:
         try:
             if created:
                 self.store.install(received, relative)
+            crashpoints.reached("ingest.after_rename")
             instance = ReceivedInstance(
                 sop_instance_uid=sop_instance,
                 study_instance_uid=summary.study_instance_uid,
@@ -482,6 +484,7 @@ class StorageSCP:
                 header=summary.header_index(),
             )
             result = self._record(instance)
+            crashpoints.reached("ingest.after_commit")
         except StorageUnavailable as exc:
             if created:
                 self.remove_if_unreferenced(sop_instance, relative)

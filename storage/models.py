@@ -162,6 +162,7 @@ class Outbox(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     lease_token: Mapped[str | None] = mapped_column(String(36), nullable=True)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # host:pid sending it
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

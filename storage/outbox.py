@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -81,8 +81,11 @@ def enqueue(
     return count
 
 
-def claim(session: Session, destination: str, lease_seconds: float, now: dt.datetime) -> Delivery | None:
-    """Lease the oldest due delivery for ``destination``; expired leases are due again."""
+def claim(
+    session: Session, destination: str, lease_seconds: float, now: dt.datetime, owner: str | None = None
+) -> Delivery | None:
+    """Lease the oldest due delivery for ``destination``; expired leases are due again.
+    ``owner`` (``host:pid``) lets a restarted process take back what it held when it died."""
     token = str(uuid.uuid4())
     due = (
         select(Outbox.id)
@@ -103,6 +106,7 @@ def claim(session: Session, destination: str, lease_seconds: float, now: dt.date
             state=DeliveryState.SENDING,
             lease_token=token,
             lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+            lease_owner=owner,
             attempts=Outbox.attempts + 1,
             updated_at=now,
         )
@@ -117,6 +121,39 @@ def claim(session: Session, destination: str, lease_seconds: float, now: dt.date
         )
     ).one_or_none()
     return None if row is None else Delivery(*row, lease_token=token)
+
+
+def reclaim_orphans(session: Session, host: str, alive: Callable[[int], bool], now: dt.datetime) -> int:
+    """At start: deliveries a process of this host was sending when it died are due again now
+    (the PACS may have stored the SR already: it gets the same SOP Instance UID again, which a
+    PACS keeps once). Returns how many."""
+    rows = session.execute(
+        select(Outbox.id, Outbox.lease_owner)
+        .where(Outbox.state == DeliveryState.SENDING)
+        .where(Outbox.lease_owner.like(f"{host}:%"))
+        .with_for_update(skip_locked=True)
+    ).all()
+    dead = [
+        delivery_id
+        for delivery_id, owner in rows
+        if (pid := (owner or "").rpartition(":")[2]).isdigit() and not alive(int(pid))
+    ]
+    if dead:
+        session.execute(
+            update(Outbox)
+            .where(Outbox.id.in_(dead))
+            .where(Outbox.state == DeliveryState.SENDING)
+            .values(
+                state=DeliveryState.PENDING,
+                next_attempt_at=now,
+                lease_token=None,
+                lease_expires_at=None,
+                lease_owner=None,
+                last_error="the process sending it stopped",
+                updated_at=now,
+            )
+        )
+    return len(dead)
 
 
 def _finish(session: Session, delivery: Delivery, values: dict[str, object], action: str) -> None:
