@@ -32,7 +32,7 @@ from analysis.vision.client import VisionClient
 from conf import Settings
 from conf.routing import Route
 from storage import crashpoints, outbox, queue
-from storage.api_calls import record_api_calls
+from storage.api_calls import record_api_calls, study_cost_usd
 from storage.db import transaction
 from storage.errors import LeaseLost, StorageUnavailable
 from storage.files import InstanceStore
@@ -238,6 +238,7 @@ class AnalysisWorker:
             fixed = instance_set(session, study, version)  # exactly this version's instances
             prepared = prepare_study(session, study, self.store.root, imaging, only=fixed)
             earlier = queue.stored_findings(session, job)
+            spent = study_cost_usd(session, study)  # every attempt and version so far
         t_prepared = clock()
         if not prepared.encoded:
             with transaction(self.sessions) as session:
@@ -260,7 +261,7 @@ class AnalysisWorker:
                 raise LeaseLost(f"job {job.id}: lease lost before the model call")
             prompt = prepared.prompt + (f"\n\n{route.instructions}" if route and route.instructions else "")
             try:
-                result = vision.analyse(study, prepared.encoded, prompt)
+                result = vision.analyse(study, prepared.encoded, prompt, spent_usd=spent)
             except VisionError as exc:
                 self._vision_failed(holder, exc, vision)
                 return

@@ -157,8 +157,10 @@ class VisionSettings(_Section):
     model: str | None = None  # the preset's unless set
     api_key: SecretStr | None = None
     api_key_env: str | None = None
-    timeout_seconds: float = Field(default=60.0, gt=0)
+    timeout_seconds: float = Field(default=60.0, gt=0)  # per read
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    request_deadline_seconds: float = Field(default=300.0, gt=0)  # one request, all reads together
+    max_reply_bytes: int = Field(default=8_388_608, ge=1024)
     max_concurrency: int = Field(default=4, ge=1, le=64)
     requests_per_minute: int = Field(default=60, ge=0)  # 0: no limit of ours
     tokens_per_minute: int = Field(default=0, ge=0)

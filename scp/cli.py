@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
         help="pad answers to about N tokens (cut at the request's max_tokens)",
     )
     simulate.add_argument("--api-key", default=None, help="refuse requests without this key (401)")
+    simulate.add_argument(
+        "--drip-ms", type=float, default=0.0, help="send replies 64 bytes at a time, N ms apart"
+    )
     simulate.add_argument("--rpm-limit", type=int, default=0, help="429 past N requests a minute")
     simulate.add_argument("--record", type=Path, default=None, help="append each request body to FILE")
     for cmd in (
@@ -240,6 +243,7 @@ def _simulate(args: argparse.Namespace) -> int:
         quota_exhausted=args.quota_exhausted,
         rpm_limit=args.rpm_limit,
         api_key=args.api_key,
+        drip_ms=args.drip_ms,
         record=args.record,
         answering=Answering(
             style=args.style, boundary=args.boundary, findings=args.findings, reply_tokens=args.reply_tokens

@@ -56,6 +56,10 @@ class VisionResult:
         return sum(call.cost_usd for call in self.calls)
 
 
+class ReplyTooLarge(httpx.TransportError):
+    """The provider's reply is larger than ``vision.max_reply_bytes``."""
+
+
 def _one_line(text: str, limit: int = 300) -> str:
     flat = " ".join(text.split())
     return flat[:limit] + ("..." if len(flat) > limit else "")
@@ -131,19 +135,27 @@ class VisionClient:
 
     # -- the call ----------------------------------------------------------------------------
 
-    def analyse(self, study_instance_uid: str, images: list[EncodedImage], prompt: str) -> VisionResult:
+    def analyse(
+        self, study_instance_uid: str, images: list[EncodedImage], prompt: str, spent_usd: float = 0.0
+    ) -> VisionResult:
         """Findings for one study (:meth:`_analyse`); any error leaves with the calls made so
-        far in ``.calls``, so the caller can record what was spent."""
+        far in ``.calls``, so the caller can record what was spent. ``spent_usd``: what the study
+        already cost (earlier attempts and versions), counted against its budget."""
         calls: list[CallRecord] = []
         try:
-            return self._analyse(study_instance_uid, images, prompt, calls)
+            return self._analyse(study_instance_uid, images, prompt, calls, spent_usd)
         except Exception as exc:
             if not hasattr(exc, "calls"):
                 self._tag(exc, calls)
             raise
 
     def _analyse(
-        self, study_instance_uid: str, images: list[EncodedImage], prompt: str, calls: list[CallRecord]
+        self,
+        study_instance_uid: str,
+        images: list[EncodedImage],
+        prompt: str,
+        calls: list[CallRecord],
+        spent_usd: float,
     ) -> VisionResult:
         """Findings for one study: raises :class:`VisionPermanent` or :class:`VisionRetryable`
         (with ``.calls`` set) when there are none.
@@ -154,11 +166,13 @@ class VisionClient:
         estimate = self.estimate_tokens(images, prompt)
         max_tokens = self.settings.max_output_tokens
         worst_cost = self.cost(estimate, max_tokens) + 2 * self.cost(estimate, 2 * max_tokens)
-        if worst_cost > self.settings.max_cost_usd_per_study:
+        if spent_usd + worst_cost > self.settings.max_cost_usd_per_study:
+            spent = f"${spent_usd:.4f} spent already and " if spent_usd else ""
             raise self._tag(
                 BudgetExceeded(
-                    f"study {study_instance_uid}: estimated up to ${worst_cost:.4f} ({estimate} input tokens "
-                    f"a request), over vision.max_cost_usd_per_study ${self.settings.max_cost_usd_per_study}"
+                    f"study {study_instance_uid}: {spent}estimated up to ${worst_cost:.4f} ({estimate} input "
+                    "tokens a request), over vision.max_cost_usd_per_study "
+                    f"${self.settings.max_cost_usd_per_study}"
                 ),
                 calls,
             )
@@ -222,6 +236,30 @@ class VisionClient:
                 continue
             return VisionResult(findings, reply.content, calls)
 
+    def _post(self, url: str, payload: bytes, headers: dict[str, str]) -> httpx.Response:
+        """POST and read the reply within ``vision.request_deadline_seconds`` in all and at most
+        ``vision.max_reply_bytes``: the per-read timeouts alone let a server that drips a byte at
+        a time hold a request (and the study's lease) for ever."""
+        deadline = time.monotonic() + self.settings.request_deadline_seconds
+        limit = self.settings.max_reply_bytes
+        with self.http.stream("POST", url, content=payload, headers=headers) as streamed:
+            body = bytearray()
+            for chunk in streamed.iter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    raise ReplyTooLarge(
+                        f"reply over vision.max_reply_bytes ({limit})", request=streamed.request
+                    )
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout(
+                        f"no complete reply within vision.request_deadline_seconds "
+                        f"({self.settings.request_deadline_seconds:g})",
+                        request=streamed.request,
+                    )
+            return httpx.Response(
+                streamed.status_code, headers=streamed.headers, content=bytes(body), request=streamed.request
+            )
+
     def _tag(self, error: Exception, calls: list[CallRecord]) -> Exception:
         error.calls = calls  # type: ignore[attr-defined]
         return error
@@ -267,7 +305,7 @@ class VisionClient:
                     # Count the request when it really leaves, not while it waits for a slot.
                     self.limiter.acquire(estimate + max_tokens)
                     started = time.perf_counter()
-                    response = self.http.post(url, content=payload, headers=headers)
+                    response = self._post(url, payload, headers)
                 status = response.status_code
                 latency = (time.perf_counter() - started) * 1000
                 self.limiter.observe(response.headers)
@@ -302,7 +340,13 @@ class VisionClient:
                         else:
                             self.breaker.failed(last_error)
                         delay = _retry_after(response)
-                        delay = self._backoff(attempt) if delay is None else delay
+                        # A provider's Retry-After is obeyed up to our own backoff cap: a wrong
+                        # header (an hour, a date) must not park the worker.
+                        delay = (
+                            self._backoff(attempt)
+                            if delay is None
+                            else min(delay, self.settings.backoff_cap_seconds)
+                        )
                     else:
                         self.breaker.succeeded()  # the provider answered; the request is the problem
                         raise self._tag(

@@ -53,6 +53,7 @@ class Behaviour:
     quota_exhausted: bool = False  # every call: 429 insufficient_quota
     rpm_limit: int = 0  # answer 429 past this many requests in a rolling minute
     api_key: str | None = None  # when set, a request must carry exactly this key
+    drip_ms: float = 0.0  # send each reply body 64 bytes at a time, this long apart
     record: Path | None = None  # append every request body here, one JSON per line
     answering: Answering = field(default_factory=Answering)
 
@@ -107,6 +108,13 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
+        drip = self.server.state.behaviour.drip_ms
+        if drip:  # a server that answers, slowly: every read is quick, the whole is not
+            for start in range(0, len(data), 64):
+                self.wfile.write(data[start : start + 64])
+                self.wfile.flush()
+                time.sleep(drip / 1000)
+            return
         self.wfile.write(data)
 
     def _error(

@@ -275,3 +275,45 @@ def test_anthropic_requests_need_a_key_and_a_version_like_the_real_api(tmp_path:
         no_version = http.post(f"{url}/messages", json=body, headers={"x-api-key": "k"})
     assert no_key.status_code == 401 and no_key.json()["error"]["type"] == "authentication_error"
     assert no_version.status_code == 400 and "anthropic-version" in no_version.text
+
+
+def test_what_a_study_spent_already_counts_against_its_budget(tmp_path: Path) -> None:
+    record = tmp_path / "requests.jsonl"
+    with simulator(tmp_path, "--record", str(record)) as url:
+        vision = client(url, provider="simulator", max_cost_usd_per_study=0.10)  # worst case 0.09
+        vision.preset = type(vision.preset)(
+            **{**vision.preset.__dict__, "price_input_per_mtok": 2.0, "price_output_per_mtok": 8.0}
+        )
+        vision.analyse("1.2.3", one_image(), "Describe.", spent_usd=0.0)  # fits alone
+        with pytest.raises(BudgetExceeded, match=r"\$0\.0400 spent already"):
+            vision.analyse("1.2.3", one_image(), "Describe.", spent_usd=0.04)
+    assert len(record.read_text().splitlines()) == 1
+
+
+def test_retry_after_is_obeyed_only_up_to_the_backoff_cap(tmp_path: Path) -> None:
+    sleeps: list[float] = []
+    with simulator(tmp_path, "--fail-429", "1", "--retry-after", "3600") as url:
+        client(url, sleeps, backoff_cap_seconds=0.05).analyse("1.2.3", one_image(), "Describe.")
+    assert sleeps == [0.05]
+
+
+def test_a_reply_past_the_size_limit_is_not_read_whole(tmp_path: Path) -> None:
+    with (
+        simulator(tmp_path, "--reply-tokens", "20000") as url,
+        pytest.raises(VisionRetryable, match="ReplyTooLarge"),
+    ):
+        client(url, max_reply_bytes=16_384, max_output_tokens=40_000, max_retries=1).analyse(
+            "1.2.3", one_image(), "Describe."
+        )
+
+
+def test_a_reply_that_drips_in_is_cut_at_the_request_deadline(tmp_path: Path) -> None:
+    """Each 64-byte piece comes well within the read timeout; the whole never within the
+    deadline, so the study's lease is not held for ever."""
+    with (
+        simulator(tmp_path, "--drip-ms", "50") as url,
+        pytest.raises(VisionRetryable, match="ReadTimeout"),
+    ):
+        client(url, timeout_seconds=5, request_deadline_seconds=0.5, max_retries=0).analyse(
+            "1.2.3", one_image(), "Describe."
+        )
