@@ -38,7 +38,7 @@ from storage.errors import LeaseLost, StorageUnavailable
 from storage.files import InstanceStore
 from storage.models import Instance, Job, JobKind, Outbox, StudyState, utc_now
 from storage.owners import host_of, process_alive, this_process
-from storage.retention import purge_delivered
+from storage.retention import purge_ended
 from storage.studies import instance_set, settle_due, update_study_version
 
 log = logging.getLogger("ainode.worker")
@@ -99,11 +99,11 @@ class AnalysisWorker:
                 if time.monotonic() >= next_purge and self.settings.storage.retention_days > 0:
                     next_purge = time.monotonic() + 60
                     with transaction(self.sessions) as session:
-                        purged = purge_delivered(
+                        purged = purge_ended(
                             session, self.store, self.settings.storage.retention_days, self.clock()
                         )
                     for uid in purged:
-                        log.info("retention: deleted the instance files of delivered study %s", uid)
+                        log.info("retention: deleted the instance files of ended study %s", uid)
                 if not self.run_once():
                     self._stop.wait(self.settings.worker.poll_seconds)
             except Exception:

@@ -94,7 +94,7 @@ class StorageSettings(_Section):
     min_free_mb: int = Field(default=1024, ge=0)
     retention_days: float = Field(
         default=0, ge=0
-    )  # delete instance files this long after the SR is delivered; 0 keeps them
+    )  # delete instance files this long after their study ended; 0 keeps them
 
     @field_validator("database_url")
     @classmethod

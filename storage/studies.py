@@ -330,12 +330,17 @@ def fix_instance_set(session: Session, study_instance_uid: str, version: int) ->
         .where(VersionInstance.study_instance_uid == study_instance_uid)
         .where(VersionInstance.study_version == version)
     )
+    present = select(Instance.study_instance_uid, literal(version), Instance.sop_instance_uid).where(
+        Instance.study_instance_uid == study_instance_uid
+    )
+    purged_at = session.scalar(
+        select(Study.files_purged_at).where(Study.study_instance_uid == study_instance_uid)
+    )
+    if purged_at is not None:  # retention deleted those files: a later version has only the rest
+        present = present.where(Instance.received_at > purged_at)
     result = session.execute(
         insert(VersionInstance).from_select(
-            ["study_instance_uid", "study_version", "sop_instance_uid"],
-            select(Instance.study_instance_uid, literal(version), Instance.sop_instance_uid).where(
-                Instance.study_instance_uid == study_instance_uid
-            ),
+            ["study_instance_uid", "study_version", "sop_instance_uid"], present
         )
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -11,8 +11,8 @@ from storage import outbox
 from storage.db import make_engine, make_session_factory, migrate, transaction
 from storage.files import InstanceStore
 from storage.models import Study, StudyState
-from storage.retention import purge_delivered
-from storage.studies import ReceivedInstance, record_instance
+from storage.retention import purge_ended
+from storage.studies import ReceivedInstance, instance_set, record_instance, settle_due
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -53,13 +53,64 @@ def test_files_go_only_after_every_delivery_succeeded_and_the_days_passed(
                 else:
                     outbox.mark_retry(session, delivery, "PACS down", None, T0, delay_seconds=10**6)
     with transaction(sessions) as session:
-        assert purge_delivered(session, store, 7, T0 + dt.timedelta(days=6)) == []  # too soon
+        assert purge_ended(session, store, 7, T0 + dt.timedelta(days=6)) == []  # too soon
     with transaction(sessions) as session:
-        assert purge_delivered(session, store, 0, T0 + dt.timedelta(days=60)) == []  # retention off
+        assert purge_ended(session, store, 0, T0 + dt.timedelta(days=60)) == []  # retention off
     with transaction(sessions) as session:
-        assert purge_delivered(session, store, 7, T0 + dt.timedelta(days=8)) == ["7.1"]
+        assert purge_ended(session, store, 7, T0 + dt.timedelta(days=8)) == ["7.1"]
     assert not paths["7.1"].exists() and paths["7.2"].exists()
     with sessions() as session:
         assert session.get_one(Study, "7.1").files_purged_at == T0 + dt.timedelta(days=8)
         assert session.get_one(Study, "7.2").files_purged_at is None
+    engine.dispose()
+
+
+def test_skipped_and_failed_studies_are_purged_too_and_later_instances_wait_for_their_version(
+    tmp_path: Path,
+) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/node.db")
+    migrate(engine)
+    sessions = make_session_factory(engine)
+    store = InstanceStore(tmp_path / "var")
+    store.prepare()
+
+    def receive(study: str, sop: str, when: dt.datetime) -> Path:
+        relative = f"instances/{study}/1/{sop}.{'0' * 16}.dcm"
+        path = store.write_atomically(relative, b"dicom bytes")
+        with transaction(sessions) as session:
+            record_instance(
+                session,
+                ReceivedInstance(
+                    sop, study, "1", "1.2", "1.2.840.10008.1.2.1", relative, 11, "0" * 64, "CT01"
+                ),
+                10,
+                when,
+            )
+        return path
+
+    def end(study: str, state: StudyState) -> None:
+        with transaction(sessions) as session:
+            session.execute(update(Study).where(Study.study_instance_uid == study).values(state=state))
+
+    skipped, failed = receive("8.1", "8.1.1", T0), receive("8.2", "8.2.1", T0)
+    end("8.1", StudyState.SKIPPED)
+    end("8.2", StudyState.FAILED)
+    day = dt.timedelta(days=1)
+    with transaction(sessions) as session:
+        assert sorted(purge_ended(session, store, 7, T0 + 8 * day)) == ["8.1", "8.2"]
+    assert not skipped.exists() and not failed.exists()
+    # A late instance of the purged study: a new version, kept until that version has ended.
+    late = receive("8.1", "8.1.2", T0 + 9 * day)
+    with transaction(sessions) as session:
+        assert purge_ended(session, store, 7, T0 + 30 * day) == []  # receiving again: not ended
+        assert settle_due(session, T0 + 9 * day + dt.timedelta(seconds=11)) == ["8.1"]
+    with sessions() as session:
+        assert instance_set(session, "8.1", 2) == {"8.1.2"}  # the purged file is not analysed
+    assert late.exists()
+    end("8.1", StudyState.DONE)
+    with transaction(sessions) as session:
+        assert purge_ended(session, store, 7, T0 + 12 * day) == []  # too soon after the late one
+        assert purge_ended(session, store, 7, T0 + 17 * day) == ["8.1"]
+        assert purge_ended(session, store, 7, T0 + 30 * day) == []  # nothing left to purge
+    assert not late.exists()
     engine.dispose()
