@@ -47,6 +47,34 @@ class Severity(enum.StrEnum):
     CRITICAL = "critical"
 
 
+class Assertion(enum.StrEnum):
+    """Whether the model says the finding is there: an absent one is a pertinent negative ("no
+    pneumothorax") and is never coded or drawn as a finding."""
+
+    PRESENT = "present"
+    ABSENT = "absent"
+    UNCERTAIN = "uncertain"
+
+
+# The closed list a model may code findings from (SNOMED CT): a finding is coded only with one of
+# these, chosen by the model for a finding it asserts present; anything else stays in its words.
+FINDING_TERMS: dict[str, str] = {
+    "27925004": "Nodule",
+    "4147007": "Mass",
+    "52988006": "Lesion",
+    "95436008": "Lung consolidation",
+    "46621007": "Atelectasis",
+    "60046008": "Pleural effusion",
+    "36118008": "Pneumothorax",
+    "19242006": "Pulmonary edema",
+    "87433001": "Pulmonary emphysema",
+    "8186001": "Cardiomegaly",
+    "125605004": "Fracture of bone",
+    "50960005": "Hemorrhage",
+    "55641003": "Infarct",
+}
+
+
 class Box(BaseModel):
     """A rectangle in fractions (0..1) of the image that was sent, x to the right, y down, with
     a non-zero area (what reading a reply makes of any box convention)."""
@@ -75,6 +103,8 @@ class Finding(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     description: str = Field(min_length=1)
+    assertion: Assertion | None = None  # None: the model did not say (read as uncertain)
+    finding_code: str | None = None  # a key of FINDING_TERMS, as the model chose it
     body_site: str | None = None
     laterality: Laterality | None = None
     image_index: int | None = Field(default=None, ge=1)  # None: the region could not be placed
@@ -84,8 +114,14 @@ class Finding(BaseModel):
     recommendation: str | None = None
     notes: tuple[str, ...] = ()  # what was dropped from the model's answer, and why
 
+    @property
+    def absent(self) -> bool:
+        return self.assertion is Assertion.ABSENT
+
     @model_validator(mode="after")
     def _box_needs_image(self) -> Finding:
+        if self.finding_code is not None and self.finding_code not in FINDING_TERMS:
+            raise ValueError(f"finding_code {self.finding_code!r} is not in the closed list")
         if self.box is not None and self.image_index is None:
             raise ValueError("a finding with a box must name its image (image_index)")
         return self
@@ -165,6 +201,18 @@ def findings_schema(image_sizes: Sequence[tuple[int, int]], convention: BoxConve
         "type": "object",
         "properties": {
             "description": {"type": "string", "description": "The finding, in a radiologist's words."},
+            "assertion": {
+                "type": "string",
+                "enum": [member.value for member in Assertion],
+                "description": "present; absent for a pertinent negative (e.g. no pneumothorax); uncertain.",
+            },
+            "finding_code": {
+                "anyOf": [{"type": "string", "enum": list(FINDING_TERMS)}, {"type": "null"}],
+                "description": "SNOMED CT code, only when the finding is present and one of these "
+                "is exactly it: "
+                + "; ".join(f"{code} {meaning}" for code, meaning in FINDING_TERMS.items())
+                + ". Otherwise null.",
+            },
             "body_site": {"type": "string", "description": "Anatomical site, e.g. right upper lobe."},
             "laterality": _enum(Laterality),
             "image_index": {
@@ -185,6 +233,8 @@ def findings_schema(image_sizes: Sequence[tuple[int, int]], convention: BoxConve
         },
         "required": [
             "description",
+            "assertion",
+            "finding_code",
             "body_site",
             "laterality",
             "image_index",

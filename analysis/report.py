@@ -16,6 +16,7 @@ import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -26,13 +27,15 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM
 
-from analysis.findings import Finding, Findings, Laterality, Severity
+from analysis.findings import FINDING_TERMS, Assertion, Finding, Findings, Laterality, Severity
 from analysis.mosaic import ComposedImage
 from analysis.regions import SourceRegion, map_box_to_source
 
 ALGORITHM_MANUFACTURER = "ainode"
 SR_SERIES_DESCRIPTION = "AI findings - UNVERIFIED"
 SR_SERIES_NUMBER = 9901
+# IHE AI Results (AIR): Contributing Equipment names the algorithm with this purpose.
+PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
 LOCAL_SCHEME = "99AINODE"  # a private coding scheme for terms no standard code fits
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 12
 DISCLAIMER = (
@@ -40,18 +43,6 @@ DISCLAIMER = (
     "radiologist; not for diagnosis without review."
 )
 
-FINDING_CODES: dict[str, Code] = {
-    "nodule": Code("27925004", "SCT", "Nodule"),
-    "mass": Code("4147007", "SCT", "Mass"),
-    "consolidation": Code("95436008", "SCT", "Lung consolidation"),
-    "effusion": Code("60046008", "SCT", "Pleural effusion"),
-    "pneumothorax": Code("36118008", "SCT", "Pneumothorax"),
-    "fracture": Code("125605004", "SCT", "Fracture of bone"),
-    "hemorrhage": Code("50960005", "SCT", "Hemorrhage"),
-    "haemorrhage": Code("50960005", "SCT", "Hemorrhage"),
-    "lesion": Code("52988006", "SCT", "Lesion"),
-    "opacity": Code("263716004", "SCT", "Opacity"),
-}
 SITE_CODES: dict[str, Code] = {
     "right upper lobe": Code("45653009", "SCT", "Upper lobe of right lung"),
     "right middle lobe": Code("72481006", "SCT", "Middle lobe of right lung"),
@@ -131,10 +122,15 @@ def _clean(text: str) -> str:
 
 
 def _tracking_label(finding: Finding, simulated: bool) -> str:
-    kind = _coded(finding.description, FINDING_CODES)
+    """What a viewer prints beside the region: the coded term or the model's words, the site,
+    and "uncertain" when the model was not sure."""
+    kind = _finding_type(finding)
     what = kind.meaning.lower() if kind.scheme_designator != LOCAL_SCHEME else _clean(finding.description)
-    label = f"AI: {what}" + (f", {_clean(finding.body_site)}" if finding.body_site else "")
-    return (("SIMULATED " if simulated and not label.startswith("AI: SIMULATED") else "") + label)[:64]
+    hedge = "" if finding.assertion is Assertion.PRESENT else " (uncertain)"
+    site = f", {_clean(finding.body_site)}" if finding.body_site else ""
+    prefix = "SIMULATED " if simulated and not what.startswith("SIMULATED") else ""
+    label = f"{prefix}AI: {what}{site}"
+    return label[: 64 - len(hedge)] + hedge
 
 
 def _algorithm(ctx: ReportContext) -> hd.sr.AlgorithmIdentification:
@@ -143,9 +139,21 @@ def _algorithm(ctx: ReportContext) -> hd.sr.AlgorithmIdentification:
     )
 
 
+def _finding_type(finding: Finding) -> Code:
+    """The SNOMED CT code the model chose from the closed list, for a finding it asserts present;
+    otherwise a clearly labelled uncoded term whose meaning is the model's words."""
+    if finding.assertion is Assertion.PRESENT and finding.finding_code is not None:
+        return Code(finding.finding_code, "SCT", FINDING_TERMS[finding.finding_code])
+    return _local(finding.description)
+
+
 def _group(
     finding: Finding, index: int, region: SourceRegion | None, sources: dict[str, Dataset], ctx: ReportContext
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """One measurement group for a finding that is present or uncertain (absent ones go to the
+    narrative). Nothing in it looks measured unless it was: the region carries the model's
+    certainty as its NUM (INFERRED FROM the SCOORD, so OHIF can draw and track it), never a
+    length; without a certainty the region stands as TID 1410's own, with no number at all."""
     tracking = hd.sr.TrackingIdentifier(
         uid=generate_uid(
             entropy_srcs=[
@@ -164,59 +172,61 @@ def _group(
         if finding.body_site
         else None
     )
+    evaluations = (
+        [hd.sr.QualitativeEvaluation(codes.SCT.Severity, SEVERITY_CODES[finding.severity])]
+        if finding.severity is not None
+        else None
+    )
+    finding_type = _finding_type(finding)
+    graphic: hd.sr.CoordinatesForMeasurement | None = None
+    region_item: hd.sr.ImageRegion | None = None
+    if region is not None:
+        source = sources[region.sop_instance_uid]
+        frames = [region.frame_index + 1] if int(source.get("NumberOfFrames", 1) or 1) > 1 else None
+        points = np.array(region.corners(), dtype=np.float32)
+        if finding.confidence is not None:
+            source_image = hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID, frames)
+            graphic = hd.sr.CoordinatesForMeasurement("POLYLINE", points, source_image)
+        else:
+            region_item = hd.sr.ImageRegion(
+                graphic_type="POLYLINE",
+                graphic_data=points,
+                source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID, frames),
+            )
     certainty = (
         [
             hd.sr.Measurement(
                 name=codes.DCM.CertaintyOfFinding,
                 value=round(finding.confidence * 100, 1),
                 unit=codes.UCUM.Percent,
+                referenced_coordinates=[graphic] if graphic is not None else None,
             )
         ]
         if finding.confidence is not None
-        else []
-    )
-    evaluations = (
-        [hd.sr.QualitativeEvaluation(codes.SCT.Severity, SEVERITY_CODES[finding.severity])]
-        if finding.severity is not None
         else None
     )
-    finding_type = _coded(finding.description, FINDING_CODES)
-    if region is None:
-        return hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            finding_type=finding_type,
-            algorithm_id=_algorithm(ctx),
-            finding_sites=sites,
-            measurements=certainty or None,
-            qualitative_evaluations=evaluations,
+    common: dict[str, Any] = {
+        "tracking_identifier": tracking,
+        "finding_type": finding_type,
+        "algorithm_id": _algorithm(ctx),
+        "finding_sites": sites,
+        "measurements": certainty,
+        "qualitative_evaluations": evaluations,
+    }
+    group: hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    if region_item is not None:
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region_item, **common)
+    else:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(**common)
+    # The finding in the model's own words, whole (OHIF prints a Comment beside the region).
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            Code("121106", "DCM", "Comment"),
+            _labelled(finding.description, ctx.simulated),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
-    source = sources[region.sop_instance_uid]
-    frames = [region.frame_index + 1] if int(source.get("NumberOfFrames", 1) or 1) > 1 else None
-    source_image = hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID, frames)
-    points = np.array(region.corners(), dtype=np.float32)
-    long_axis = region.long_axis_mm()
-    length = hd.sr.Measurement(
-        name=codes.SCT.Length,
-        value=round(
-            long_axis
-            if long_axis is not None
-            else max(region.column_max - region.column_min, region.row_max - region.row_min),
-            1,
-        ),
-        unit=codes.UCUM.Millimeter if long_axis is not None else Code("{pixels}", "UCUM", "pixels"),
-        referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", points, source_image)],
     )
-    # TID 1501 with the SCOORD under the first NUM (TID 300 / TID 320), not TID 1410's group-level
-    # region: OHIF's Cornerstone adapter only rebuilds a tool from a NUM INFERRED FROM a SCOORD
-    # (DESIGN.md §6), and highdicom does not allow that inside a TID 1410 group.
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        finding_type=finding_type,
-        algorithm_id=_algorithm(ctx),
-        finding_sites=sites,
-        measurements=[length, *certainty],
-        qualitative_evaluations=evaluations,
-    )
+    return group
 
 
 def _image_library(evidence: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
@@ -252,10 +262,17 @@ def _image_library(evidence: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
     return library
 
 
+def _labelled(text: str, simulated: bool) -> str:
+    text = _clean(text)
+    return f"SIMULATED: {text}" if simulated and not text.startswith("SIMULATED") else text
+
+
 def _text_container(findings: Findings, ctx: ReportContext) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12: the summary and recommendations whole (TEXT is UT: no length to cut
+    to), the pertinent negatives the model reported, what reading dropped, and the disclaimer."""
+
     def labelled(text: str) -> str:
-        text = _clean(text)
-        return f"SIMULATED: {text}" if ctx.simulated and not text.startswith("SIMULATED") else text
+        return _labelled(text, ctx.simulated)
 
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
@@ -263,7 +280,7 @@ def _text_container(findings: Findings, ctx: ReportContext) -> hd.sr.ContainerCo
     items = [
         hd.sr.TextContentItem(
             codes.DCM.Summary,
-            labelled(findings.summary)[:1024],
+            labelled(findings.summary),
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
     ]
@@ -272,7 +289,16 @@ def _text_container(findings: Findings, ctx: ReportContext) -> hd.sr.ContainerCo
             items.append(
                 hd.sr.TextContentItem(
                     codes.DCM.Recommendation,
-                    labelled(finding.recommendation)[:1024],
+                    labelled(finding.recommendation),
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+            )
+    for finding in findings.findings:
+        if finding.absent:  # a pertinent negative: said in words, never coded or drawn
+            items.append(
+                hd.sr.TextContentItem(
+                    codes.DCM.Finding,
+                    labelled(f"Not seen (AI): {finding.description}"),
                     relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
                 )
             )
@@ -287,7 +313,7 @@ def _text_container(findings: Findings, ctx: ReportContext) -> hd.sr.ContainerCo
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
-    if not findings.findings:
+    if not any(not finding.absent for finding in findings.findings):
         items.append(
             hd.sr.TextContentItem(
                 codes.DCM.Finding,
@@ -346,8 +372,10 @@ def build_sr(
     Sequence (PS3.3 C.17.2); the shown images when not given."""
     if not sources:
         raise ValueError('Argument "sources" must name at least one source instance')
-    groups = []
+    groups: list[Any] = []
     for index, finding in enumerate(findings.findings):
+        if finding.absent:
+            continue  # a pertinent negative goes to the narrative, never a measurement group
         region = None
         if (
             finding.box is not None
@@ -430,6 +458,14 @@ def build_sr(
             previous_versions=[ctx.predecessor] if ctx.predecessor is not None else None,
         )
     sr.SpecificCharacterSet = "ISO_IR 192"
+    # IHE AIR's purpose for an AI algorithm (CID 7005 is extensible; highdicom accepts only its
+    # listed codes, so the item is set after construction).
+    purpose = Dataset()
+    purpose.CodeValue = PROCESSING_ALGORITHM.value
+    purpose.CodingSchemeDesignator = PROCESSING_ALGORITHM.scheme_designator
+    purpose.CodeMeaning = PROCESSING_ALGORITHM.meaning
+    equipment_item: Dataset = sr.ContributingEquipmentSequence[-1]
+    equipment_item.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
     if sr.get("PatientIdentityRemoved") == "YES" and not (
         "DeidentificationMethod" in sr or "DeidentificationMethodCodeSequence" in sr
     ):
@@ -441,5 +477,10 @@ def build_sr(
     sr.PreliminaryFlag = "PRELIMINARY"
     sr.ContentDate = DA(ctx.analysis_started.date())
     sr.ContentTime = TM(ctx.analysis_started.time().replace(microsecond=0))
+    offset = ctx.analysis_started.utcoffset() or dt.timedelta(0)
+    minutes = int(offset.total_seconds() // 60)
+    sr.TimezoneOffsetFromUTC = (
+        f"{'+' if minutes >= 0 else '-'}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
+    )
     sr.SeriesDescription = SR_SERIES_DESCRIPTION
     return sr

@@ -167,6 +167,7 @@ class VisionSettings(_Section):
     max_retries: int = Field(default=5, ge=0, le=20)
     backoff_base_seconds: float = Field(default=1.0, gt=0)
     backoff_cap_seconds: float = Field(default=60.0, gt=0)
+    retry_after_cap_seconds: float = Field(default=120.0, gt=0)  # a provider's Retry-After, at most
     max_cost_usd_per_study: float = Field(default=0.50, ge=0)
     max_output_tokens: int = Field(default=2048, ge=64)
     temperature: float = Field(default=0.0, ge=0, le=2)

@@ -340,12 +340,12 @@ class VisionClient:
                         else:
                             self.breaker.failed(last_error)
                         delay = _retry_after(response)
-                        # A provider's Retry-After is obeyed up to our own backoff cap: a wrong
-                        # header (an hour, a date) must not park the worker.
+                        # A provider's Retry-After is obeyed up to vision.retry_after_cap_seconds:
+                        # a wrong header (an hour, a date) must not park the worker.
                         delay = (
                             self._backoff(attempt)
                             if delay is None
-                            else min(delay, self.settings.backoff_cap_seconds)
+                            else min(delay, self.settings.retry_after_cap_seconds)
                         )
                     else:
                         self.breaker.succeeded()  # the provider answered; the request is the problem

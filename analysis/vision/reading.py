@@ -24,7 +24,9 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from analysis.findings import (
+    FINDING_TERMS,
     MAX_FINDINGS,
+    Assertion,
     Box,
     Finding,
     Findings,
@@ -39,7 +41,7 @@ MAX_OPENING_BRACES = 50  # where a JSON object after prose may start; bounds the
 MAX_SUMMARY_CHARS = 20_000
 MAX_TEXT_CHARS = 8_000  # one finding's description or recommendation
 MAX_INT_DIGITS = 400  # a longer integer is read as a float (inf), not refused by int()'s limit
-_E = TypeVar("_E", StudyQuality, Laterality, Severity)
+_E = TypeVar("_E", StudyQuality, Laterality, Severity, Assertion)
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
 # What no DICOM text value may hold: C0/C1 controls other than tab, LF and CR, and UTF-16
 # surrogates left unpaired by a "\ud800" escape (they cannot even be encoded as UTF-8).
@@ -185,12 +187,20 @@ def _read_finding(
         index = None
     elif raw.get("box") is not None:
         box = _read_box(raw["box"], image_sizes[index - 1], convention, notes)
+    code = raw.get("finding_code")
+    if code is not None and code not in FINDING_TERMS:
+        notes.append(
+            f"The model's code {str(code)[:40]!r} is not in the list it was given; the finding is not coded."
+        )
+        code = None
     confidence = _finite(raw.get("confidence"))
     if raw.get("confidence") is not None and (confidence is None or not 0 <= confidence <= 1):
         notes.append(f"The model's certainty {raw.get('confidence')!r} is not between 0 and 1; not shown.")
         confidence = None
     return Finding(
         description=description,
+        assertion=_member(Assertion, raw.get("assertion")),
+        finding_code=code,
         body_site=_text(raw.get("body_site"), 200),
         laterality=_member(Laterality, raw.get("laterality")),
         image_index=index,

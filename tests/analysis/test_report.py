@@ -98,7 +98,9 @@ def _walk(ds: Dataset) -> list[Dataset]:
     return items
 
 
-def test_the_first_num_of_a_region_group_is_inferred_from_its_scoord(tmp_path: Path) -> None:
+def test_a_region_carries_the_models_certainty_never_a_length_that_looks_measured(tmp_path: Path) -> None:
+    """The first NUM of a group with a region is the certainty, INFERRED FROM the SCOORD (what
+    OHIF's adapter rebuilds a tool from); no NUM reads as a lesion size the model never measured."""
     study_prep, sources, study = prepared(tmp_path, "693_UNCI.dcm", 20)
     sr = build_sr(findings(True), study_prep.composed, sources, context(study))
     group = next(
@@ -109,9 +111,11 @@ def test_the_first_num_of_a_region_group_is_inferred_from_its_scoord(tmp_path: P
     children = list(group.ContentSequence)
     identifiers = [c for c in children if c.ConceptNameCodeSequence[0].CodeValue == "112039"]
     assert [i.TextValue for i in identifiers] == ["SIMULATED AI: nodule, right upper lobe"]
-    first_num = next(c for c in children if c.ValueType == "NUM")
-    assert first_num.ConceptNameCodeSequence[0].CodeMeaning == "Length"
-    assert first_num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mm"
+    nums = [c for c in children if c.ValueType == "NUM"]
+    assert [n.ConceptNameCodeSequence[0].CodeMeaning for n in nums] == ["Certainty of Finding"]
+    first_num = nums[0]
+    assert first_num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "%"
+    assert not any(i.ConceptNameCodeSequence[0].CodeMeaning == "Length" for i in _walk(sr))
     (scoord,) = first_num.ContentSequence
     assert (scoord.RelationshipType, scoord.ValueType, scoord.GraphicType) == (
         "INFERRED FROM",
@@ -218,3 +222,66 @@ def test_an_sr_from_degraded_findings_in_any_script_passes_all_three_validators(
         if "ConceptCodeSequence" in item
     ]
     assert "右上葉に結節影を認める。大きさは約十五ミリ" in meanings and "lobe/left" in meanings
+
+
+def _codes(ds: Dataset) -> set[tuple[str, str]]:
+    found = set()
+    for item in _walk(ds):
+        for attribute in ("ConceptCodeSequence", "ConceptNameCodeSequence"):
+            for code in item.get(attribute, []):
+                found.add((str(code.CodingSchemeDesignator), str(code.CodeValue)))
+    return found
+
+
+def test_negated_and_uncertain_findings_are_never_coded_as_present(tmp_path: Path) -> None:
+    study_prep, sources, study = prepared(tmp_path, "RG1_UNCI.dcm", 1)
+    base = simulated_findings(images=1)["findings"][0]
+    summary = "Impression: " + "no acute cardiopulmonary abnormality; " * 160  # about 6000 characters
+    reply = {
+        "summary": summary,
+        "findings": [
+            {
+                **base,
+                "description": "No pneumothorax or pleural effusion is seen.",
+                "assertion": "absent",
+                "finding_code": "36118008",
+            },
+            {
+                **base,
+                "description": "Possible small pleural effusion, left\\base\nblunted angle",
+                "assertion": "uncertain",
+                "finding_code": "60046008",
+                "body_site": "left costophrenic angle",
+            },
+            {
+                **base,
+                "description": "2 cm spiculated mass, suspicious for malignancy",
+                "assertion": "present",
+                "finding_code": None,
+                "body_site": "right upper lobe",
+            },
+        ],
+    }
+    findings = read_findings(reply, [(512, 512)], "fraction")
+    sr = build_sr(findings, study_prep.composed, sources, context(study, simulated=False))
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert sr_errors(path) == []
+    written = dcmread(path)
+    coded = _codes(written)
+    assert ("SCT", "36118008") not in coded and ("SCT", "60046008") not in coded  # neither is present
+    labels = [str(i.TextValue) for i in _walk(written) if i.ConceptNameCodeSequence[0].CodeValue == "112039"]
+    assert labels == [  # the model's words, hedged when it was not sure; cut at 64 characters
+        "AI: Possible small pleural effusion, left\\base blunt (uncertain)",
+        "AI: 2 cm spiculated mass, suspicious for malignancy, right upper",
+    ]
+    texts = [str(i.TextValue) for i in _walk(written) if i.ValueType == "TEXT"]
+    assert "Not seen (AI): No pneumothorax or pleural effusion is seen." in texts  # a negative, in words
+    assert "2 cm spiculated mass, suspicious for malignancy" in texts  # the model's words, whole
+    assert any(text.startswith("Impression:") and len(text) == len(summary.strip()) for text in texts)
+    groups = [
+        i
+        for i in _walk(written)
+        if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "125007"
+    ]
+    assert len(groups) == 2  # the absent finding has no measurement group

@@ -290,11 +290,11 @@ def test_what_a_study_spent_already_counts_against_its_budget(tmp_path: Path) ->
     assert len(record.read_text().splitlines()) == 1
 
 
-def test_retry_after_is_obeyed_only_up_to_the_backoff_cap(tmp_path: Path) -> None:
+def test_retry_after_is_obeyed_only_up_to_its_cap(tmp_path: Path) -> None:
     sleeps: list[float] = []
     with simulator(tmp_path, "--fail-429", "1", "--retry-after", "3600") as url:
-        client(url, sleeps, backoff_cap_seconds=0.05).analyse("1.2.3", one_image(), "Describe.")
-    assert sleeps == [0.05]
+        client(url, sleeps, retry_after_cap_seconds=0.1).analyse("1.2.3", one_image(), "Describe.")
+    assert sleeps == [0.1]
 
 
 def test_a_reply_past_the_size_limit_is_not_read_whole(tmp_path: Path) -> None:
