@@ -24,12 +24,12 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM
 
 from analysis.findings import FINDING_TERMS, Assertion, Finding, Findings, Laterality, Severity
 from analysis.mosaic import ComposedImage
 from analysis.regions import SourceRegion, map_box_to_source
+from analysis.uids import UidMaker
 
 ALGORITHM_MANUFACTURER = "ainode"
 SR_SERIES_DESCRIPTION = "AI findings - UNVERIFIED"
@@ -78,21 +78,25 @@ class ReportContext:
     model: str
     prompt_version: str
     analysis_started: dt.datetime
+    uids: UidMaker  # this installation's UIDs (analysis.uids)
     simulated: bool = False
     predecessor: Dataset | None = None  # the previous SR version of this study, if any
 
 
 def sr_uids(
-    study_instance_uid: str, study_version: int, instance_uids: Sequence[str], model: str, prompt_version: str
+    uids: UidMaker,
+    study_instance_uid: str,
+    study_version: int,
+    instance_uids: Sequence[str],
+    model: str,
+    prompt_version: str,
 ) -> tuple[str, str]:
     """(series, instance) UIDs: one series per study; one instance per (version, input), so a
     re-run of the same input (a crash, a resend) reproduces the same SR and a PACS keeps one
     copy, while ``ainode retry`` (a new version) makes a new instance in the same series."""
-    series = generate_uid(entropy_srcs=["ainode sr series", study_instance_uid])
+    series = uids.make("sr series", study_instance_uid)
     digest = hashlib.sha256("\n".join(sorted(instance_uids)).encode()).hexdigest()
-    instance = generate_uid(
-        entropy_srcs=["ainode sr", study_instance_uid, str(study_version), digest, model, prompt_version]
-    )
+    instance = uids.make("sr", study_instance_uid, str(study_version), digest, model, prompt_version)
     return series, instance
 
 
@@ -155,14 +159,8 @@ def _group(
     certainty as its NUM (INFERRED FROM the SCOORD, so OHIF can draw and track it), never a
     length; without a certainty the region stands as TID 1410's own, with no number at all."""
     tracking = hd.sr.TrackingIdentifier(
-        uid=generate_uid(
-            entropy_srcs=[
-                "ainode tracking",
-                ctx.study_instance_uid,
-                str(ctx.study_version),
-                str(index),
-                finding.description,
-            ]
+        uid=ctx.uids.make(
+            "tracking", ctx.study_instance_uid, str(ctx.study_version), str(index), finding.description
         ),
         identifier=_tracking_label(finding, ctx.simulated),
     )
@@ -387,7 +385,7 @@ def build_sr(
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(entropy_srcs=["ainode device", ctx.provider, ctx.model]),
+            uid=ctx.uids.make("device", ctx.provider, ctx.model),
             name=f"ainode {ctx.model}"[:64],
             manufacturer_name=ALGORITHM_MANUFACTURER,
             model_name=ctx.model[:64],
@@ -403,9 +401,7 @@ def build_sr(
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=generate_uid(
-                        entropy_srcs=["ainode no findings", ctx.study_instance_uid, str(ctx.study_version)]
-                    ),
+                    uid=ctx.uids.make("no findings", ctx.study_instance_uid, str(ctx.study_version)),
                     identifier="AI: no findings",
                 ),
                 algorithm_id=_algorithm(ctx),
@@ -424,6 +420,7 @@ def build_sr(
     content.insert(first_measurements, _image_library(shown))  # TID 1500 row 5, before row 6
     content.append(_text_container(findings, ctx))
     series_uid, sop_uid = sr_uids(
+        ctx.uids,
         ctx.study_instance_uid,
         ctx.study_version,
         [str(ds.SOPInstanceUID) for ds in analysed],

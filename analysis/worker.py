@@ -28,6 +28,7 @@ from analysis.findings import Findings
 from analysis.prepare import for_provider, prepare_study
 from analysis.prompt import PROMPT_VERSION
 from analysis.report import ReportContext, build_sr
+from analysis.uids import UidMaker
 from analysis.vision.client import VisionClient
 from conf import Settings
 from conf.routing import Route
@@ -39,7 +40,7 @@ from storage.files import InstanceStore
 from storage.models import Instance, Job, JobKind, Outbox, StudyState, utc_now
 from storage.owners import host_of, process_alive, this_process
 from storage.retention import purge_ended
-from storage.studies import instance_set, settle_due, update_study_version
+from storage.studies import installation_namespace, instance_set, settle_due, update_study_version
 
 log = logging.getLogger("ainode.worker")
 
@@ -67,6 +68,7 @@ class AnalysisWorker:
         }
         self._clients_lock = threading.Lock()
         self.owner = this_process()
+        self._uid_maker: UidMaker | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -284,6 +286,7 @@ class AnalysisWorker:
             vision.model,
             PROMPT_VERSION,
             started,
+            self._uids(),
             simulated=vision.preset.name == "simulator",
             predecessor=predecessor,
         )
@@ -353,6 +356,14 @@ class AnalysisWorker:
                 session, job, str(exc)[:2000], self.clock(), retryable=not isinstance(exc, VisionPermanent)
             )
         log.warning("job %d: %s (%s)", job.id, exc, state)
+
+    def _uids(self) -> UidMaker:
+        """This installation's UID maker (its namespace read once from the database)."""
+        if self._uid_maker is None:
+            with self.sessions() as session:
+                namespace = installation_namespace(session)
+            self._uid_maker = UidMaker(namespace, self.settings.node.uid_root)
+        return self._uid_maker
 
     def _headers(self, study: str, sop_uids: set[str] | None) -> dict[str, Dataset]:
         """The stored headers (no pixels) of ``sop_uids`` (None: every instance of the study)."""

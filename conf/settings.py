@@ -36,6 +36,7 @@ from sqlalchemy.exc import ArgumentError
 from conf.providers import preset_for
 from conf.routing import Route
 
+_UID_ROOT = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # Part 5 §6.2 AE: no backslash
 
 
@@ -67,11 +68,24 @@ class NodeSettings(_Section):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    # An organisation UID root (at most 24 characters) for what the node makes; without one,
+    # UIDs are 2.25.<UUID> from this installation's own random value (PS3.5 B.2).
+    uid_root: str | None = None
 
     @field_validator("ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
         return _check_ae_title(value, "node.ae_title")
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, value: str | None) -> str | None:
+        if value is not None and (not _UID_ROOT.match(value) or len(value) > 24):
+            raise ValueError(
+                "node.uid_root must be digits and dots, no leading zeros, at most 24 characters "
+                "(room for the 39-digit suffix in a 64-character UID)"
+            )
+        return value
 
     @field_validator("allowed_calling_aets", mode="before")
     @classmethod

@@ -245,3 +245,14 @@ class VersionInstance(Base):
             "study_instance_uid", "study_version", "sop_instance_uid", name="uq_version_instances"
         ),
     )
+
+
+class Installation(Base):
+    """One row: this installation's random value, made at its first start (migration 0010), the
+    namespace of every UID the node derives (analysis.uids). Nodes sharing a database share it,
+    so they mint the same UID for the same input; another installation never does."""
+
+    __tablename__ = "installation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uid_namespace: Mapped[str] = mapped_column(String(36))

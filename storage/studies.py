@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -21,7 +22,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from conf.routing import Route, StudyFacts, match
-from storage.models import Instance, Job, JobKind, JobState, Outbox, Study, StudyState, VersionInstance
+from storage.models import (
+    Installation,
+    Instance,
+    Job,
+    JobKind,
+    JobState,
+    Outbox,
+    Study,
+    StudyState,
+    VersionInstance,
+)
 
 
 class IngestOutcome(enum.StrEnum):
@@ -471,3 +482,8 @@ def settle_due(
             fix_instance_set(session, uid, version)
             settled.append(uid)
     return settled
+
+
+def installation_namespace(session: Session) -> uuid.UUID:
+    """This installation's random value (one row, made by migration 0010)."""
+    return uuid.UUID(session.scalars(select(Installation.uid_namespace).where(Installation.id == 1)).one())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,14 @@ from pydicom.uid import generate_uid
 from analysis.findings import Findings
 from analysis.prepare import PreparedStudy
 from analysis.report import SR_SERIES_DESCRIPTION, ReportContext, build_sr
+from analysis.uids import UidMaker
 from analysis.vision.reading import read_findings
 from analysis.vision.simulator import simulated_findings
 from tests.data.generate import write_series
 from tests.data.ingest import prepared_study
 from tests.data.validators import sr_errors
 
+INSTALLATION = UidMaker(uuid.UUID("6f1c1e0a-3a51-4c59-9d39-1f6a5d0c2b7e"))  # one test installation
 STARTED = dt.datetime(2026, 11, 25, 9, 30, 15, tzinfo=dt.UTC)
 
 
@@ -50,6 +53,7 @@ def context(study: str, **changes: object) -> ReportContext:
         "model": "ainode-simulated-vision",
         "prompt_version": "ainode-prompt-1",
         "analysis_started": STARTED,
+        "uids": INSTALLATION,
         "simulated": True,
         **changes,
     }

@@ -14,12 +14,14 @@ from analysis.findings import Findings
 from analysis.prepare import prepare_study
 from analysis.prompt import PROMPT_VERSION
 from analysis.report import ReportContext, build_sr
+from analysis.uids import UidMaker
 from analysis.vision.simulator import simulated_findings
 from conf import ImagingSettings
 from storage import outbox
 from storage.db import open_database, transaction
 from storage.files import InstanceStore
 from storage.models import utc_now
+from storage.studies import installation_namespace
 
 
 def complete_with_simulated_findings(
@@ -36,6 +38,7 @@ def complete_with_simulated_findings(
                         p for p in (root / "instances" / study).rglob(f"{tile.sop_instance_uid}.*.dcm")
                     )
                     sources[tile.sop_instance_uid] = dcmread(path, stop_before_pixels=True)
+            namespace = installation_namespace(session)  # the node's own, as the worker reads it
         findings = Findings.model_validate(simulated_findings(images=len(prepared.encoded)))
         context = ReportContext(
             study,
@@ -44,6 +47,7 @@ def complete_with_simulated_findings(
             "ainode-simulated-vision",
             PROMPT_VERSION,
             utc_now(),
+            UidMaker(namespace),
             simulated=True,
         )
         sr = build_sr(findings, prepared.composed, sources, context)
