@@ -312,8 +312,11 @@ class VisionClient:
                 if status == 200:
                     try:
                         reply = wire.parse_reply(self.preset, response.json())
-                    except (ValueError, wire.ReplyFormatError) as exc:
-                        last_error = f"HTTP 200 with an unreadable body: {str(exc)[:200]}"
+                    except (ValueError, RecursionError, wire.ReplyFormatError) as exc:
+                        # RecursionError: JSON nested deeper than the interpreter's limit.
+                        last_error = (
+                            f"HTTP 200 with an unreadable body: {type(exc).__name__}: {str(exc)[:200]}"
+                        )
                         self._record(calls, study, images, 0, 0, latency, status, last_error)
                         self.breaker.failed(last_error)
                         delay = self._backoff(attempt)
@@ -363,6 +366,13 @@ class VisionClient:
                 )
                 self.breaker.failed(last_error)
                 delay = self._backoff(attempt)
+            except VisionPermanent:  # the breaker was told already
+                raise
+            except Exception as exc:
+                # Anything unforeseen still ends this call for the breaker: a half-open trial
+                # left running would keep the circuit open (every study postponed) until restart.
+                self.breaker.failed(type(exc).__name__)
+                raise
             if attempt < self.settings.max_retries and delay is not None:
                 log.warning(
                     "study %s: %s; retry %d of %d in %.2f s",

@@ -317,3 +317,43 @@ def test_a_reply_that_drips_in_is_cut_at_the_request_deadline(tmp_path: Path) ->
         client(url, timeout_seconds=5, request_deadline_seconds=0.5, max_retries=0).analyse(
             "1.2.3", one_image(), "Describe."
         )
+
+
+def test_a_reply_too_deeply_nested_to_parse_during_the_half_open_trial_does_not_jam_the_circuit() -> None:
+    """A 200 whose JSON nests deeper than Python's recursion limit (RecursionError, not
+    ValueError) is an unreadable reply like any other: the half-open trial it ended is over, so
+    the circuit can try again after its cooldown instead of staying open until a restart."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answers = [(500, b'{"error": {"message": "down"}}'), (200, b"[" * 200_000)]
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            status, body = answers.pop(0) if answers else (500, b"{}")
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        vision = client(url, max_retries=0, circuit_failure_threshold=1, circuit_cooldown_seconds=0.2)
+        with pytest.raises(VisionRetryable):
+            vision.analyse("1.1", one_image(), "Describe.")  # the 500 opens the circuit
+        time.sleep(0.3)
+        with pytest.raises(VisionRetryable, match="unreadable body"):
+            vision.analyse("1.2", one_image(), "Describe.")  # the half-open trial
+        time.sleep(0.3)
+        assert vision.breaker.state == "half-open"
+        assert vision.breaker.allow(), "the circuit is jammed open: no trial call is ever let through"
+    finally:
+        server.shutdown()
+        server.server_close()
