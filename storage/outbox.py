@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from storage.errors import LeaseLost
 from storage.models import DeliveryState, Outbox, StudyState
+from storage.owners import orphaned
 from storage.studies import update_study_version
 
 
@@ -133,11 +134,7 @@ def reclaim_orphans(session: Session, host: str, alive: Callable[[int], bool], n
         .where(Outbox.lease_owner.like(f"{host}:%"))
         .with_for_update(skip_locked=True)
     ).all()
-    dead = [
-        delivery_id
-        for delivery_id, owner in rows
-        if (pid := (owner or "").rpartition(":")[2]).isdigit() and not alive(int(pid))
-    ]
+    dead = [delivery_id for delivery_id, owner in rows if orphaned(owner, host, alive)]
     if dead:
         session.execute(
             update(Outbox)

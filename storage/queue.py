@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from storage.errors import LeaseLost
 from storage.models import Job, JobKind, JobState, Study, StudyState
+from storage.owners import orphaned
 from storage.studies import update_study_version
 
 BACKOFF_BASE_SECONDS = 30.0
@@ -271,20 +272,16 @@ def _requeue(
 
 
 def reclaim_orphans(session: Session, host: str, alive: Callable[[int], bool], now: dt.datetime) -> list[int]:
-    """At start: jobs leased by a process of this host (owner ``host:pid``) that is gone are
-    queued again at once, instead of waiting out their lease. Other hosts' leases lapse as
-    usual. Returns the ids it requeued."""
+    """At start: jobs leased by a process of this host (owner ``host:pid:incarnation``) that is gone are
+    queued again at once, instead of waiting out their lease (:func:`storage.owners.orphaned`).
+    Other hosts' leases lapse as usual. Returns the ids it requeued."""
     running = session.execute(
         select(Job.id, Job.lease_owner)
         .where(Job.state == JobState.RUNNING)
         .where(Job.lease_owner.like(f"{host}:%"))
         .with_for_update(skip_locked=True)
     ).all()
-    orphans: list[int] = []
-    for job_id, owner in running:
-        pid = (owner or "").rpartition(":")[2]
-        if pid.isdigit() and not alive(int(pid)):
-            orphans.append(job_id)
+    orphans = [job_id for job_id, owner in running if orphaned(owner, host, alive)]
     return _requeue_now(session, orphans, "its worker process on this host is gone", now)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from storage import queue
 from storage.db import make_engine, make_session_factory, migrate, transaction
 from storage.errors import LeaseLost
 from storage.models import Job, JobKind, JobState, Study, StudyState
+from storage.owners import host_of, process_alive, this_process
 from storage.studies import (
     HeaderIndex,
     IngestOutcome,
@@ -386,6 +388,24 @@ def test_a_restarted_node_reclaims_at_once_what_its_dead_process_held(
     requeued = next(j for j in jobs(sessions) if j.id == reclaimed[0])
     assert (requeued.state, requeued.run_after) == (JobState.QUEUED, at(SETTLE + 1))
     assert requeued.last_error == "its worker process on this host is gone"
+
+
+def test_a_restart_that_gets_the_same_pid_still_reclaims_what_the_killed_process_held(
+    sessions: sessionmaker[Session],
+) -> None:
+    """In a container the node is PID 1 at every restart: "is PID 1 alive?" is yes (it is us)
+    for the leases the killed incarnation left. Only this incarnation's own leases are live."""
+    me = this_process()
+    host, pid = host_of(me), os.getpid()
+    owners = [f"{host}:{pid}", f"{host}:{pid}:0123456789ab", me]  # before incarnations, an earlier one, us
+    for n, owner in enumerate(owners):
+        receive(sessions, instance(f"1.{n}", study=f"1.2.{n}"), at(0))
+        settle(sessions, at(SETTLE))
+        assert claim(sessions, owner, at(SETTLE), lease=60) is not None
+    with transaction(sessions) as session:
+        reclaimed = queue.reclaim_orphans(session, host, process_alive, at(SETTLE + 1))
+    assert len(reclaimed) == 2
+    assert [j.state for j in jobs(sessions) if j.lease_owner == me] == [JobState.RUNNING]
 
 
 def test_on_sqlite_a_long_read_does_not_hold_up_a_write(tmp_path: Path) -> None:
