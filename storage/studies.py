@@ -109,7 +109,7 @@ _SERIES_SEEN = (
 _INSERT_INSTANCE = insert(_instances)
 _OWN_SR = select(Outbox.id).where(Outbox.sr_sop_instance_uid == bindparam("sop")).limit(1)
 _LOCK_STUDY = (
-    select(_studies.c.state, _studies.c.version, _studies.c.settle_at)
+    select(_studies.c.state, _studies.c.version, _studies.c.settle_at, _studies.c.files_purged_at)
     .where(_studies.c.study_instance_uid == bindparam("study"))
     .with_for_update()
 )
@@ -143,6 +143,11 @@ def record_instance(
         return IngestResult(IngestOutcome.DUPLICATE)
 
     study = _lock_study(session, received, now)
+    if study.files_purged_at is not None and now <= study.files_purged_at:
+        # ``now`` was read before this commit waited for the lock a purge held: this instance
+        # arrived after the purge and its file is on disk, so it must count as newer than it
+        # (retention and the next version's set tell purged files by ``received_at``).
+        now = study.files_purged_at + dt.timedelta(microseconds=1)
     reopened = _reopen(session, study, now + dt.timedelta(seconds=settle_seconds))
     if existing is None:
         series_seen = conn.execute(
@@ -207,6 +212,7 @@ class _LockedStudy:
     state: str
     version: int
     settle_at: dt.datetime
+    files_purged_at: dt.datetime | None
 
 
 def _lock_study(session: Session, received: ReceivedInstance, now: dt.datetime) -> _LockedStudy:
@@ -228,7 +234,9 @@ def _lock_study(session: Session, received: ReceivedInstance, now: dt.datetime) 
         .on_conflict_do_nothing()
     )
     row = session.connection().execute(_LOCK_STUDY, {"study": received.study_instance_uid}).one()
-    return _LockedStudy(received.study_instance_uid, row.state, row.version, row.settle_at)
+    return _LockedStudy(
+        received.study_instance_uid, row.state, row.version, row.settle_at, row.files_purged_at
+    )
 
 
 def _counts(session: Session, study_instance_uid: str) -> dict[str, int]:

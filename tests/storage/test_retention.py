@@ -114,3 +114,45 @@ def test_skipped_and_failed_studies_are_purged_too_and_later_instances_wait_for_
         assert purge_ended(session, store, 7, T0 + 30 * day) == []  # nothing left to purge
     assert not late.exists()
     engine.dispose()
+
+
+def test_an_instance_whose_commit_waited_behind_a_purge_is_not_taken_for_purged(
+    database_url: str, tmp_path: Path
+) -> None:
+    """C-STORE reads the clock, then waits for the lock the purge holds (its files being
+    deleted); it commits after the purge with a time before ``files_purged_at``. That instance
+    is on disk and must be in the next version's set (and purged later), not counted as gone."""
+    engine = make_engine(database_url)
+    migrate(engine)
+    sessions = make_session_factory(engine)
+    store = InstanceStore(tmp_path / "var")
+    store.prepare()
+
+    def receive(sop: str, when: dt.datetime) -> Path:
+        relative = f"instances/9.1/1/{sop}.{'0' * 16}.dcm"
+        path = store.write_atomically(relative, b"dicom bytes")
+        with transaction(sessions) as session:
+            record_instance(
+                session,
+                ReceivedInstance(
+                    sop, "9.1", "1", "1.2", "1.2.840.10008.1.2.1", relative, 11, "0" * 64, "CT01"
+                ),
+                10,
+                when,
+            )
+        return path
+
+    first = receive("9.1.1", T0)
+    with transaction(sessions) as session:
+        session.execute(update(Study).where(Study.study_instance_uid == "9.1").values(state=StudyState.DONE))
+    purge_time = T0 + dt.timedelta(days=8)
+    with transaction(sessions) as session:
+        assert purge_ended(session, store, 7, purge_time) == ["9.1"]
+    assert not first.exists()
+    late = receive("9.1.2", purge_time - dt.timedelta(seconds=2))  # clock read before the purge's
+    with transaction(sessions) as session:
+        assert settle_due(session, purge_time + dt.timedelta(seconds=11)) == ["9.1"]
+    with sessions() as session:
+        assert instance_set(session, "9.1", 2) == {"9.1.2"}
+    assert late.exists()
+    engine.dispose()
