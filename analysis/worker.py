@@ -21,6 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from analysis.errors import CircuitOpen, VisionError, VisionPermanent
@@ -171,7 +172,8 @@ class AnalysisWorker:
         the real reason. Disk and database trouble is retried; anything else (a bug, a header
         highdicom cannot use) fails the study with its reason, since repeating it cannot help."""
         job = holder["job"]
-        retryable = isinstance(exc, OSError | StorageUnavailable)
+        # A plain (read) session's database trouble is SQLAlchemy's, not DatabaseUnavailable.
+        retryable = isinstance(exc, OSError | StorageUnavailable | OperationalError | InterfaceError)
         reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
         try:
             with transaction(self.sessions) as session:

@@ -192,3 +192,30 @@ def test_a_worker_that_lost_its_lease_leaves_the_winners_sr_alone(
         assert session.get_one(Study, study).state == StudyState.DONE
     assert len(files) == 1  # the loser wrote nothing (its guarded store of findings failed)
     assert json.loads(job.findings_json or "{}")["summary"].startswith("SIMULATED")
+
+
+def test_a_database_error_outside_a_transaction_is_retried_not_a_failed_study(
+    study_node: tuple[Settings, Any, str], tmp_path: Path
+) -> None:
+    """The worker's reads (instance set, pixels, headers) run in plain sessions, where a
+    dropped PostgreSQL connection surfaces as SQLAlchemy's OperationalError, not as
+    DatabaseUnavailable: database trouble is retried, it does not fail the study for good."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    from storage import queue
+
+    settings, sessions, _study = study_node
+    gone = create_engine(f"sqlite:///{tmp_path}/no/such/folder/x.db")
+    with pytest.raises(OperationalError) as raised, gone.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    gone.dispose()
+    with simulator(tmp_path) as url:
+        worker = _worker(settings, sessions, url, Clock())
+        with transaction(sessions) as session:
+            job = queue.claim(session, "analyse", worker.owner, 60, T0)
+        assert job is not None
+        worker._record_failure({"job": job}, raised.value)
+    row = _job(sessions)
+    assert (row.state, row.attempts) == (JobState.QUEUED, 1)
+    assert row.last_error is not None and row.last_error.startswith("OperationalError")
