@@ -167,7 +167,12 @@ def test_database_unavailable_answers_out_of_resources_then_recovers(
     finally:
         psql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
     assert store_raw(node.port, files[2]) == 0
-    assert len(node.stored_files()) == 2  # the refused instance left no file behind
+    # The refused instance's file is kept (the database could not say whether an identical
+    # instance racing it was acknowledged); the modality's resend adopts it, no second copy.
+    assert len(node.stored_files()) == 3
+    assert store_raw(node.port, files[1]) == 0
+    assert len(node.stored_files()) == 3
+    assert node.status()[0]["instance_count"] == 3
 
 
 def test_orthanc_pushes_a_study_to_the_node(make_node: NodeFactory, tmp_path: Path) -> None:
