@@ -115,7 +115,8 @@ def test_broken_datasets_get_failure_statuses_and_the_node_keeps_serving(
 
 
 def test_same_uid_same_bytes_is_a_no_op_and_new_bytes_replace(make_node: NodeFactory, tmp_path: Path) -> None:
-    node = make_node().start()
+    # Settling slower than a loaded machine runs `ainode status`: the replacement is seen reopening.
+    node = make_node(study={"settle_seconds": 4.0}).start()
     source = write_series(tmp_path / "ct", 1)[0]
     assert store_raw(node.port, source) == 0 and store_raw(node.port, source) == 0
     first = node.stored_files()
