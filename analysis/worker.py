@@ -26,9 +26,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from analysis.errors import CircuitOpen, VisionError, VisionPermanent
 from analysis.findings import Findings
+from analysis.mosaic import ComposedImage
 from analysis.prepare import for_provider, prepare_study
 from analysis.prompt import PROMPT_VERSION
 from analysis.report import ReportContext, build_sr
+from analysis.summary_image import build_summary
 from analysis.uids import UidMaker
 from analysis.vision.client import VisionClient
 from conf import Settings
@@ -301,6 +303,7 @@ class AnalysisWorker:
         if lost.is_set():
             raise LeaseLost(f"job {job.id}: lease lost before the SR was written")
         self.store.write_atomically(relative, buffer.getvalue())  # durable before it is named
+        summary = self._summary(findings, prepared.composed, analysed, version, context.simulated, job)
         crashpoints.reached("analysis.after_sr_write")
         t_report = clock()
         destinations = (
@@ -308,18 +311,24 @@ class AnalysisWorker:
             if route and route.destinations
             else [d.name for d in self.settings.destinations]
         )
+        outputs = {d.name: d.outputs for d in self.settings.destinations}
+        wants_sr = [name for name in destinations if "sr" in outputs.get(name, ("sr",))]
+        wants_sc = [name for name in destinations if "sc" in outputs.get(name, ())] if summary else []
         try:
             with transaction(self.sessions) as session:
                 outbox.enqueue(
-                    session, study, version, relative, str(sr.SOPInstanceUID), destinations, self.clock()
+                    session, study, version, relative, str(sr.SOPInstanceUID), wants_sr, self.clock()
                 )
+                if summary is not None and wants_sc:
+                    outbox.enqueue(session, study, version, *summary, wants_sc, self.clock(), is_report=False)
                 finished: dict[str, object] = {"analysed_version": version}
-                if not destinations:  # nowhere to send: the study is finished now
+                if not wants_sr and not wants_sc:  # nowhere to send: the study is finished now
                     finished["state"] = StudyState.DONE
                 update_study_version(session, study, version, finished)
                 queue.complete(session, holder["job"], self.clock())
         except LeaseLost:
-            (self.store.root / relative).unlink(missing_ok=True)  # never named by any row
+            for written in (relative, *([summary[0]] if summary else [])):
+                (self.store.root / written).unlink(missing_ok=True)  # never named by any row
             raise
         crashpoints.reached("analysis.after_outbox_commit")
         log.info(
@@ -359,6 +368,34 @@ class AnalysisWorker:
             )
         log.warning("job %d: %s (%s)", job.id, exc, state)
 
+    def _summary(
+        self,
+        findings: Findings,
+        composed: list[ComposedImage],
+        analysed: dict[str, Dataset],
+        version: int,
+        simulated: bool,
+        job: queue.ClaimedJob,
+    ) -> tuple[str, str] | None:
+        """The Secondary Capture summary, written under a name this lease owns: (path, SOP
+        Instance UID). A summary that cannot be made is logged and left out; the SR goes on."""
+        try:
+            image = build_summary(
+                findings, composed, next(iter(analysed.values())), self._uids(), version, simulated
+            )
+            buffer = DicomBytesIO()
+            image.save_as(buffer, enforce_file_format=True)
+        except Exception:
+            log.exception(
+                "job %d: no summary image for study %s; the SR goes without it",
+                job.id,
+                job.study_instance_uid,
+            )
+            return None
+        relative = f"summary/{job.study_instance_uid}/{image.SOPInstanceUID}.{job.lease_token[:8]}.dcm"
+        self.store.write_atomically(relative, buffer.getvalue())
+        return relative, str(image.SOPInstanceUID)
+
     def _uids(self) -> UidMaker:
         """This installation's UID maker (its namespace read once from the database)."""
         if self._uid_maker is None:
@@ -380,10 +417,12 @@ class AnalysisWorker:
         }
 
     def _predecessor(self, study: str) -> Dataset | None:
+        """The study's previous SR (not its summary image, queued in the same outbox)."""
         with self.sessions() as session:
             previous = session.scalar(
                 select(Outbox.sr_path)
                 .where(Outbox.study_instance_uid == study)
+                .where(Outbox.sr_path.like("sr/%"))
                 .order_by(Outbox.id.desc())
                 .limit(1)
             )

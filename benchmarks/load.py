@@ -101,7 +101,13 @@ def main() -> None:
                 worker={"poll_seconds": 0.1},
                 delivery={"poll_seconds": 0.1},
                 destinations=[
-                    {"name": "pacs", "ae_title": "COUNTPACS", "host": "127.0.0.1", "port": pacs_port}
+                    {
+                        "name": "pacs",
+                        "ae_title": "COUNTPACS",
+                        "host": "127.0.0.1",
+                        "port": pacs_port,
+                        "outputs": ["sr"],
+                    }
                 ],
             ).start()
             try:

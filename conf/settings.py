@@ -248,6 +248,9 @@ class DestinationSettings(_Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    # What this destination gets: the SR, and the Secondary Capture summary image that viewers
+    # without TID 1500 support can show.
+    outputs: tuple[Literal["sr", "sc"], ...] = ("sr", "sc")
 
     @field_validator("ae_title")
     @classmethod

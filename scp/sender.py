@@ -67,7 +67,9 @@ def store_sr(path: Path, destination: DestinationSettings, calling_ae_title: str
         if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
             set_nodelay(assoc.dul.socket.socket)
         if not assoc.accepted_contexts:
-            return Outcome("dead", None, f"{destination.ae_title} accepts no SR storage context")
+            return Outcome(
+                "dead", None, f"{destination.ae_title} accepts no context for {header.SOPClassUID.name}"
+            )
         response = assoc.send_c_store(path)
     finally:
         if assoc.is_established:

@@ -50,8 +50,11 @@ def enqueue(
     sr_sop_instance_uid: str,
     destinations: Iterable[str],
     now: dt.datetime,
+    is_report: bool = True,
 ) -> int:
-    """Queue the SR for each destination (idempotent) and mark the study as sending."""
+    """Queue a file the node made for each destination (idempotent) and mark the study as
+    sending. ``is_report``: the SR, whose UID the study shows; False for companions such as the
+    Secondary Capture summary, delivered and retried the same way."""
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     count = 0
     for destination in destinations:
@@ -77,7 +80,9 @@ def enqueue(
         study_instance_uid,
         study_version,
         # The SR is committed: earlier errors of this version (retries, a wait for a key) are over.
-        {"state": StudyState.SENDING, "sr_sop_instance_uid": sr_sop_instance_uid, "last_error": None},
+        {"state": StudyState.SENDING, "sr_sop_instance_uid": sr_sop_instance_uid, "last_error": None}
+        if is_report
+        else {"state": StudyState.SENDING},
     )
     return count
 
@@ -226,7 +231,7 @@ def _settle_study(session: Session, delivery: Delivery) -> None:
     states = session.execute(
         select(Outbox.destination, Outbox.state, Outbox.last_error)
         .where(Outbox.study_instance_uid == delivery.study_instance_uid)
-        .where(Outbox.sr_sop_instance_uid == delivery.sr_sop_instance_uid)
+        .where(Outbox.study_version == delivery.study_version)  # the SR and its companions
     ).all()
     if any(state in (DeliveryState.PENDING, DeliveryState.SENDING) for _, state, _ in states):
         return

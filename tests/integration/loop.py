@@ -3,6 +3,7 @@ sends the SR back into Orthanc. Helpers shared by the end-to-end tests."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import httpx
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from analysis.summary_image import SERIES_DESCRIPTION as SUMMARY_SERIES
 from tests.data.generate import identify, identifying_tokens, write_series
 from tests.data.validators import sr_errors
 from tests.nodes import Node, NodeFactory
@@ -106,3 +108,22 @@ def check_sr(tmp_path: Path, node: Node, study: str, http_port: int, record: Pat
     sent = record.read_text()
     for token in identifying_tokens():
         assert token not in sent, f"{token!r} reached the vision API"
+
+
+def check_summary_image(tmp_path: Path, http_port: int, study: str) -> None:
+    """The Secondary Capture summary arrived in the study, in its own series, valid in dciodvfy."""
+    with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=30) as client:
+        (study_id,) = [
+            f["ID"] for f in client.post("/tools/lookup", content=study).json() if f["Type"] == "Study"
+        ]
+        series = client.get(f"/studies/{study_id}/series").json()
+        (summary,) = [s for s in series if s["MainDicomTags"].get("SeriesDescription") == SUMMARY_SERIES]
+        (instance,) = summary["Instances"]
+        path = tmp_path / "summary-from-orthanc.dcm"
+        path.write_bytes(client.get(f"/instances/{instance}/file").content)
+    check = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=60
+    )
+    assert [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")] == []
+    image = dcmread(path)
+    assert image.StudyInstanceUID == study and image.pixel_array.shape == (1024, 1280, 3)

@@ -53,7 +53,16 @@ def test_a_crash_at_each_point_loses_nothing_and_repeats_nothing(
             vision={"provider": "simulator", "base_url": url},
             worker={"poll_seconds": 0.2},
             delivery={"retry_base_seconds": 0.2, "retry_cap_seconds": 0.5, "poll_seconds": 0.2},
-            destinations=[{"name": "pacs", "ae_title": "PICKYPACS", "host": "127.0.0.1", "port": port}],
+            # The SR alone: one file per version to count (the summary image is tested end to end).
+            destinations=[
+                {
+                    "name": "pacs",
+                    "ae_title": "PICKYPACS",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "outputs": ["sr"],
+                }
+            ],
         )
         node.start(env={"AINODE_CRASH_AT": point})
         first = _storescu(node, files)

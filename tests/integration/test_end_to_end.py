@@ -11,6 +11,7 @@ import httpx
 
 from tests.integration.loop import (
     check_sr,
+    check_summary_image,
     identifying_study,
     node_with_orthanc,
     push_from_orthanc,
@@ -34,6 +35,7 @@ def test_orthanc_study_comes_back_with_one_sr(make_node: NodeFactory, tmp_path: 
         again = node.status()[0]
         assert (again["state"], again["version"], again["instance_count"]) == ("done", 1, 42)
         assert len(sr_in_orthanc(ports["http_port"], study)) == 1
+        check_summary_image(tmp_path, ports["http_port"], study)
         with httpx.Client(base_url=f"http://127.0.0.1:{node.http_port}", timeout=30) as client:
             metrics = client.get("/metrics").text
             health = client.get("/healthz")
@@ -43,7 +45,7 @@ def test_orthanc_study_comes_back_with_one_sr(make_node: NodeFactory, tmp_path: 
         "ainode_instances_received_total 42",
         'ainode_api_calls_total{provider="simulator",status="200"} 1',
         "ainode_queue_depth 0",
-        'ainode_sr_deliveries{destination="pacs",state="sent"} 1',
+        'ainode_sr_deliveries{destination="pacs",state="sent"} 2',  # the SR and the summary image
         "ainode_api_latency_ms_count 1",
     ):
         assert line in metrics.splitlines(), line
