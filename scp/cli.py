@@ -285,29 +285,21 @@ def main(argv: list[str] | None = None) -> int:
                 rows = study_rows(session)
             print(json.dumps(rows, indent=2) if args.json else format_table(rows))
             return 0
-        if args.command == "retry":
+        if args.command in ("retry", "complete"):
+            action = requeue_study if args.command == "retry" else complete_study
             try:
                 with (
                     open_database(settings.storage.database_url) as sessions,
                     transaction(sessions) as session,
                 ):
-                    version = requeue_study(session, args.study_instance_uid, utc_now(), settings.routes)
+                    outcome = action(session, args.study_instance_uid, utc_now(), settings.routes)
             except LookupError as exc:
-                print(f"ainode retry: {exc}", file=sys.stderr)
+                print(f"ainode {args.command}: {exc}", file=sys.stderr)
                 return 1
-            print(f"study {args.study_instance_uid} queued again as version {version}")
-            return 0
-        if args.command == "complete":
-            try:
-                with (
-                    open_database(settings.storage.database_url) as sessions,
-                    transaction(sessions) as session,
-                ):
-                    state = complete_study(session, args.study_instance_uid, utc_now(), settings.routes)
-            except LookupError as exc:
-                print(f"ainode complete: {exc}", file=sys.stderr)
-                return 1
-            print(f"study {args.study_instance_uid}: {state}")
+            if args.command == "retry":
+                print(f"study {args.study_instance_uid} queued again as version {outcome}")
+            else:
+                print(f"study {args.study_instance_uid}: {outcome}")
             return 0
         if args.command == "preview":
             return _preview(settings, args.study_instance_uid, args.out)

@@ -219,3 +219,21 @@ def test_a_missing_postgresql_driver_names_the_extra_to_install(tmp_path: Path) 
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.endswith('pip install "ainode[postgres]"'), line
+
+
+def test_complete_queues_a_study_without_waiting_out_the_settle_time(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    files = write_series(tmp_path / "ct", 3)
+    study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    node = make_node(study={"settle_seconds": 600}).start()
+    assert "sent 3 of 3" in node.cli("send", *map(str, files), "--to", f"AINODE@127.0.0.1:{node.port}").stdout
+    assert node.status()[0]["state"] == "receiving"
+    done = node.cli("complete", study)
+    assert done.stdout.strip() == f"study {study}: queued"
+    node.wait_for_state(study, "waiting", timeout=10)  # no API key: queued, then held
+    missing = node.cli("complete", "1.2.3.4.5", check=False)
+    assert (
+        missing.returncode == 1
+        and missing.stderr.strip() == "ainode complete: no study 1.2.3.4.5 in the database"
+    )
