@@ -315,7 +315,7 @@ def requeue_study(
         .where(Study.study_instance_uid == study_instance_uid)
         .values(version=version, state=StudyState.RECEIVING, settle_at=now, last_error=None)
     )
-    _settle_one(session, study_instance_uid, now, routes)
+    settle_due(session, now, routes=routes, only=study_instance_uid)
     return version
 
 
@@ -333,12 +333,8 @@ def complete_study(
     if row != StudyState.RECEIVING:
         return str(row)  # already settled (queued, analysing, done ...): nothing to complete
     session.execute(update(Study).where(Study.study_instance_uid == study_instance_uid).values(settle_at=now))
-    _settle_one(session, study_instance_uid, now, routes)
-    return str(session.scalar(select(Study.state).where(Study.study_instance_uid == study_instance_uid)))
-
-
-def _settle_one(session: Session, study_instance_uid: str, now: dt.datetime, routes: Sequence[Route]) -> None:
     settle_due(session, now, routes=routes, only=study_instance_uid)
+    return str(session.scalar(select(Study.state).where(Study.study_instance_uid == study_instance_uid)))
 
 
 def fix_instance_set(session: Session, study_instance_uid: str, version: int) -> int:

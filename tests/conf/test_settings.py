@@ -39,6 +39,9 @@ def test_config_path_prefers_the_environment(tmp_path: Path) -> None:
         ("[node]\nport = 70000\n", r"node.port.*70000"),
         ("[nodee]\nport = 1\n", r"nodee"),
         ("[node\n", r"not valid TOML"),
+        ("vision = 5\n", r"vision: Input should be a valid dictionary"),
+        ('[storage]\ndatabase_url = "sqlite:///:memory:"\n', r"in-memory SQLite database"),
+        ('[storage]\ndatabase_url = "sqlite://"\n', r"in-memory SQLite database"),
     ],
 )
 def test_bad_configuration_is_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
@@ -158,21 +161,6 @@ def test_an_empty_api_key_is_no_key(monkeypatch: pytest.MonkeyPatch, key: str) -
     monkeypatch.setenv("AINODE_VISION__API_KEY", " sk-pasted-with-a-newline\n")
     key_read = load_settings(Path(__file__).parents[2] / "conf" / "ainode.toml").vision.api_key
     assert key_read is not None and key_read.get_secret_value() == "sk-pasted-with-a-newline"
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("vision = 5\n", r"vision: Input should be a valid dictionary"),
-        ('[storage]\ndatabase_url = "sqlite:///:memory:"\n', r"in-memory SQLite database"),
-        ('[storage]\ndatabase_url = "sqlite://"\n', r"in-memory SQLite database"),
-    ],
-)
-def test_odd_files_are_one_clear_line_not_a_traceback(tmp_path: Path, text: str, message: str) -> None:
-    path = tmp_path / "odd.toml"
-    path.write_text(text)
-    with pytest.raises(ConfigError, match=message):
-        load_settings(path)
 
 
 def test_a_path_under_the_home_folder_is_the_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

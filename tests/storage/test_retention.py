@@ -6,6 +6,7 @@ import datetime as dt
 from pathlib import Path
 
 from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
 
 from storage import outbox
 from storage.db import make_engine, make_session_factory, migrate, transaction
@@ -15,6 +16,22 @@ from storage.retention import purge_ended
 from storage.studies import ReceivedInstance, instance_set, record_instance, settle_due
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def _receive(
+    sessions: sessionmaker[Session], store: InstanceStore, study: str, sop: str, when: dt.datetime
+) -> Path:
+    """One instance of ``study`` stored and committed the way the SCP does, at ``when``."""
+    relative = f"instances/{study}/1/{sop}.{'0' * 16}.dcm"
+    path = store.write_atomically(relative, b"dicom bytes")
+    with transaction(sessions) as session:
+        record_instance(
+            session,
+            ReceivedInstance(sop, study, "1", "1.2", "1.2.840.10008.1.2.1", relative, 11, "0" * 64, "CT01"),
+            10,
+            when,
+        )
+    return path
 
 
 def test_files_go_only_after_every_delivery_succeeded_and_the_days_passed(
@@ -75,18 +92,7 @@ def test_skipped_and_failed_studies_are_purged_too_and_later_instances_wait_for_
     store.prepare()
 
     def receive(study: str, sop: str, when: dt.datetime) -> Path:
-        relative = f"instances/{study}/1/{sop}.{'0' * 16}.dcm"
-        path = store.write_atomically(relative, b"dicom bytes")
-        with transaction(sessions) as session:
-            record_instance(
-                session,
-                ReceivedInstance(
-                    sop, study, "1", "1.2", "1.2.840.10008.1.2.1", relative, 11, "0" * 64, "CT01"
-                ),
-                10,
-                when,
-            )
-        return path
+        return _receive(sessions, store, study, sop, when)
 
     def end(study: str, state: StudyState) -> None:
         with transaction(sessions) as session:
@@ -129,18 +135,7 @@ def test_an_instance_whose_commit_waited_behind_a_purge_is_not_taken_for_purged(
     store.prepare()
 
     def receive(sop: str, when: dt.datetime) -> Path:
-        relative = f"instances/9.1/1/{sop}.{'0' * 16}.dcm"
-        path = store.write_atomically(relative, b"dicom bytes")
-        with transaction(sessions) as session:
-            record_instance(
-                session,
-                ReceivedInstance(
-                    sop, "9.1", "1", "1.2", "1.2.840.10008.1.2.1", relative, 11, "0" * 64, "CT01"
-                ),
-                10,
-                when,
-            )
-        return path
+        return _receive(sessions, store, "9.1", sop, when)
 
     first = receive("9.1.1", T0)
     with transaction(sessions) as session:
