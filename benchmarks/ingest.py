@@ -1,9 +1,11 @@
 """Ingest throughput: the same CT series sent by DCMTK storescu to ainode, storescp and Orthanc.
 
-    python -m benchmarks.ingest [--instances 500] [--rounds 3] [--big-gb 2]
+    python -m benchmarks.ingest [--patterns single,concurrent,small] [--rounds 3] [--big-gb 2]
 
-Prints instances/s and MB/s per receiver and round, the medians, the ratios, and the node's
-peak RSS while it ingests a study of ``--big-gb`` GB made of 256 MB multi-frame instances.
+Three sending patterns: one association of 300 CT slices; ten modalities sending 50 slices each
+at once; fifty associations of twenty small (40 KB) images at once. Prints instances/s, MB/s and
+peak RSS per receiver and round, the medians and the ratios; then the node's peak RSS while ten
+associations send ``--big-gb`` GB of 256 MB multi-frame instances.
 ainode runs durable (fsync + rename + commit per instance, SQLite WAL synchronous=FULL);
 storescp and Orthanc run with their defaults.
 """
@@ -11,6 +13,7 @@ storescp and Orthanc run with their defaults.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import subprocess
@@ -19,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +30,7 @@ import psutil
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.data.generate import write_series
+from tests.data.generate import CT_512, CT_SMALL, write_series
 from tests.nodes import DCMTK, DCMTK_ENV, Node, free_port, orthanc, stop_process, wait_for_port
 
 
@@ -76,6 +80,28 @@ def send(port: int, called_ae: str, files: list[Path]) -> float:
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"storescu to port {port} failed: {result.stderr[-500:]}")
+    return elapsed
+
+
+def send_at_once(port: int, called_ae: str, batches: list[list[Path]]) -> float:
+    """One storescu per batch, all started together; seconds until the last one finished."""
+    errors: list[BaseException] = []
+
+    def one(files: list[Path]) -> None:
+        try:
+            send(port, called_ae, files)
+        except BaseException as exc:  # reported below, after every sender finished
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(batch,)) for batch in batches]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(batches)} senders failed: {errors[0]}")
     return elapsed
 
 
@@ -137,51 +163,96 @@ def write_big_study(folder: Path, gigabytes: float) -> list[Path]:
     return paths
 
 
+@dataclass(frozen=True)
+class Pattern:
+    name: str
+    senders: int
+    instances: int  # per sender
+    source: str
+
+
+PATTERNS = {
+    "single": Pattern("one association x 300 CT 512x512", 1, 300, CT_512),
+    "concurrent": Pattern("10 associations at once x 50 CT 512x512", 10, 50, CT_512),
+    "small": Pattern("50 associations at once x 20 CT 128x128 (40 KB)", 50, 20, CT_SMALL),
+}
+RECEIVERS = {
+    "ainode": (run_ainode, "AINODE"),
+    "storescp": (run_storescp, "STORESCP"),
+    "orthanc": (run_orthanc, "ORTHANC"),
+}
+
+
+def run_pattern(work: Path, key: str, pattern: Pattern, rounds: int, receivers: list[str]) -> None:
+    """Each sender is a modality with its own study; every round sends new SOP Instance UIDs."""
+    batches = [
+        write_series(work / key / f"sender{index}", pattern.instances, source=pattern.source)
+        for index in range(pattern.senders)
+    ]
+    count = pattern.senders * pattern.instances
+    megabytes = sum(p.stat().st_size for batch in batches for p in batch) / 1e6
+    print(f"\n== {pattern.name}: {count} instances, {megabytes:.0f} MB")
+    rates: dict[str, list[float]] = {name: [] for name in receivers}
+    peaks: list[int] = []
+    for round_ in range(1, rounds + 1):
+        for name in receivers:
+            runner, called = RECEIVERS[name]
+            for batch in batches:
+                fresh_uids(batch)
+            folder = work / f"{key}-{name}-{round_}"
+            folder.mkdir()
+            with runner(folder) as (port, pid):
+                seconds, peak = peak_rss_during(pid, functools.partial(send_at_once, port, called, batches))
+            if name == "ainode":
+                peaks.append(peak)
+            rates[name].append(count / seconds)
+            print(
+                f"round {round_} {name:9s} {count / seconds:8.1f} inst/s "
+                f"{megabytes / seconds:8.1f} MB/s  peak RSS {peak / 2**20:5.0f} MiB"
+            )
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    print(f"median over {rounds} rounds:")
+    for name, rate in medians.items():
+        print(f"  {name:9s} {rate:8.1f} inst/s {rate * megabytes / count:8.1f} MB/s")
+    for peer in ("orthanc", "storescp"):
+        if "ainode" in medians and peer in medians:
+            print(f"  ainode / {peer:8s} = {medians['ainode'] / medians[peer]:.2f}")
+    if peaks:
+        print(f"  ainode peak RSS {max(peaks) / 2**20:.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instances", type=int, default=500)
+    parser.add_argument("--patterns", default="single,concurrent,small", help=f"of {','.join(PATTERNS)}")
+    parser.add_argument("--receivers", default="ainode,storescp,orthanc", help=f"of {','.join(RECEIVERS)}")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--big-gb", type=float, default=2.0, help="0 skips the RSS run")
     args = parser.parse_args()
+    receivers = [name for name in args.receivers.split(",") if name]
+    for name in receivers:
+        if name not in RECEIVERS:
+            parser.error(f"--receivers: unknown receiver {name!r}")
 
     with tempfile.TemporaryDirectory(prefix="ainode-bench-") as tmp:
         work = Path(tmp)
-        files = write_series(work / "series", args.instances)
-        megabytes = sum(p.stat().st_size for p in files) / 1e6
-        print(f"series: {len(files)} instances, {megabytes:.0f} MB (CT 512x512x16 bit)")
-        receivers = {
-            "ainode": (run_ainode, "AINODE"),
-            "storescp": (run_storescp, "STORESCP"),
-            "orthanc": (run_orthanc, "ORTHANC"),
-        }
-        results: dict[str, list[float]] = {name: [] for name in receivers}
-        for round_ in range(1, args.rounds + 1):
-            for name, (runner, called) in receivers.items():
-                fresh_uids(files)
-                folder = work / f"{name}-{round_}"
-                folder.mkdir()
-                with runner(folder) as (port, _pid):
-                    seconds = send(port, called, files)
-                rate = len(files) / seconds
-                results[name].append(rate)
-                print(f"round {round_} {name:9s} {rate:8.1f} inst/s {megabytes / seconds:8.1f} MB/s")
-        medians = {name: statistics.median(rates) for name, rates in results.items()}
-        print("\nmedian over rounds:")
-        for name, rate in medians.items():
-            print(f"  {name:9s} {rate:8.1f} inst/s {rate * megabytes / len(files):8.1f} MB/s")
-        print(f"  ainode / orthanc  = {medians['ainode'] / medians['orthanc']:.2f}")
-        print(f"  ainode / storescp = {medians['ainode'] / medians['storescp']:.2f}")
+        for key in args.patterns.split(","):
+            if key not in PATTERNS:
+                parser.error(f"--patterns: unknown pattern {key!r}")
+            run_pattern(work, key, PATTERNS[key], args.rounds, receivers)
 
         if args.big_gb > 0:
             big = write_big_study(work / "big", args.big_gb)
             total = sum(p.stat().st_size for p in big) / 2**30
             folder = work / "ainode-big"
             folder.mkdir()
+            senders = 10
             with run_ainode(folder) as (port, pid):
-                seconds, peak = peak_rss_during(pid, lambda: send(port, "AINODE", big))
+                seconds, peak = peak_rss_during(
+                    pid, lambda: send_at_once(port, "AINODE", [big[i::senders] for i in range(senders)])
+                )
             print(
-                f"\nbig study: {len(big)} instances, {total:.2f} GiB in {seconds:.1f} s; "
-                f"ainode peak RSS {peak / 2**20:.0f} MiB"
+                f"\nbig: {len(big)} instances of 256 MiB, {total:.2f} GiB over {senders} associations "
+                f"in {seconds:.1f} s; ainode peak RSS {peak / 2**20:.0f} MiB"
             )
 
 

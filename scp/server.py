@@ -3,7 +3,9 @@
 For each C-STORE: pynetdicom streams the dataset to a file under ``storage.root/tmp`` as the
 P-DATA arrives (``STORE_RECV_CHUNKED_DATASET``), so memory stays flat for any instance size; the
 handler checks that the file is a complete dataset matching the request, fsyncs and renames it
-into place, commits one transaction, and only then answers 0x0000. It makes no HTTP calls and
+into place, and hands it to the group commit (:mod:`storage.group_commit`: the folder's fsync and
+the row, shared with the instances other associations finished meanwhile); only once that commit
+returns does it answer 0x0000. It makes no HTTP calls and
 decodes no pixels, and never raises into pynetdicom.
 """
 
@@ -29,12 +31,12 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conf import Settings
+from scp import reactor
 from scp.dataset_check import check_dataset_file
 from scp.errors import DatasetCorrupt, DatasetMismatch
 from scp.statuses import StoreStatus
@@ -43,15 +45,15 @@ from storage import crashpoints
 from storage.db import transaction
 from storage.errors import StorageUnavailable
 from storage.files import InstanceStore, is_safe_uid, sha256_of
+from storage.group_commit import GroupCommitter
 from storage.models import Instance, utc_now
 from storage.queue import reap_expired
 from storage.studies import (
     IngestOutcome,
-    IngestResult,
     ReceivedInstance,
     extend_settle,
+    extend_settle_of_all_receiving,
     hold_queued,
-    record_instance,
     settle_due,
 )
 
@@ -80,34 +82,13 @@ def set_nodelay(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class BulkReceiveSocket(AssociationSocket):  # type: ignore[misc]
-    """pynetdicom's socket with a receive that fills one buffer with as few system calls as the
-    kernel allows, instead of appending 4 KiB reads (a 128 KiB PDU took 32 calls and copies)."""
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        if self.socket is None:
-            return bytearray()
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        filled = 0
-        while filled < nr_bytes:
-            got = self.socket.recv_into(view[filled:], nr_bytes - filled)
-            if got == 0:  # closed: return what arrived, as pynetdicom expects
-                return buffer[:filled]
-            filled += got
-        return buffer
-
-
 class NodeRequestHandler(RequestHandler):  # type: ignore[misc]
-    dul_loop_delay: float = 0.0002
-
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        # Same object, one method faster; re-creating it would queue a second Evt5.
-        assoc.dul.socket.__class__ = BulkReceiveSocket
-        # pynetdicom's DUL reactor sleeps this long whenever a loop found nothing to do; at the
-        # default 1 ms each C-STORE round trip pays it several times over.
-        assoc.dul._run_loop_delay = self.dul_loop_delay
+        if not reactor.install(assoc):
+            # pynetdicom's own reactors sleep this long whenever a loop found nothing to do; at
+            # the default 1 ms each C-STORE round trip pays it several times over.
+            assoc.dul._run_loop_delay = 0.0002
         return assoc
 
 
@@ -234,6 +215,7 @@ class StorageSCP:
         self.clock = clock
         self.waiting_reason = waiting_reason
         self.store = InstanceStore(settings.storage.root)
+        self.committer = GroupCommitter(sessions, settings.study.settle_seconds, clock)
         self._open: dict[int, set[str]] = {}
         self._open_lock = threading.Lock()
         self._stop = threading.Event()
@@ -266,6 +248,12 @@ class StorageSCP:
     def start(self) -> None:
         self.store.prepare()
         configure_pynetdicom(self.store.tmp_dir)
+        with transaction(self.sessions) as session:
+            until = self.clock() + dt.timedelta(seconds=self.settings.study.settle_seconds)
+            if extended := extend_settle_of_all_receiving(session, until):
+                log.info(
+                    "%d studies were receiving when the node last stopped: settle time restarted", extended
+                )
         node = self.settings.node
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, prefer_requestor_transfer_syntaxes),
@@ -432,16 +420,6 @@ class StorageSCP:
         response.ErrorComment = reason[:64]
         return response
 
-    def _record(self, instance: ReceivedInstance) -> IngestResult:
-        # Two associations storing the same new SOP Instance UID at once both find no row; on
-        # PostgreSQL the second insert then hits the unique key. Its retry sees the first's row.
-        try:
-            with transaction(self.sessions) as session:
-                return record_instance(session, instance, self.settings.study.settle_seconds, self.clock())
-        except IntegrityError:
-            with transaction(self.sessions) as session:
-                return record_instance(session, instance, self.settings.study.settle_seconds, self.clock())
-
     def _store(
         self, received: Path, sop_class: str, sop_instance: str, calling_ae: str
     ) -> tuple[StoreStatus, str, str | None]:
@@ -469,7 +447,7 @@ class StorageSCP:
         created = not final.exists()  # same name means same bytes: already durable
         try:
             if created:
-                self.store.install(received, relative)
+                self.store.install(received, relative, sync_folder=False)
             crashpoints.reached("ingest.after_rename")
             instance = ReceivedInstance(
                 sop_instance_uid=sop_instance,
@@ -483,7 +461,9 @@ class StorageSCP:
                 calling_ae_title=calling_ae,
                 header=summary.header_index(),
             )
-            result = self._record(instance)
+            # The folder's fsync (the rename's durability) and the row go in one group commit. A
+            # file already there may be a racing twin's whose folder sync is still to come.
+            result = self.committer.record(instance, final.parent)
             crashpoints.reached("ingest.after_commit")
         except StorageUnavailable as exc:
             if created:

@@ -85,15 +85,18 @@ class InstanceStore:
     def absolute(self, relative: str) -> Path:
         return self.root / relative
 
-    def install(self, received: Path, relative: str) -> Path:
+    def install(self, received: Path, relative: str, sync_folder: bool = True) -> Path:
         """Make ``received`` durable at ``relative``: fsync the bytes, rename into place, fsync
-        the folder (and any folder created on the way). Idempotent for the same content."""
+        the folder (and any folder created on the way). Idempotent for the same content.
+        ``sync_folder=False``: the caller fsyncs the file's folder itself before relying on the
+        name (group commit syncs each folder once per batch)."""
         final = self.root / relative
         try:
             fsync_path(received)
             self._make_dirs_durably(final.parent)
             os.replace(received, final)
-            fsync_path(final.parent)
+            if sync_folder:
+                fsync_path(final.parent)
         except OSError as exc:
             if exc.errno == 28:  # ENOSPC
                 raise DiskFull(f"no space left writing under {str(self.root)!r}") from exc

@@ -401,6 +401,19 @@ def extend_settle(session: Session, study_instance_uids: Iterable[str], until: d
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+def extend_settle_of_all_receiving(session: Session, until: dt.datetime) -> int:
+    """At start: every study still receiving had its associations cut when the node stopped or
+    died, and its modality will send again; without this it would settle at once on the
+    instances that made it, and the resent rest would open a second version."""
+    result = session.execute(
+        update(Study)
+        .where(Study.state == StudyState.RECEIVING)
+        .where(Study.settle_at < until)
+        .values(settle_at=until)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def study_facts(session: Session, study_instance_uid: str) -> StudyFacts:
     rows = session.execute(
         select(

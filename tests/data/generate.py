@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.uid import generate_uid
 
 CT_512 = "693_UNCI.dcm"  # CT 512 x 512, 16 bit, Explicit VR Little Endian (pydicom-data)
+CT_SMALL = "CT_small.dcm"  # CT 128 x 128, 16 bit, 39 KB, Explicit VR Little Endian (pydicom)
 
 
 def sample(name: str) -> Path:

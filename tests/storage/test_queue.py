@@ -24,6 +24,7 @@ from storage.studies import (
     ReceivedInstance,
     complete_study,
     extend_settle,
+    extend_settle_of_all_receiving,
     instance_set,
     record_instance,
     requeue_study,
@@ -153,6 +154,21 @@ def test_open_association_holds_the_study_back(sessions: sessionmaker[Session]) 
         assert extend_settle(session, ["1.2.3"], at(25)) == 1
     assert settle(sessions, at(20)) == []
     assert settle(sessions, at(25)) == ["1.2.3"]
+
+
+def test_a_restart_gives_every_receiving_study_a_new_settle_window(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The node died mid-study at 0 and restarts at 30: the modality will send the rest again,
+    so the instances that made it do not settle as a version of their own at once."""
+    receive(sessions, instance("1.1"), at(0))
+    receive(sessions, instance("2.1", study="2.3", series="2.3.1"), at(0))
+    settle(sessions, at(10))  # 1.2.3 and 2.3 queued: no longer receiving
+    receive(sessions, instance("3.1", study="3.3", series="3.3.1"), at(0))
+    with transaction(sessions) as session:
+        assert extend_settle_of_all_receiving(session, at(30 + SETTLE)) == 1
+    assert settle(sessions, at(30)) == []
+    assert settle(sessions, at(30 + SETTLE)) == ["3.3"]
 
 
 def test_claim_leases_heartbeats_and_completes(sessions: sessionmaker[Session]) -> None:

@@ -1,0 +1,99 @@
+"""Group commit on SQLite and PostgreSQL: instances handed in by many threads at once share
+transactions, each thread gets its own instance's result, and one bad instance fails only itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.db import make_engine, make_session_factory, migrate
+from storage.errors import StorageUnavailable
+from storage.group_commit import GroupCommitter
+from storage.models import Instance, Study, utc_now
+from storage.studies import IngestOutcome, IngestResult
+from tests.storage.test_queue import instance
+
+THREADS = 24
+
+
+@pytest.fixture
+def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(database_url)
+    migrate(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def record_at_once(committer: GroupCommitter, items: list[object], folder: Path | None) -> list[object]:
+    """Each item recorded from its own thread, all released together; the result or the error."""
+    outcomes: list[object] = [None] * len(items)
+    start = threading.Barrier(len(items))
+
+    def one(index: int) -> None:
+        start.wait()
+        try:
+            outcomes[index] = committer.record(items[index], folder)  # type: ignore[arg-type]
+        except Exception as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(items))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return outcomes
+
+
+def test_concurrent_instances_share_commits_and_each_gets_its_own_result(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    committer = GroupCommitter(sessions, 10.0, utc_now)
+    items = [instance(f"1.{i}", sha=f"{i:064x}") for i in range(THREADS)]
+    # The same SOP Instance UID and bytes twice in one batch (a modality resending after a
+    # DIMSE timeout): one is stored, the other is a duplicate, neither fails.
+    items.append(instance("1.0", sha=f"{0:064x}"))
+    outcomes = record_at_once(committer, list(items), tmp_path)
+    assert all(isinstance(o, IngestResult) for o in outcomes), outcomes
+    results = [o.outcome for o in outcomes if isinstance(o, IngestResult)]
+    assert results.count(IngestOutcome.STORED) == THREADS
+    assert results.count(IngestOutcome.DUPLICATE) == 1
+    assert committer.stats.instances == THREADS + 1
+    # Threads released together cannot all have led a batch of one.
+    assert committer.stats.batches < THREADS + 1 and committer.stats.largest > 1
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == THREADS
+        assert session.get_one(Study, "1.2.3").instance_count == THREADS
+
+
+def test_one_instance_the_database_refuses_fails_only_itself(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    committer = GroupCommitter(sessions, 10.0, utc_now)
+    good = [instance(f"2.{i}", sha=f"{i:064x}") for i in range(8)]
+    # NOT NULL: an IntegrityError for the whole batch it lands in
+    bad = dataclasses.replace(instance("2.99", sha="f" * 64), sop_class_uid=None)  # type: ignore[arg-type]
+    outcomes = record_at_once(committer, [*good, bad], tmp_path)
+    assert all(isinstance(o, IngestResult) and o.outcome is IngestOutcome.STORED for o in outcomes[:-1])
+    assert isinstance(outcomes[-1], Exception) and "sop_class_uid" in str(outcomes[-1]).lower()
+    with sessions() as session:
+        stored = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert stored == {item.sop_instance_uid for item in good}
+
+
+def test_an_unusable_database_or_folder_fails_the_batch_with_storage_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "not-a-folder").write_text("")
+    engine = create_engine(f"sqlite:///{tmp_path}/not-a-folder/db.sqlite")
+    try:
+        committer = GroupCommitter(sessionmaker(engine), 10.0, utc_now)
+        outcomes = record_at_once(committer, [instance(f"3.{i}") for i in range(4)], None)
+        assert outcomes and all(isinstance(o, Exception) for o in outcomes), outcomes
+    finally:
+        engine.dispose()
+    with pytest.raises(StorageUnavailable, match="cannot sync"):
+        GroupCommitter(sessionmaker(), 10.0, utc_now).record(instance("4.1"), tmp_path / "gone")
