@@ -119,6 +119,8 @@ def fresh_uids(files: list[Path]) -> None:
 
 
 def peak_rss_during(pid: int, action: Callable[[], object]) -> tuple[float, int]:
+    """Seconds ``action`` took, and the peak memory of ``pid`` and its children (summed PSS: for
+    one process, its RSS less its share of shared libraries)."""
     peak = 0
     done = threading.Event()
     process = psutil.Process(pid)
@@ -126,8 +128,10 @@ def peak_rss_during(pid: int, action: Callable[[], object]) -> tuple[float, int]
     def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            try:
-                peak = max(peak, process.memory_info().rss)
+            try:  # the node's receiving processes are its children (scp.receivers); PSS counts
+                # the pages a fork shares once
+                processes = [process, *process.children(recursive=True)]
+                peak = max(peak, sum(p.memory_full_info().pss for p in processes))
             except psutil.Error:
                 return
             time.sleep(0.02)

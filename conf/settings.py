@@ -65,6 +65,9 @@ class NodeSettings(_Section):
     max_pdu_bytes: int = Field(default=1_048_576, ge=0)
     max_associations: int = Field(default=128, ge=1)
     max_associations_per_peer: int = Field(default=64, ge=1)
+    # Processes receiving on the port (SO_REUSEPORT); 0: one per CPU core. The association
+    # limits above hold per receiving process.
+    receiver_processes: int = Field(default=0, ge=0, le=64)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None

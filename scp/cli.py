@@ -18,6 +18,7 @@ from scp.errors import PeerError
 from scp.http_status import StatusServer
 from scp.logs import setup_logging
 from scp.peers import parse_peer
+from scp.receivers import ReceiverWatch, check_port_free, fork_receivers, receiver_count
 from scp.scu import dicom_files, dicom_headers, echo, send
 from scp.sender import SrSender
 from scp.server import StorageSCP
@@ -164,9 +165,26 @@ def _run_roles(settings: Settings, command: str) -> int:
             missing_key,
         )
     analyses = command == "worker" or (command == "serve" and missing_key is None)
+    # Before anything starts: a SIGTERM while the roles are still being made (a worker importing
+    # its imaging stack, say) is a clean stop once they are, not a kill.
+    stop = threading.Event()
+    exit_code = 0
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     with open_database(settings.storage.database_url) as sessions:
+        receivers = _fork_receivers(settings, sessions) if command in ("serve", "scp") else []
         scp = (
-            StorageSCP(settings, sessions, waiting_reason=missing_key if command == "serve" else None)
+            StorageSCP(
+                settings,
+                sessions,
+                waiting_reason=missing_key if command == "serve" else None,
+                reuse_port=bool(receivers),
+            )
             if command in ("serve", "scp")
             else None
         )
@@ -174,14 +192,13 @@ def _run_roles(settings: Settings, command: str) -> int:
         # In serve the SCP's loop settles studies and reaps leases; a lone worker must do it itself.
         worker = _make_worker(settings, sessions, settles=command == "worker") if analyses else None
         http = StatusServer(settings, sessions) if command == "serve" else None
-        stop = threading.Event()
 
-        def _on_signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("received %s, stopping", signal.Signals(signum).name)
+        def _on_receiver_exit(code: int) -> None:
+            nonlocal exit_code
+            exit_code = code
             stop.set()
 
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
+        watch = ReceiverWatch(receivers, _on_receiver_exit)
         for role in (scp, worker, sender, http):
             if role is not None:
                 role.start()
@@ -189,7 +206,23 @@ def _run_roles(settings: Settings, command: str) -> int:
         for role in (scp, worker, sender, http):  # stop taking work first, then finish what is held
             if role is not None:
                 role.stop()
-        return 0
+        watch.stop(timeout=35)
+        return exit_code
+
+
+def _fork_receivers(settings: Settings, sessions: Any) -> list[int]:
+    """The extra receiving processes (scp.receivers), forked before any thread starts."""
+    count = receiver_count(settings)
+    if count <= 1:
+        return []
+    if settings.node.port == 0:
+        log.info("node.port = 0 (any free port): one receiving process")
+        return []
+    check_port_free(settings.node.host, settings.node.port)
+    sessions.kw["bind"].dispose()  # no pooled connection crosses the fork
+    pids = fork_receivers(settings, count)
+    log.info("%d receiving processes on port %d", count, settings.node.port)
+    return pids
 
 
 def _preview(settings: Settings, study_instance_uid: str, out: Path) -> int:

@@ -71,6 +71,9 @@ def configure_pynetdicom(tmp_dir: Path) -> None:
     pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True
     pynetdicom._config.LOG_REQUEST_IDENTIFIERS = False  # never log patient identifiers
     pynetdicom._config.LOG_RESPONSE_IDENTIFIERS = False
+    # pynetdicom binds handlers that narrate every PDU and DIMSE message at DEBUG level; they
+    # cost CPU on every message even with its logger at WARNING.
+    pynetdicom._config.LOG_HANDLER_LEVEL = "none"
     pynetdicom.dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment,attr-defined]
         tempfile.NamedTemporaryFile, dir=str(tmp_dir)
     )
@@ -99,6 +102,12 @@ class NodeServer(ThreadedAssociationServer):  # type: ignore[misc]
 
     max_per_peer: int = 64
     network_timeout: float = 30.0
+    reuse_port: bool = False  # several receiving processes share the port (scp.receivers)
+
+    def server_bind(self) -> None:
+        if self.reuse_port and self.socket is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -178,10 +187,7 @@ def prefer_requestor_transfer_syntaxes(event: evt.Event) -> None:
     for context in event.assoc.acceptor.supported_contexts:
         wanted = preference.get(str(context.abstract_syntax))
         if wanted:
-            ours = [str(ts) for ts in context.transfer_syntax]
-            context.transfer_syntax = [ts for ts in wanted if ts in ours] + [  # type: ignore[assignment]
-                ts for ts in ours if ts not in wanted
-            ]
+            reactor.reorder_transfer_syntaxes(context, wanted)
 
 
 def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -207,10 +213,16 @@ class StorageSCP:
         sessions: sessionmaker[Session],
         clock: Clock = utc_now,
         waiting_reason: str | None = None,
+        settles: bool = True,
+        reuse_port: bool = False,
     ) -> None:
         """``waiting_reason``: this node cannot analyse (no API key); settled studies are shown
-        ``waiting`` with this reason instead of ``queued``."""
+        ``waiting`` with this reason instead of ``queued``. ``settles``: this process settles
+        studies and reaps leases (the main process; not a forked receiver). ``reuse_port``:
+        other receiving processes listen on the same port (:mod:`scp.receivers`)."""
         self.settings = settings
+        self.settles = settles
+        self.reuse_port = reuse_port
         self.sessions = sessions
         self.clock = clock
         self.waiting_reason = waiting_reason
@@ -266,6 +278,7 @@ class StorageSCP:
         ]
         NodeServer.max_per_peer = node.max_associations_per_peer
         NodeServer.network_timeout = node.network_timeout_seconds
+        NodeServer.reuse_port = self.reuse_port
         server = self.ae.make_server(
             (node.host, node.port),
             evt_handlers=handlers,
@@ -275,6 +288,7 @@ class StorageSCP:
         )
         if not isinstance(server, NodeServer):
             raise TypeError(f"pynetdicom made a {type(server).__name__}, not a NodeServer")
+        server.contexts = reactor.ContextList(server.contexts)
         self._server = server
         self.ae._servers.append(server)
         threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
@@ -346,6 +360,8 @@ class StorageSCP:
                 sending = set().union(*self._open.values()) if self._open else set()
             if sending:
                 self._push_settle(sending)
+            if not self.settles:
+                continue
             try:
                 with transaction(self.sessions) as session:
                     settled = settle_due(session, self.clock(), routes=self.settings.routes)

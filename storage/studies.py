@@ -113,6 +113,23 @@ _LOCK_STUDY = (
     .where(_studies.c.study_instance_uid == bindparam("study"))
     .with_for_update()
 )
+# INSERT ... ON CONFLICT DO NOTHING, one per dialect (the clause is dialect-specific).
+_INSERT_STUDY_IF_NEW = {
+    name: dialect_insert(_studies)
+    .values(
+        study_instance_uid=bindparam("study"),
+        state=StudyState.RECEIVING,
+        version=1,
+        instance_count=0,
+        series_count=0,
+        first_received_at=bindparam("now"),
+        last_received_at=bindparam("now"),
+        settle_at=bindparam("now"),
+        calling_ae_title=bindparam("calling_ae"),
+    )
+    .on_conflict_do_nothing()
+    for name, dialect_insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+}
 _UPDATE_STUDY_AFTER_NEW_INSTANCE = (
     update(_studies)
     .where(_studies.c.study_instance_uid == bindparam("b_study"))
@@ -218,22 +235,12 @@ class _LockedStudy:
 def _lock_study(session: Session, received: ReceivedInstance, now: dt.datetime) -> _LockedStudy:
     # INSERT ... ON CONFLICT DO NOTHING then SELECT ... FOR UPDATE: two associations sending the
     # same new study at once both end up holding the one row, one after the other.
-    session.execute(
-        _insert(session)(Study)
-        .values(
-            study_instance_uid=received.study_instance_uid,
-            state=StudyState.RECEIVING,
-            version=1,
-            instance_count=0,
-            series_count=0,
-            first_received_at=now,
-            last_received_at=now,
-            settle_at=now,
-            calling_ae_title=received.calling_ae_title,
-        )
-        .on_conflict_do_nothing()
+    conn = session.connection()
+    conn.execute(
+        _INSERT_STUDY_IF_NEW[conn.dialect.name],
+        {"study": received.study_instance_uid, "now": now, "calling_ae": received.calling_ae_title},
     )
-    row = session.connection().execute(_LOCK_STUDY, {"study": received.study_instance_uid}).one()
+    row = conn.execute(_LOCK_STUDY, {"study": received.study_instance_uid}).one()
     return _LockedStudy(
         received.study_instance_uid, row.state, row.version, row.settle_at, row.files_purged_at
     )

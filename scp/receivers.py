@@ -1,0 +1,159 @@
+"""More than one process receiving DICOM on one port, so parsing and hashing are not serialised by
+one interpreter's lock.
+
+``node.receiver_processes`` processes listen on the node's port, each with its own socket bound
+with ``SO_REUSEPORT``: the kernel spreads new associations over them. The node's main process is
+one of them; the others are forked from it before it starts any thread, and each runs only the
+storage SCP (its own database engine and group commit, and the "still sending" heartbeat of the
+associations it holds). Settling, reaping and everything else stay in the main process.
+
+One unit, as one process was:
+- a receiver dies with the main process (``PR_SET_PDEATHSIG``: SIGKILL), so ``kill -9`` of the
+  node leaves nothing listening;
+- a receiver that exits on its own (a crash) stops the node with the receiver's exit status, so
+  the service manager restarts the node whole (what was acknowledged is durable; what was not,
+  the modality sends again);
+- SIGTERM stops the main process's roles, then each receiver, each letting its open associations
+  finish within the grace period.
+
+Before any socket takes ``SO_REUSEPORT``, the main process binds the port without it: another
+node already listening there makes that fail ("address in use"), rather than two nodes silently
+sharing one port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from conf import Settings
+from storage.db import open_database
+
+log = logging.getLogger("ainode.scp")
+PR_SET_PDEATHSIG = 1
+
+
+def receiver_count(settings: Settings) -> int:
+    """The configured count; 0 means one per CPU core this process may run on."""
+    configured = settings.node.receiver_processes
+    if configured:
+        return configured
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError (EADDRINUSE) when anything listens on ``host:port`` already, even a socket
+    with SO_REUSEPORT set: a bind without it cannot share the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT is no listener
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(exc.errno, f"node.port {port} on {host} is in use by another process") from None
+            raise
+
+
+def _die_with_parent(parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _run_receiver(settings: Settings, index: int) -> int:
+    from scp.server import StorageSCP  # the fork happens before this module's import is needed
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    with open_database(settings.storage.database_url) as sessions:
+        scp = StorageSCP(settings, sessions, settles=False, reuse_port=True)
+        scp.start()
+        log.info("receiver %d (pid %d) listening", index, os.getpid())
+        stop.wait()
+        scp.stop()
+    return 0
+
+
+def fork_receivers(settings: Settings, count: int) -> list[int]:
+    """Fork ``count - 1`` receivers; returns their PIDs in the main process. Call before any
+    thread is started (a forked child has only the thread that forked)."""
+    parent = os.getpid()
+    pids: list[int] = []
+    for index in range(1, count):
+        pid = os.fork()
+        if pid == 0:  # the receiver: never returns into the caller's code
+            code = 1
+            try:
+                _die_with_parent(parent)
+                code = _run_receiver(settings, index)
+            except BaseException:
+                log.exception("receiver %d failed", index)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        pids.append(pid)
+    return pids
+
+
+class ReceiverWatch:
+    """Waits on each receiver in its own thread; one that exits while the node is not stopping
+    calls ``on_exit`` with its exit status."""
+
+    def __init__(self, pids: list[int], on_exit: Callable[[int], None]) -> None:
+        self.pids = pids
+        self.on_exit = on_exit
+        self.stopping = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._wait, args=(pid,), name=f"receiver-{pid}", daemon=True)
+            for pid in pids
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _wait(self, pid: int) -> None:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return
+        code = os.waitstatus_to_exitcode(status)
+        if not self.stopping.is_set():
+            log.error(
+                "receiver process %d exited with status %d; stopping the node so that it is restarted whole",
+                pid,
+                code,
+            )
+            self.on_exit(code if code > 0 else 1)
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM every receiver and wait for it (each finishes its open associations)."""
+        self.stopping.set()
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for thread in self._threads:
+            thread.join(timeout=timeout)
+        for pid, thread in zip(self.pids, self._threads, strict=True):
+            if thread.is_alive():
+                log.warning("receiver process %d did not stop in %.0f s; killing it", pid, timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                thread.join(timeout=5)

@@ -1,0 +1,119 @@
+"""Several processes receiving on one port (scp/receivers.py): they share the work, they are one
+unit with the node (killed with it, stopping it when one dies), and no second node can share the
+port by accident."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from tests.data.generate import write_series
+from tests.nodes import Node, NodeFactory, dcmtk
+
+RECEIVERS = 3
+
+
+def _receivers(node: Node) -> list[psutil.Process]:
+    assert node.proc is not None
+    deadline = time.monotonic() + 10
+    while True:
+        children = psutil.Process(node.proc.pid).children()
+        listening = [c for c in children if _listens(c, node.port)]
+        if len(listening) == RECEIVERS - 1 or time.monotonic() > deadline:
+            return listening
+        time.sleep(0.1)
+
+
+def _listens(process: psutil.Process, port: int) -> bool:
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in process.net_connections())
+    except psutil.Error:
+        return False
+
+
+def _serving(process: psutil.Process, port: int) -> int:
+    return sum(
+        c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port for c in process.net_connections()
+    )
+
+
+def _gone(processes: list[psutil.Process], timeout: float = 10) -> bool:
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    return not alive
+
+
+def test_receivers_share_the_port_and_the_work(make_node: NodeFactory, tmp_path: Path) -> None:
+    node = make_node(node={"receiver_processes": RECEIVERS}).start()
+    assert node.proc is not None
+    receivers = _receivers(node)
+    assert len(receivers) == RECEIVERS - 1
+    # Eight associations held open at once land on more than one process (the kernel hashes
+    # each connection to one of the three sockets: all eight on one has odds of 1 in 2187).
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    held: list[Association] = [ae.associate("127.0.0.1", node.port, ae_title="AINODE") for _ in range(8)]
+    try:
+        assert all(a.is_established for a in held)
+        everyone = [psutil.Process(node.proc.pid), *receivers]
+        assert sum(_serving(p, node.port) > 0 for p in everyone) >= 2
+    finally:
+        for assoc in held:
+            assoc.release()
+    # Eight modalities at once, five images each: every one acknowledged and recorded once.
+    series = [write_series(tmp_path / f"ct{i}", 5) for i in range(8)]
+    results: list[int] = []
+
+    def send(files: list[Path]) -> None:
+        sent = dcmtk("storescu", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, files))
+        results.append(sent.returncode)
+
+    threads = [threading.Thread(target=send, args=(files,)) for files in series]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == [0] * 8
+    counts = sorted(row["instance_count"] for row in node.status())
+    assert counts == [5] * 8
+    assert len(node.stored_files()) == 40
+    node.stop()  # SIGTERM: a clean stop of the node and of every receiver
+    assert node.proc.returncode == 0
+    assert _gone(receivers)
+
+
+def test_receivers_die_with_a_killed_node(make_node: NodeFactory) -> None:
+    node = make_node(node={"receiver_processes": RECEIVERS}).start()
+    receivers = _receivers(node)
+    assert len(receivers) == RECEIVERS - 1
+    node.kill9()
+    assert _gone(receivers)  # nothing left listening on the node's port
+    assert dcmtk("echoscu", "-aec", "AINODE", "127.0.0.1", str(node.port)).returncode != 0
+    node.start()  # the port is free for the restarted node
+    assert dcmtk("echoscu", "-aec", "AINODE", "127.0.0.1", str(node.port)).returncode == 0
+
+
+def test_a_receiver_that_dies_stops_the_node(make_node: NodeFactory) -> None:
+    node = make_node(node={"receiver_processes": RECEIVERS}).start()
+    assert node.proc is not None
+    receivers = _receivers(node)
+    os.kill(receivers[0].pid, signal.SIGKILL)
+    assert node.proc.wait(timeout=60) == 1  # for the service manager to restart it whole
+    assert _gone(receivers)
+    assert f"receiver process {receivers[0].pid} exited" in (node.workdir / "node.log").read_text()
+
+
+def test_a_second_node_cannot_share_the_port(make_node: NodeFactory) -> None:
+    first = make_node(node={"receiver_processes": RECEIVERS}).start()
+    second = make_node(node={"receiver_processes": RECEIVERS, "port": first.port})
+    started = second.cli("serve", check=False)
+    assert started.returncode == 1
+    assert f"node.port {first.port} on 127.0.0.1 is in use" in started.stderr
+    assert dcmtk("echoscu", "-aec", "AINODE", "127.0.0.1", str(first.port)).returncode == 0
