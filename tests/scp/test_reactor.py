@@ -3,13 +3,14 @@ written for and over a real association on loopback."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE
+from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
@@ -110,3 +111,20 @@ def test_an_idle_peer_is_dropped_at_the_network_timeout(scp: StorageSCP) -> None
     while assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not assoc.is_established
+
+
+def test_a_copy_of_the_context_list_is_independent_of_the_server_s() -> None:
+    server_contexts = reactor.ContextList(
+        build_context(uid, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+        for uid in (
+            CTImageStorage,
+            Verification,
+        )
+    )
+    copied = copy.deepcopy(server_contexts)
+    assert [c.abstract_syntax for c in copied] == [CTImageStorage, Verification]
+    assert all(a is not b for a, b in zip(copied, server_contexts, strict=True))
+    reactor.reorder_transfer_syntaxes(copied[0], ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50"])
+    assert copied[0].transfer_syntax == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+    assert server_contexts[0].transfer_syntax == ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]
+    assert copied[1].transfer_syntax == server_contexts[1].transfer_syntax
