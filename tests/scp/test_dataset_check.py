@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
-from scp.dataset_check import check_dataset_file
+from scp.dataset_check import DatasetSummary, check_dataset_file
 from scp.errors import DatasetCorrupt, DatasetMismatch
 from tests.data.generate import sample
 
@@ -93,3 +96,213 @@ def test_missing_study_uid_does_not_match(tmp_path: Path) -> None:
     ds.save_as(path)
     with pytest.raises(DatasetMismatch, match="no study_instance_uid"):
         check_dataset_file(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+
+
+# Hand-built Part 10 files, so that every header, length and delimiter sits where a test wants it.
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SOP_INSTANCE = "1.2.3.4.5.6"
+UNDEFINED = 0xFFFFFFFF
+LONG_VRS = {b"OB", b"OW", b"SQ", b"UN", b"UT"}
+
+
+def _uid(text: str) -> bytes:
+    raw = text.encode()
+    return raw + b"\x00" * (len(raw) % 2)
+
+
+def _el(tag: int, vr: bytes, value: bytes, implicit: bool = False, length: int | None = None) -> bytes:
+    """One element; ``length`` overrides the declared length (UNDEFINED for undefined)."""
+    declared = len(value) if length is None else length
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if implicit:
+        return head + struct.pack("<I", declared) + value
+    if vr in LONG_VRS:
+        return head + vr + b"\x00\x00" + struct.pack("<I", declared) + value
+    return head + vr + struct.pack("<H", declared) + value
+
+
+def _item(content: bytes, undefined: bool) -> bytes:
+    if undefined:
+        return (
+            struct.pack("<HHI", 0xFFFE, 0xE000, UNDEFINED) + content + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+        )
+    return struct.pack("<HHI", 0xFFFE, 0xE000, len(content)) + content
+
+
+def _sq(tag: int, items: list[bytes], undefined: bool, implicit: bool = False) -> bytes:
+    body = b"".join(items)
+    if undefined:
+        return _el(tag, b"SQ", body, implicit, length=UNDEFINED) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return _el(tag, b"SQ", body, implicit)
+
+
+def _identity(implicit: bool = False) -> bytes:
+    return b"".join(
+        _el(tag, b"UI", _uid(uid), implicit)
+        for tag, uid in (
+            (0x00080016, SOP_CLASS),
+            (0x00080018, SOP_INSTANCE),
+            (0x0020000D, "1.2.3.4"),
+            (0x0020000E, "1.2.3.4.5"),
+        )
+    )
+
+
+def _part10(dataset: bytes, transfer_syntax: str = EXPLICIT_LE) -> bytes:
+    meta = _el(0x00020001, b"OB", b"\x00\x01") + _el(0x00020010, b"UI", _uid(transfer_syntax))
+    group_length = _el(0x00020000, b"UL", struct.pack("<I", len(meta)))
+    return b"\x00" * 128 + b"DICM" + group_length + meta + dataset
+
+
+def _nested(implicit: bool) -> bytes:
+    """Undefined-length sequences inside undefined-length items, inside defined-length ones."""
+    leaf = _el(0x00081150, b"UI", _uid("1.2.3"), implicit) + _el(0x00081155, b"UI", _uid("1.2.4"), implicit)
+    inner = _sq(0x00081199, [_item(leaf, undefined=True), _item(leaf, undefined=False)], True, implicit)
+    middle = _sq(0x00081115, [_item(inner, undefined=True)], True, implicit)
+    outer = _sq(
+        0x00081200, [_item(middle + leaf, undefined=False), _item(b"", undefined=True)], False, implicit
+    )
+    return _sq(0x00400275, [_item(middle, undefined=True), _item(outer, undefined=False)], True, implicit)
+
+
+def _check(tmp_path: Path, data: bytes) -> DatasetSummary:
+    path = tmp_path / "built.dcm"
+    path.write_bytes(data)
+    return check_dataset_file(path, SOP_CLASS, SOP_INSTANCE)
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 131, 132])
+def test_empty_and_tiny_files_cannot_be_understood(tmp_path: Path, size: int) -> None:
+    with pytest.raises(DatasetCorrupt, match="preamble"):
+        _check(tmp_path, b"\x00" * size)
+
+
+def test_a_file_cut_inside_the_file_meta_cannot_be_understood(tmp_path: Path) -> None:
+    data = _part10(_identity())
+    for cut in range(133, 132 + 12 + 14 + 8 + 18):  # every byte of the three meta elements
+        with pytest.raises(DatasetCorrupt):
+            _check(tmp_path, data[:cut])
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_nested_undefined_length_sequences_are_walked(tmp_path: Path, implicit: bool) -> None:
+    transfer_syntax = IMPLICIT_LE if implicit else EXPLICIT_LE
+    data = _part10(
+        _identity(implicit) + _nested(implicit) + _el(0x00080060, b"CS", b"CT", implicit), transfer_syntax
+    )
+    summary = _check(tmp_path, data)
+    assert summary.study_instance_uid == "1.2.3.4"
+    assert summary.modality == "CT"
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_a_cut_anywhere_in_nested_sequences_cannot_be_understood(tmp_path: Path, implicit: bool) -> None:
+    transfer_syntax = IMPLICIT_LE if implicit else EXPLICIT_LE
+    head = _part10(_identity(implicit), transfer_syntax)
+    data = head + _nested(implicit)
+    for cut in range(len(head) + 1, len(data)):  # inside headers, items, values and delimiters
+        with pytest.raises(DatasetCorrupt):
+            _check(tmp_path, data[:cut])
+
+
+@pytest.mark.parametrize("keep", [1, 4, 6, 8, 10, 11])
+def test_a_file_cut_inside_an_element_header_cannot_be_understood(tmp_path: Path, keep: int) -> None:
+    tail = _el(0x00091010, b"OB", b"\x00" * 4)  # 12-byte header: tag, VR, reserved, 32-bit length
+    with pytest.raises(DatasetCorrupt, match=r"runs past|truncated"):
+        _check(tmp_path, _part10(_identity() + tail[:keep]))
+
+
+def test_a_file_cut_inside_a_sequence_item_cannot_be_understood(tmp_path: Path) -> None:
+    item = _item(_el(0x00081150, b"UI", _uid("1.2.3")), undefined=False)
+    data = _part10(_identity() + _sq(0x00081115, [item], undefined=False))
+    for cut in (1, 5, 9, 12):
+        with pytest.raises(DatasetCorrupt):
+            _check(tmp_path, data[:-cut])
+
+
+def test_an_element_running_past_the_end_cannot_be_understood(tmp_path: Path) -> None:
+    with pytest.raises(
+        DatasetCorrupt, match=r"\(0009,1010\) at byte \d+ declares 100 bytes but only 4 remain"
+    ):
+        _check(tmp_path, _part10(_identity() + _el(0x00091010, b"OB", b"\x00" * 4, length=100)))
+    short = _el(0x00081150, b"UI", _uid("1.2.3"), length=40)  # runs past its item, not the file
+    data = _part10(_identity() + _sq(0x00081115, [_item(short, undefined=False)], False) + b"\x00" * 64)
+    with pytest.raises(DatasetCorrupt, match="declares 40 bytes"):
+        _check(tmp_path, data)
+    with pytest.raises(DatasetCorrupt, match="item at byte"):  # an item longer than its sequence
+        _check(
+            tmp_path, _part10(_identity() + _el(0x00081115, b"SQ", struct.pack("<HHI", 0xFFFE, 0xE000, 64)))
+        )
+
+
+def test_misplaced_delimiters_cannot_be_understood(tmp_path: Path) -> None:
+    item_delimiter = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    sequence_delimiter = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    cases = {
+        "inside a defined-length item": _sq(0x00081115, [_item(item_delimiter, undefined=False)], False),
+        "in a defined-length sequence": _el(0x00081115, b"SQ", sequence_delimiter),
+        "expected an item tag": _el(0x00081115, b"SQ", _el(0x00081150, b"UI", b"1.2.")),
+        "unexpected delimiter": sequence_delimiter,
+        "undefined length": _el(0x00081150, b"UT", b"", length=UNDEFINED),
+        "invalid VR": _el(0x00081150, b"u\x01", b"1.2."),
+    }
+    for message, tail in cases.items():
+        with pytest.raises(DatasetCorrupt, match=message):
+            _check(tmp_path, _part10(_identity() + tail))
+    with pytest.raises(DatasetCorrupt, match="runs past"):  # undefined-length item never delimited
+        _check(tmp_path, _part10(_identity() + _sq(0x00081115, [_item(b"", True)[:8]], True)[:-8]))
+
+
+def _encapsulated(fragment_sizes: list[int]) -> bytes:
+    fragments = b"".join(_item(b"\xff" * size, undefined=False) for size in [0, *fragment_sizes])
+    return _el(0x7FE00010, b"OB", fragments, length=UNDEFINED) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+def test_encapsulated_fragments_far_apart_are_counted(tmp_path: Path) -> None:
+    sizes = [100, 20_000, 70_000, 4, 300_000, 16_384, 16_382]  # far headers are read, near ones mapped
+    summary = _check(tmp_path, _part10(_identity() + _encapsulated(sizes), JPEG_BASELINE))
+    assert summary.encapsulated
+    assert summary.pixel_fragments == len(sizes) + 1
+
+
+def test_encapsulated_pixel_data_cut_after_a_far_fragment_cannot_be_understood(tmp_path: Path) -> None:
+    data = _part10(_identity() + _encapsulated([70_000, 70_000]), JPEG_BASELINE)
+    for cut in (1, 4, 8, 12, 70_010):  # in the delimiter, the last fragment's header, or its value
+        with pytest.raises(DatasetCorrupt, match=r"encapsulated pixel data|fragment"):
+            _check(tmp_path, data[:-cut])
+    unterminated = _part10(_identity() + _encapsulated([70_000])[:-8], JPEG_BASELINE)
+    with pytest.raises(DatasetCorrupt, match="encapsulated pixel data at byte"):
+        _check(tmp_path, unterminated)
+
+
+def test_deflated_data_is_inflated_and_walked(tmp_path: Path) -> None:
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    dataset = _identity() + _nested(implicit=False)
+    deflated = compressor.compress(dataset) + compressor.flush()
+    summary = _check(tmp_path, _part10(deflated, DEFLATED))
+    assert summary.series_instance_uid == "1.2.3.4.5"
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    cut = compressor.compress(dataset[:-3]) + compressor.flush()
+    with pytest.raises(DatasetCorrupt):
+        _check(tmp_path, _part10(cut, DEFLATED))
+    with pytest.raises(DatasetCorrupt, match="does not inflate"):
+        _check(tmp_path, _part10(b"\xff" * 64, DEFLATED))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_the_file_is_unmapped_and_closed_on_success_and_on_error(tmp_path: Path) -> None:
+    good = tmp_path / "good.dcm"
+    good.write_bytes(_part10(_identity() + _encapsulated([70_000, 10]), JPEG_BASELINE))
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(good.read_bytes()[:-20])
+    fds = len(os.listdir("/proc/self/fd"))
+    check_dataset_file(good, SOP_CLASS, SOP_INSTANCE)
+    with pytest.raises(DatasetCorrupt):
+        check_dataset_file(bad, SOP_CLASS, SOP_INSTANCE)
+    maps = Path("/proc/self/maps").read_text()
+    assert str(good) not in maps and str(bad) not in maps
+    assert len(os.listdir("/proc/self/fd")) == fds
