@@ -21,6 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,9 @@ class StorageSCP:
         self.waiting_reason = waiting_reason
         self.store = InstanceStore(settings.storage.root)
         self.committer = GroupCommitter(sessions, settings.study.settle_seconds, clock)
+        # fsync is disk time, not CPU: each received file's runs while its dataset is checked
+        # and hashed.
+        self._byte_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         self._open: dict[int, set[str]] = {}
         self._open_lock = threading.Lock()
         self._stop = threading.Event()
@@ -319,6 +323,7 @@ class StorageSCP:
                 assoc.kill()
         if self._housekeeper is not None:
             self._housekeeper.join(timeout=5)
+        self._byte_syncs.shutdown(wait=True)
         log.info("DICOM listener stopped")
 
     # -- association bookkeeping -------------------------------------------------------------
@@ -443,6 +448,7 @@ class StorageSCP:
             self.store.check_free_space(self.settings.storage.min_free_mb)
         except StorageUnavailable as exc:
             return StoreStatus.OUT_OF_RESOURCES, str(exc), None
+        bytes_synced = self._byte_syncs.submit(self.store.sync_bytes, received)
         try:
             summary = check_dataset_file(received, sop_class, sop_instance)
         except DatasetCorrupt as exc:
@@ -463,7 +469,8 @@ class StorageSCP:
         created = not final.exists()  # same name means same bytes: already durable
         try:
             if created:
-                self.store.install(received, relative, sync_folder=False)
+                bytes_synced.result()
+                self.store.install(received, relative, sync_folder=False, bytes_synced=True)
             crashpoints.reached("ingest.after_rename")
             instance = ReceivedInstance(
                 sop_instance_uid=sop_instance,

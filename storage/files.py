@@ -85,14 +85,27 @@ class InstanceStore:
     def absolute(self, relative: str) -> Path:
         return self.root / relative
 
-    def install(self, received: Path, relative: str, sync_folder: bool = True) -> Path:
+    def sync_bytes(self, received: Path) -> None:
+        """fsync a received file's bytes (:class:`DiskFull` when the disk is full)."""
+        try:
+            fsync_path(received)
+        except OSError as exc:
+            if exc.errno == 28:  # ENOSPC
+                raise DiskFull(f"no space left writing under {str(self.root)!r}") from exc
+            raise
+
+    def install(
+        self, received: Path, relative: str, sync_folder: bool = True, bytes_synced: bool = False
+    ) -> Path:
         """Make ``received`` durable at ``relative``: fsync the bytes, rename into place, fsync
         the folder (and any folder created on the way). Idempotent for the same content.
         ``sync_folder=False``: the caller fsyncs the file's folder itself before relying on the
-        name (group commit syncs each folder once per batch)."""
+        name (group commit syncs each folder once per batch). ``bytes_synced``: the caller has
+        fsynced the bytes already (:meth:`sync_bytes`)."""
         final = self.root / relative
         try:
-            fsync_path(received)
+            if not bytes_synced:
+                fsync_path(received)
             self._make_dirs_durably(final.parent)
             os.replace(received, final)
             if sync_folder:
