@@ -239,7 +239,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="ainode-bench-") as tmp:
         work = Path(tmp)
-        for key in args.patterns.split(","):
+        for key in filter(None, args.patterns.split(",")):
             if key not in PATTERNS:
                 parser.error(f"--patterns: unknown pattern {key!r}")
             run_pattern(work, key, PATTERNS[key], args.rounds, receivers)

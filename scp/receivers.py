@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -52,18 +53,24 @@ def receiver_count(settings: Settings) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Raise OSError (EADDRINUSE) when anything listens on ``host:port`` already, even a socket
-    with SO_REUSEPORT set: a bind without it cannot share the port."""
+def check_port_free(host: str, port: int, patience_seconds: float = 3.0) -> None:
+    """Raise OSError (EADDRINUSE) when anything listens on ``host:port``, even a socket with
+    SO_REUSEPORT set: a bind without it cannot share the port. Tries for ``patience_seconds``:
+    the receivers of a node killed just before are still exiting."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT is no listener
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise OSError(exc.errno, f"node.port {port} on {host} is in use by another process") from None
-            raise
+    deadline = time.monotonic() + patience_seconds
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT is no listener
+            try:
+                probe.bind((host, port))
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        if time.monotonic() > deadline:
+            raise OSError(errno.EADDRINUSE, f"node.port {port} on {host} is in use by another process")
+        time.sleep(0.1)
 
 
 def _die_with_parent(parent: int) -> None:
