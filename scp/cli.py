@@ -198,7 +198,7 @@ def _run_roles(settings: Settings, command: str) -> int:
             exit_code = code
             stop.set()
 
-        watch = ReceiverWatch(receivers, _on_receiver_exit)
+        watch = ReceiverWatch(receivers, _on_receiver_exit, stopping=stop)
         for role in (scp, worker, sender, http):
             if role is not None:
                 role.start()

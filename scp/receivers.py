@@ -123,12 +123,19 @@ def fork_receivers(settings: Settings, count: int) -> list[int]:
 
 class ReceiverWatch:
     """Waits on each receiver in its own thread; one that exits while the node is not stopping
-    calls ``on_exit`` with its exit status."""
+    calls ``on_exit`` with its exit status.
 
-    def __init__(self, pids: list[int], on_exit: Callable[[int], None]) -> None:
+    ``stopping``: set once the node is stopping (its signal handler sets it). A stop signal to
+    the node's whole process group (Ctrl-C in a terminal) or cgroup (systemd) reaches the
+    receivers too, and they may exit before the main process has stopped its own roles: that is
+    the node stopping, not a receiver failing."""
+
+    def __init__(
+        self, pids: list[int], on_exit: Callable[[int], None], stopping: threading.Event | None = None
+    ) -> None:
         self.pids = pids
         self.on_exit = on_exit
-        self.stopping = threading.Event()
+        self.stopping = stopping if stopping is not None else threading.Event()
         self._threads = [
             threading.Thread(target=self._wait, args=(pid,), name=f"receiver-{pid}", daemon=True)
             for pid in pids

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.data.generate import write_series
-from tests.nodes import Node, NodeFactory, dcmtk
+from tests.nodes import Node, NodeFactory, dcmtk, wait_for_port
 
 RECEIVERS = 3
 
@@ -117,3 +119,26 @@ def test_a_second_node_cannot_share_the_port(make_node: NodeFactory) -> None:
     assert started.returncode == 1
     assert f"node.port {first.port} on 127.0.0.1 is in use" in started.stderr
     assert dcmtk("echoscu", "-aec", "AINODE", "127.0.0.1", str(first.port)).returncode == 0
+
+
+def test_a_stop_signal_to_the_whole_group_is_a_clean_stop(make_node: NodeFactory) -> None:
+    # Ctrl-C in a terminal signals the node's whole process group, systemd's stop its whole
+    # cgroup: the receivers stop on the same signal, before the main process has stopped its
+    # roles. That is the node stopping, not a receiver failing.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        node = make_node(node={"receiver_processes": RECEIVERS}, vision={"provider": "simulator"})
+        with node.log.open("ab") as log:
+            node.proc = subprocess.Popen(
+                [sys.executable, "-m", "scp.cli", "-c", str(node.config), "serve"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=node.workdir,
+                start_new_session=True,  # its own group, as a shell's foreground job
+            )
+        wait_for_port(node.port, proc=node.proc)
+        receivers = _receivers(node)
+        assert len(receivers) == RECEIVERS - 1
+        os.killpg(node.proc.pid, signum)  # the group the node leads: the node and its receivers
+        assert node.proc.wait(timeout=60) == 0
+        assert _gone(receivers)
+        assert "exited with status" not in node.log.read_text()
