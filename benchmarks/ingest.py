@@ -249,7 +249,7 @@ def main() -> None:
             total = sum(p.stat().st_size for p in big) / 2**30
             folder = work / "ainode-big"
             folder.mkdir()
-            senders = 10
+            senders = min(10, len(big))
             with run_ainode(folder) as (port, pid):
                 seconds, peak = peak_rss_during(
                     pid, lambda: send_at_once(port, "AINODE", [big[i::senders] for i in range(senders)])

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_origin
 
+import httpx
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -247,18 +248,65 @@ class HttpSettings(_Section):
 
 
 class DestinationSettings(_Section):
+    """A PACS reached by DIMSE C-STORE (``ae_title``, ``host``, ``port``) or by DICOMweb STOW-RS
+    (``stow_url``, the service's base URL: ``.../dicom-web``; PS3.18 10.5)."""
+
     name: str
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    stow_url: str | None = None
     # What this destination gets: the SR, and the Secondary Capture summary image that viewers
     # without TID 1500 support can show.
     outputs: tuple[Literal["sr", "sc"], ...] = ("sr", "sc")
 
     @field_validator("ae_title")
     @classmethod
-    def _ae_title(cls, value: str) -> str:
-        return _check_ae_title(value, "destinations.ae_title")
+    def _ae_title(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value, "destinations.ae_title")
+
+    @field_validator("stow_url")
+    @classmethod
+    def _stow_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^/\s]+", value):
+            # not echoed: a URL may carry credentials
+            raise ValueError("destinations.stow_url must be an http:// or https:// URL with a host")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_way_to_send(self) -> DestinationSettings:
+        dimse = {"ae_title": self.ae_title, "host": self.host, "port": self.port}
+        if self.stow_url is None:
+            missing = [key for key, value in dimse.items() if value in (None, "")]
+            if missing:
+                raise ValueError(
+                    f'destination "{self.name}" needs {", ".join(missing)} (DIMSE) or stow_url (DICOMweb)'
+                )
+        elif any(value is not None for value in dimse.values()):
+            raise ValueError(
+                f'destination "{self.name}" has both stow_url and ae_title/host/port: choose one'
+            )
+        return self
+
+    @property
+    def is_stow(self) -> bool:
+        return self.stow_url is not None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The TCP address the destination listens on (for reachability checks)."""
+        if self.stow_url is not None:
+            url = httpx.URL(self.stow_url)
+            return url.host, url.port or (443 if url.scheme == "https" else 80)
+        return str(self.host), int(self.port or 0)
+
+    def describe(self) -> str:
+        """For logs and status: AE@host:port, or the STOW-RS URL without credentials."""
+        if self.stow_url is not None:
+            return str(httpx.URL(self.stow_url).copy_with(username=None, password=None))
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class Settings(BaseSettings):
@@ -389,7 +437,7 @@ def resolve_paths(settings: Settings, base: Path) -> Settings:
     )
 
 
-_SECRET_KEYS = frozenset({"api_key", "database_url"})  # a database URL may hold a password
+_SECRET_KEYS = frozenset({"api_key", "database_url", "stow_url"})  # a URL may hold a password
 
 
 def _env_variable(loc: tuple[str | int, ...], environ: Mapping[str, str]) -> str | None:

@@ -144,7 +144,7 @@ def health(settings: Settings, sessions: sessionmaker[Session]) -> tuple[bool, d
     destinations = {}
     for destination in settings.destinations:
         try:
-            with socket.create_connection((destination.host, destination.port), timeout=1.0):
+            with socket.create_connection(destination.address, timeout=1.0):
                 destinations[destination.name] = "reachable"
         except OSError as exc:
             destinations[destination.name] = f"unreachable: {exc.strerror or type(exc).__name__}"

@@ -1,5 +1,5 @@
-"""The SR sender: C-STORE of queued SRs to each destination, one thread per destination so a
-PACS that is down never delays the others.
+"""The SR sender: C-STORE (or DICOMweb STOW-RS, :mod:`scp.stow`) of queued SRs to each
+destination, one thread per destination so a PACS that is down never delays the others.
 
 Each association proposes only the SR's SOP class, in the file's own transfer syntax with an
 uncompressed fallback, with TCP_NODELAY. Success and warnings complete the delivery; transient
@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conf import DestinationSettings, Settings
 from scp.server import set_nodelay
+from scp.stow import stow_instance
 from storage import crashpoints, outbox
 from storage.db import transaction
 from storage.errors import LeaseLost
@@ -45,9 +46,22 @@ class Outcome:
     detail: str
 
 
+def deliver(path: Path, destination: DestinationSettings, calling_ae_title: str, timeout: float) -> Outcome:
+    """One file to one destination, by STOW-RS or C-STORE as it is configured, classified."""
+    if destination.stow_url is not None:
+        header = dcmread(path, stop_before_pixels=True)
+        answer = stow_instance(
+            path, destination, str(header.StudyInstanceUID), str(header.SOPInstanceUID), timeout
+        )
+        return Outcome(answer.kind, answer.status, answer.detail)
+    return store_sr(path, destination, calling_ae_title, timeout)
+
+
 def store_sr(path: Path, destination: DestinationSettings, calling_ae_title: str, timeout: float) -> Outcome:
     """One C-STORE of one file to one destination, classified."""
     header = dcmread(path, stop_before_pixels=True)
+    host, port = destination.address
+    called_ae_title = str(destination.ae_title)
     syntaxes = list(
         dict.fromkeys(
             [str(header.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -56,19 +70,17 @@ def store_sr(path: Path, destination: DestinationSettings, calling_ae_title: str
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(str(header.SOPClassUID), syntaxes)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(host, port, ae_title=called_ae_title)
     if not assoc.is_established:
         if assoc.is_rejected:
-            return Outcome("retry", None, f"association rejected by {destination.ae_title}")
-        return Outcome(
-            "retry", None, f"cannot reach {destination.host}:{destination.port} (refused or no answer)"
-        )
+            return Outcome("retry", None, f"association rejected by {called_ae_title}")
+        return Outcome("retry", None, f"cannot reach {host}:{port} (refused or no answer)")
     try:
         if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
             set_nodelay(assoc.dul.socket.socket)
         if not assoc.accepted_contexts:
             return Outcome(
-                "dead", None, f"{destination.ae_title} accepts no context for {header.SOPClassUID.name}"
+                "dead", None, f"{called_ae_title} accepts no context for {header.SOPClassUID.name}"
             )
         response = assoc.send_c_store(path)
     finally:
@@ -138,7 +150,7 @@ class SrSender:
         path = self.settings.storage.root / delivery.sr_path
         started = time.perf_counter()
         try:
-            outcome = store_sr(
+            outcome = deliver(
                 path, destination, self.settings.node.ae_title, self.settings.node.network_timeout_seconds
             )
         except Exception as exc:  # a missing file, a PACS that breaks pynetdicom: retried, recorded
@@ -173,7 +185,7 @@ class SrSender:
             delivery.sr_sop_instance_uid,
             delivery.study_instance_uid,
             destination.name,
-            destination.ae_title,
+            destination.describe(),
             outcome.detail,
             delivery.attempts,
             (time.perf_counter() - started) * 1000,

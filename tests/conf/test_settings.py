@@ -178,7 +178,7 @@ def test_a_path_under_the_home_folder_is_the_users(tmp_path: Path, monkeypatch: 
         (
             "AINODE_DESTINATIONS",
             '[{"name": "pacs"}]',
-            r"destinations.0.ae_title.*from environment variable AINODE_DESTINATIONS",
+            r"destinations.0: .*needs ae_title, host, port.*from environment variable AINODE_DESTINATIONS",
         ),
         ("AINODE_VISION__PROVIDER", "deepseek", r"takes text only.*AINODE_VISION__PROVIDER"),
     ],
