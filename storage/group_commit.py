@@ -8,8 +8,9 @@ records every instance in one transaction, commits (one WAL sync), and hands eac
 its own result. Instances that arrive while a leader commits form the next batch, led by the first
 of them. A lone sender leads its own batch of one in its own thread: no hand-off, no added latency.
 
-If the batch's transaction fails for one instance (a unique key another node won, say), each
-instance of the batch is recorded again in its own transaction, so one cannot fail the others.
+If the batch's transaction fails for one instance (a unique key another node won, a value the
+database cannot hold), each instance of the batch is recorded again in its own transaction, so one
+cannot fail the others; only an unavailable database or disk fails the whole batch.
 """
 
 from __future__ import annotations
@@ -108,12 +109,14 @@ class GroupCommitter:
             return
         try:
             results = self._record_all(batch)
-        except IntegrityError:
-            self._record_each(batch)
-            return
-        except Exception as exc:  # every waiting association gets the cause
+        except StorageUnavailable as exc:  # the database is down: every association gets 0xA700
             for item in batch:
                 item.error = exc
+            return
+        except Exception:
+            # One instance the database refused (a unique key another node won, a value it
+            # cannot hold): each again alone, so it fails only itself.
+            self._record_each(batch)
             return
         for item, result in zip(batch, results, strict=True):
             item.result = result

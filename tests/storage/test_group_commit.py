@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,11 +13,12 @@ import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage import group_commit
 from storage.db import make_engine, make_session_factory, migrate
 from storage.errors import StorageUnavailable
 from storage.group_commit import GroupCommitter
 from storage.models import Instance, Study, utc_now
-from storage.studies import IngestOutcome, IngestResult
+from storage.studies import HeaderIndex, IngestOutcome, IngestResult
 from tests.storage.test_queue import instance
 
 THREADS = 24
@@ -97,3 +99,38 @@ def test_an_unusable_database_or_folder_fails_the_batch_with_storage_unavailable
         engine.dispose()
     with pytest.raises(StorageUnavailable, match="cannot sync"):
         GroupCommitter(sessionmaker(), 10.0, utc_now).record(instance("4.1"), tmp_path / "gone")
+
+
+def test_one_instance_the_database_cannot_take_fails_only_itself(
+    sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not a unique key but a value: a hostile header's NUL inside a string is a DataError on
+    # PostgreSQL (text cannot hold NUL), stored as is on SQLite. Either way the instances of the
+    # other associations in its batch are stored and acknowledged.
+    committer = GroupCommitter(sessions, 10.0, utc_now)
+    good = [instance(f"5.{i}", sha=f"{i:064x}") for i in range(8)]
+    hostile = dataclasses.replace(instance("5.99", sha="e" * 64), header=HeaderIndex(modality="C\x00T"))
+    batch = [*good, hostile]
+    # A first instance's leader waits in its folder sync until all of ``batch`` is waiting: they
+    # then form the next batch together, the hostile instance with the good ones.
+    syncing = threading.Event()
+
+    def slow_first_sync(folder: Path) -> None:
+        if not syncing.is_set():
+            syncing.set()
+            deadline = time.monotonic() + 10
+            while len(committer._pending) < len(batch) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    monkeypatch.setattr(group_commit, "fsync_path", slow_first_sync)
+    first = threading.Thread(target=committer.record, args=(instance("5.0.0", sha="d" * 64), tmp_path))
+    first.start()
+    assert syncing.wait(10)
+    outcomes = record_at_once(committer, batch, tmp_path)
+    first.join(timeout=10)
+    assert committer.stats.largest == len(batch) or committer.stats.batches == 1
+    stored_ok = [isinstance(o, IngestResult) and o.outcome is IngestOutcome.STORED for o in outcomes]
+    assert stored_ok[:-1] == [True] * len(good), outcomes
+    with sessions() as session:
+        stored = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert stored >= {"5.0.0", *(item.sop_instance_uid for item in good)}
