@@ -110,7 +110,7 @@ def test_one_instance_the_database_cannot_take_fails_only_itself(
     committer = GroupCommitter(sessions, 10.0, utc_now)
     good = [instance(f"5.{i}", sha=f"{i:064x}") for i in range(8)]
     hostile = dataclasses.replace(instance("5.99", sha="e" * 64), header=HeaderIndex(modality="C\x00T"))
-    batch = [*good, hostile]
+    batch: list[object] = [*good, hostile]
     # A first instance's leader waits in its folder sync until all of ``batch`` is waiting: they
     # then form the next batch together, the hostile instance with the good ones.
     syncing = threading.Event()
@@ -126,7 +126,7 @@ def test_one_instance_the_database_cannot_take_fails_only_itself(
     first = threading.Thread(target=committer.record, args=(instance("5.0.0", sha="d" * 64), tmp_path))
     first.start()
     assert syncing.wait(10)
-    outcomes = record_at_once(committer, batch, tmp_path)
+    outcomes = record_at_once(committer, list(batch), tmp_path)
     first.join(timeout=10)
     assert committer.stats.largest == len(batch) or committer.stats.batches == 1
     stored_ok = [isinstance(o, IngestResult) and o.outcome is IngestOutcome.STORED for o in outcomes]
