@@ -26,6 +26,7 @@ from scp.status_report import format_table, study_rows
 from storage import crashpoints
 from storage.db import open_database, transaction
 from storage.errors import DatabaseNotUsable
+from storage.files import InstanceStore
 from storage.models import utc_now
 from storage.studies import complete_study, requeue_study
 
@@ -203,6 +204,7 @@ def _run_roles(settings: Settings, command: str) -> int:
             if role is not None:
                 role.start()
         stop.wait()
+        watch.terminate()  # no receiver takes new associations while the roles below finish theirs
         for role in (scp, worker, sender, http):  # stop taking work first, then finish what is held
             if role is not None:
                 role.stop()
@@ -219,6 +221,7 @@ def _fork_receivers(settings: Settings, sessions: Any) -> list[int]:
         log.info("node.port = 0 (any free port): one receiving process")
         return []
     check_port_free(settings.node.host, settings.node.port)
+    InstanceStore(settings.storage.root).prepare()  # the one purge of tmp/, before anyone receives
     sessions.kw["bind"].dispose()  # no pooled connection crosses the fork
     pids = fork_receivers(settings, count)
     log.info("%d receiving processes on port %d", count, settings.node.port)

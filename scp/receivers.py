@@ -13,8 +13,8 @@ One unit, as one process was:
 - a receiver that exits on its own (a crash) stops the node with the receiver's exit status, so
   the service manager restarts the node whole (what was acknowledged is durable; what was not,
   the modality sends again);
-- SIGTERM stops the main process's roles, then each receiver, each letting its open associations
-  finish within the grace period.
+- SIGTERM stops every receiver and the main process's roles at once: none accepts another
+  association, each lets its open ones finish within the grace period.
 
 Before any socket takes ``SO_REUSEPORT``, the main process binds the port without it: another
 node already listening there makes that fail ("address in use"), rather than two nodes silently
@@ -157,12 +157,17 @@ class ReceiverWatch:
             )
             self.on_exit(code if code > 0 else 1)
 
-    def stop(self, timeout: float) -> None:
-        """SIGTERM every receiver and wait for it (each finishes its open associations)."""
+    def terminate(self) -> None:
+        """SIGTERM every receiver: each stops accepting at once, and finishes its open
+        associations while the main process finishes its own."""
         self.stopping.set()
         for pid in self.pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+
+    def stop(self, timeout: float) -> None:
+        """:meth:`terminate`, then wait for every receiver to exit."""
+        self.terminate()
         for thread in self._threads:
             thread.join(timeout=timeout)
         for pid, thread in zip(self.pids, self._threads, strict=True):

@@ -142,3 +142,26 @@ def test_a_stop_signal_to_the_whole_group_is_a_clean_stop(make_node: NodeFactory
         assert node.proc.wait(timeout=60) == 0
         assert _gone(receivers)
         assert "exited with status" not in node.log.read_text()
+
+
+def test_a_stopping_node_accepts_no_new_association_on_any_receiver(make_node: NodeFactory) -> None:
+    # SIGTERM while the main process holds an association: it waits for that one (the grace
+    # period), and meanwhile no receiver takes new work that would only be cut at the end.
+    node = make_node(node={"receiver_processes": RECEIVERS}).start()
+    assert node.proc is not None
+    main = psutil.Process(node.proc.pid)
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    held: list[Association] = []
+    try:
+        while not _serving(main, node.port) and len(held) < 40:
+            held.append(ae.associate("127.0.0.1", node.port, ae_title="AINODE"))
+        assert _serving(main, node.port)
+        os.kill(node.proc.pid, signal.SIGTERM)
+        time.sleep(2)  # the main process's listener and every receiver's have stopped accepting
+        assert node.proc.poll() is None  # still waiting for its held association
+        assert dcmtk("echoscu", "-to", "5", "-aec", "AINODE", "127.0.0.1", str(node.port)).returncode != 0
+    finally:
+        for assoc in held:
+            assoc.release()
+    assert node.proc.wait(timeout=60) == 0
