@@ -127,10 +127,15 @@ _Buffer: TypeAlias = bytes | mmap.mmap
 """A whole file mapped read-only, or an inflated deflated dataset: walked by integer offset."""
 
 # Explicit VR header layout by VR: 16-bit length, or two reserved bytes and a 32-bit length
-# (PS3.5 §7.1.2), the latter also marking a sequence. Every two-letter upper-case VR is well formed
-# (an unknown one is not a parse error); a VR missing here is garbage.
+# (PS3.5 §7.1.2), the latter also marking a sequence. Only the VRs of PS3.5 §6.2: an unknown one
+# ('ZZ') makes the dataset unreadable for a strict reader, and DCMTK's storescp and Orthanc refuse
+# it, so we do too.
+_KNOWN_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV"
+    b"".split()
+)
 _SHORT, _LONG, _LONG_SQ = 0, 1, 2
-_VR_LAYOUT = {bytes((a, b)): _SHORT for a in range(65, 91) for b in range(65, 91)}
+_VR_LAYOUT = dict.fromkeys(_KNOWN_VRS, _SHORT)
 _VR_LAYOUT.update((vr, _LONG) for vr in _LONG_VRS)
 _VR_LAYOUT[b"SQ"] = _LONG_SQ
 # Top-level tags whose value is summarised (the rest are only skipped)

@@ -262,7 +262,9 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        self.store.prepare()
+        # With several receivers the main process purged tmp/ before forking them (scp.cli);
+        # purging here would delete what another receiver is receiving.
+        self.store.prepare(purge=not self.reuse_port)
         configure_pynetdicom(self.store.tmp_dir)
         with transaction(self.sessions) as session:
             until = self.clock() + dt.timedelta(seconds=self.settings.study.settle_seconds)

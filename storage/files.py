@@ -23,13 +23,16 @@ from pathlib import Path
 
 from storage.errors import DiskFull
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# PS3.5 §9.1: digits and dots, no empty component, no leading zero in a component (except "0")
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 HASH_CHUNK_BYTES = 1 << 20
 
 
 def is_safe_uid(value: str) -> bool:
-    """A UID that is safe as a path component: digits and dots, at most 64 characters."""
-    return len(value) <= 64 and bool(_UID.match(value))
+    """A UID conformant to PS3.5 §9.1 (and so safe as a path component): at most 64 characters,
+    digits and dots, no leading zeros, nothing after it (``fullmatch``: ``$`` would let a
+    trailing newline through)."""
+    return len(value) <= 64 and _UID.fullmatch(value) is not None
 
 
 def sha256_of(path: Path) -> str:
@@ -60,10 +63,13 @@ class InstanceStore:
     def instances_dir(self) -> Path:
         return self.root / "instances"
 
-    def prepare(self) -> None:
-        """Create the folders and delete partial files a previous run left behind."""
+    def prepare(self, purge: bool = True) -> None:
+        """Create the folders and (``purge``) delete partial files a previous run left behind.
+        Only while nothing receives: a purge would delete another receiver's file in flight."""
         for folder in (self.tmp_dir, self.instances_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        if not purge:
+            return
         for leftover in self.tmp_dir.iterdir():
             if leftover.is_file():
                 leftover.unlink(missing_ok=True)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from tests.data.generate import assert_same_dataset, dataset_bytes, sample, write_series
 from tests.nodes import Node, NodeFactory, dcmtk, store_raw
@@ -107,6 +108,22 @@ def test_broken_datasets_get_failure_statuses_and_the_node_keeps_serving(
     assert store_raw(node.port, garbage) == 0xC000
     assert store_raw(node.port, other_uid) == 0xA900
     assert store_raw(node.port, sample("MR_truncated.dcm")) == 0xC000
+    invalid_vr = tmp_path / "invalid_vr.dcm"  # a private element whose VR is no VR ('ZZ')
+    invalid_vr.write_bytes(raw.replace(b"\x08\x00\x60\x00CS", b"\x08\x00\x60\x00ZZ", 1))
+    assert invalid_vr.read_bytes() != raw
+    assert store_raw(node.port, invalid_vr) == 0xC000
+    with warnings.catch_warnings():  # pydicom warns of the very UIDs we mean to send
+        warnings.simplefilter("ignore")
+        ds = dcmread(source)  # a UID with a leading zero in a component
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID("1.2.826.0.1.3680043.99.02")
+        leading_zero = tmp_path / "leading_zero.dcm"
+        ds.save_as(leading_zero)
+        assert store_raw(node.port, leading_zero) == 0xA900
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID("1.2.826.0.1.3680043.99.45")
+        newline = tmp_path / "newline.dcm"  # odd length: padded with a NUL, which becomes "\n"
+        ds.save_as(newline)
+        newline.write_bytes(newline.read_bytes().replace(b"3680043.99.45\x00", b"3680043.99.45\n"))
+        assert store_raw(node.port, newline) == 0xA900
     assert node.stored_files() == []
     assert list((node.root / "tmp").iterdir()) == []
     assert node.status() == []

@@ -250,6 +250,9 @@ def test_misplaced_delimiters_cannot_be_understood(tmp_path: Path) -> None:
         "undefined length": _el(0x00081150, b"UT", b"", length=UNDEFINED),
         "invalid VR": _el(0x00081150, b"u\x01", b"1.2."),
     }
+    # Upper-case but not a VR of PS3.5 6.2: DCMTK's storescp and Orthanc refuse it too.
+    with pytest.raises(DatasetCorrupt, match="invalid VR b'ZZ'"):
+        _check(tmp_path, _part10(_identity() + _el(0x00091010, b"ZZ", b"ab")))
     for message, tail in cases.items():
         with pytest.raises(DatasetCorrupt, match=message):
             _check(tmp_path, _part10(_identity() + tail))

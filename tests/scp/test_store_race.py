@@ -11,13 +11,14 @@ from pydicom import dcmread
 from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
 
-from conf import Settings, StorageSettings
+from conf import NodeSettings, Settings, StorageSettings
 from scp.server import StorageSCP
 from storage.db import open_database
 from storage.files import InstanceStore
 from storage.models import Instance
 from tests.data.generate import write_series
 from tests.data.ingest import ingest
+from tests.nodes import free_port
 
 
 def test_a_failed_commit_keeps_a_file_that_an_acknowledged_row_names(tmp_path: Path) -> None:
@@ -51,3 +52,26 @@ def test_a_failed_commit_keeps_a_file_that_an_acknowledged_row_names(tmp_path: P
         assert (root / orphan).is_file()
     finally:
         unreachable.dispose()
+
+
+def test_a_receiver_starting_beside_others_leaves_their_files_in_flight(tmp_path: Path) -> None:
+    """Receivers share storage.root/tmp: one that starts while another receives must not purge
+    the other's file (the main process purged it once, before forking them)."""
+    root = tmp_path / "var"
+    url = f"sqlite:///{root}/ainode.db"
+    in_flight = root / "tmp" / "tmp-another-receiver.dcm"
+    in_flight.parent.mkdir(parents=True)
+    in_flight.write_bytes(b"half received")
+    settings = Settings(
+        node=NodeSettings(host="127.0.0.1", port=free_port()),
+        storage=StorageSettings(root=root, database_url=url),
+    )
+    with open_database(url) as sessions:
+        beside = StorageSCP(settings, sessions, settles=False, reuse_port=True)
+        beside.start()
+        beside.stop(grace_seconds=1)
+        assert in_flight.read_bytes() == b"half received"
+        alone = StorageSCP(settings, sessions)  # the only receiver: leftovers of a crash go
+        alone.start()
+        alone.stop(grace_seconds=1)
+    assert not in_flight.exists()
