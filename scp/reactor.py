@@ -22,8 +22,8 @@ modalities each send a few small images. :class:`ContextList` copies only what a
 changes (each context's transfer syntax list).
 
 The receive: pynetdicom appends 4 KiB reads to a bytearray; a 1 MiB P-DATA PDU took 256 calls
-and as many copies. :class:`BulkReceiveSocket` fills one preallocated buffer with as few calls as
-the kernel allows.
+and as many copies. :class:`BulkReceiveSocket` fills one buffer with as few calls as the kernel
+allows (grown as bytes arrive, never sized by the peer's length field alone).
 
 Each override copies one pynetdicom function and changes only what is said above;
 :data:`UPSTREAM_SOURCES` pins the hash of the source of each function copied (pynetdicom 3.0.4),
@@ -59,6 +59,7 @@ from pynetdicom.utils import make_target
 log = logging.getLogger("ainode.scp")
 
 MAX_IDLE_WAIT_SECONDS = 0.05
+FIRST_RECEIVE_BYTES = 1024 * 1024 + 6  # a whole P-DATA PDU at node.max_pdu_bytes' default
 # No busy polling while messages flow: a thread that wakes every fraction of a millisecond to
 # look asks for the interpreter lock the handler holds, and slowed a lone sender (measured: 65 ->
 # 82 small instances/s without it).
@@ -122,13 +123,19 @@ class BulkReceiveSocket(AssociationSocket):  # type: ignore[misc]
     def recv(self, nr_bytes: int) -> bytearray:
         if self.socket is None:
             return bytearray()
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        # ``nr_bytes`` is a PDU's length field, whatever anyone who connects wrote there (up to
+        # 4 GiB): the buffer starts at most FIRST_RECEIVE_BYTES and doubles as bytes arrive, so
+        # it never holds more than twice what was received.
+        buffer = bytearray(min(nr_bytes, FIRST_RECEIVE_BYTES))
         filled = 0
         while filled < nr_bytes:
-            got = self.socket.recv_into(view[filled:], nr_bytes - filled)
+            if filled == len(buffer):
+                buffer.extend(bytes(min(nr_bytes - filled, len(buffer))))
+            with memoryview(buffer) as whole, whole[filled:] as free:
+                got = self.socket.recv_into(free)
             if got == 0:  # closed: return what arrived, as pynetdicom expects
-                return buffer[:filled]
+                del buffer[filled:]
+                return buffer
             filled += got
         return buffer
 

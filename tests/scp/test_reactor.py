@@ -4,7 +4,11 @@ written for and over a real association on loopback."""
 from __future__ import annotations
 
 import copy
+import os
+import socket
+import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,3 +132,37 @@ def test_a_copy_of_the_context_list_is_independent_of_the_server_s() -> None:
     assert copied[0].transfer_syntax == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
     assert server_contexts[0].transfer_syntax == ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]
     assert copied[1].transfer_syntax == server_contexts[1].transfer_syntax
+
+
+def _bulk_socket(sock: socket.socket) -> reactor.BulkReceiveSocket:
+    bulk = object.__new__(reactor.BulkReceiveSocket)  # only its ``socket`` is used by recv
+    bulk.socket = sock
+    return bulk
+
+
+def test_a_huge_declared_pdu_length_costs_only_what_arrives() -> None:
+    # A PDU header is 6 bytes from anyone who connects; its length field may say 4 GiB. The
+    # buffer grows with what arrives, as pynetdicom's own receive does, not with what is declared.
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        peer.sendall(b"0123456789")
+        peer.shutdown(socket.SHUT_WR)
+        tracemalloc.start()
+        try:
+            got = _bulk_socket(ours).recv(512 * 1024 * 1024)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert got == bytearray(b"0123456789")
+    assert peak < 8 * 1024 * 1024
+
+
+def test_the_bulk_receive_returns_a_large_pdu_intact() -> None:
+    payload = os.urandom(5 * 1024 * 1024 + 3)
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        sender = threading.Thread(target=peer.sendall, args=(payload,))
+        sender.start()
+        got = _bulk_socket(ours).recv(len(payload))
+        sender.join(timeout=10)
+    assert got == bytearray(payload)
