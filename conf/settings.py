@@ -69,6 +69,11 @@ class NodeSettings(_Section):
     # Processes receiving on the port (SO_REUSEPORT); 0: one per CPU core. The association
     # limits above hold per receiving process.
     receiver_processes: int = Field(default=0, ge=0, le=64)
+    # A Deflated Explicit VR instance is inflated (to a scratch file, in constant memory) only up
+    # to this size, and past 64 MiB only up to this ratio to its deflated size: a deflate bomb
+    # gets 0xC000.
+    max_inflated_mb: int = Field(default=4096, ge=1)
+    max_inflate_ratio: int = Field(default=100, ge=2)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None

@@ -17,10 +17,11 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import BinaryIO, TypeAlias
 
 from pydicom._dicom_dict import DicomDictionary
 
@@ -135,6 +136,9 @@ _KNOWN_VRS = frozenset(
     b"".split()
 )
 _SHORT, _LONG, _LONG_SQ = 0, 1, 2
+# Real datasets nest a few levels (an SR content tree perhaps a dozen); DCMTK's storescp and
+# Orthanc read far deeper, but nothing we store needs more.
+MAX_SEQUENCE_DEPTH = 64
 _VR_LAYOUT = dict.fromkeys(_KNOWN_VRS, _SHORT)
 _VR_LAYOUT.update((vr, _LONG) for vr in _LONG_VRS)
 _VR_LAYOUT[b"SQ"] = _LONG_SQ
@@ -168,6 +172,7 @@ class _Walker:
         self._u16 = struct.Struct(endian + "H").unpack_from
         self._u32 = struct.Struct(endian + "I").unpack_from
         self.summary = DatasetSummary()
+        self.depth = 0
 
     def dataset(self, pos: int, limit: int, undefined: bool, top: bool) -> int:
         # Locals, not globals or attributes, on the per-element path.
@@ -246,6 +251,16 @@ class _Walker:
             setattr(self.summary, _WANTED_US[tag], self._u16(self.buf, start)[0])
 
     def sequence(self, pos: int, limit: int, undefined: bool) -> int:
+        # Nesting is recursion: bounded, so a hostile file gets 0xC000, not a RecursionError.
+        self.depth += 1
+        try:
+            if self.depth > MAX_SEQUENCE_DEPTH:
+                raise DatasetCorrupt(f"sequences nested past {MAX_SEQUENCE_DEPTH} levels at byte {pos}")
+            return self._items(pos, limit, undefined)
+        finally:
+            self.depth -= 1
+
+    def _items(self, pos: int, limit: int, undefined: bool) -> int:
         item_header = self._tag_length
         buf = self.buf
         while True:
@@ -332,8 +347,72 @@ def _read_file_meta(buf: _Buffer) -> tuple[str, int]:
     return transfer_syntax, pos
 
 
+@dataclass(frozen=True)
+class InflateLimits:
+    """Bounds on inflating a Deflated Explicit VR dataset (PS3.5 A.5): a 1 MB instance can
+    inflate to gigabytes. Past ``max_bytes``, or past ``max_ratio`` times the deflated size once
+    more than ``ratio_floor_bytes`` came out, the instance is refused."""
+
+    max_bytes: int = 4 << 30
+    max_ratio: int = 100
+    ratio_floor_bytes: int = 64 << 20
+
+
+INFLATE_CHUNK = 1 << 20
+
+
+def _inflate(deflated: memoryview, into: BinaryIO, limits: InflateLimits) -> int:
+    """Inflate ``deflated`` into the file ``into`` one chunk at a time (memory stays at a few
+    chunks whatever the ratio); returns the inflated size."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    for offset in range(0, len(deflated), INFLATE_CHUNK):
+        # A copy, not a slice: a slice left in a traceback would keep the map from closing.
+        data = bytes(deflated[offset : offset + INFLATE_CHUNK])
+        while data:
+            try:
+                out = inflater.decompress(data, INFLATE_CHUNK)
+            except zlib.error as exc:
+                raise DatasetCorrupt(f"deflated dataset does not inflate: {exc}") from None
+            total += len(out)
+            consumed = offset + INFLATE_CHUNK - len(inflater.unconsumed_tail)
+            if total > limits.max_bytes:
+                raise DatasetCorrupt(f"deflated dataset inflates past {limits.max_bytes >> 20} MiB")
+            if total > limits.ratio_floor_bytes and total > limits.max_ratio * max(consumed, 1):
+                raise DatasetCorrupt(
+                    f"deflated dataset inflates more than {limits.max_ratio} times its size (a deflate bomb)"
+                )
+            into.write(out)
+            data = inflater.unconsumed_tail
+            if inflater.eof:
+                break
+        if inflater.eof:
+            break
+    if not inflater.eof:
+        raise DatasetCorrupt("deflated dataset does not inflate: incomplete or truncated stream")
+    return total
+
+
+def _walk_inflated(mapped: mmap.mmap, start: int, scratch: Path, limits: InflateLimits) -> _Walker:
+    """Inflate the dataset after ``start`` into an unnamed file in ``scratch`` (same bounds as
+    the received file's disk) and walk a map of it."""
+    with tempfile.TemporaryFile(dir=scratch) as inflated, memoryview(mapped) as view, view[start:] as tail:
+        size = _inflate(tail, inflated, limits)
+        if size == 0:
+            raise DatasetCorrupt("deflated dataset inflates to nothing")
+        inflated.flush()
+        with mmap.mmap(inflated.fileno(), 0, access=mmap.ACCESS_READ) as mapped_inflated:
+            walker = _Walker(mapped_inflated, little_endian=True, implicit=False)
+            walker.dataset(0, walker.end, undefined=False, top=True)
+            walker.buf = b""  # the map closes here; the summary holds copies
+            return walker
+
+
 def check_dataset_file(
-    path: Path, expected_sop_class_uid: str, expected_sop_instance_uid: str
+    path: Path,
+    expected_sop_class_uid: str,
+    expected_sop_instance_uid: str,
+    limits: InflateLimits = InflateLimits(),
 ) -> DatasetSummary:
     """Walk the whole file; raise :class:`DatasetCorrupt` (0xC000) for data that cannot be
     parsed or is truncated, :class:`DatasetMismatch` (0xA900) for a parseable dataset that does
@@ -352,12 +431,7 @@ def check_dataset_file(
         with mapped:
             transfer_syntax, start = _read_file_meta(mapped)
             if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-                try:
-                    inflated = zlib.decompress(mapped[start:], -zlib.MAX_WBITS)
-                except zlib.error as exc:
-                    raise DatasetCorrupt(f"deflated dataset does not inflate: {exc}") from None
-                walker = _Walker(inflated, little_endian=True, implicit=False)
-                start = 0
+                walker = _walk_inflated(mapped, start, path.parent, limits)
             else:
                 walker = _Walker(
                     mapped,
@@ -365,7 +439,7 @@ def check_dataset_file(
                     implicit=transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
                     fd=fd,
                 )
-            walker.dataset(start, walker.end, undefined=False, top=True)
+                walker.dataset(start, walker.end, undefined=False, top=True)
     finally:
         os.close(fd)
     summary = walker.summary

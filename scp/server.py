@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conf import Settings
 from scp import reactor
-from scp.dataset_check import check_dataset_file
+from scp.dataset_check import InflateLimits, check_dataset_file
 from scp.errors import DatasetCorrupt, DatasetMismatch
 from scp.statuses import StoreStatus
 from scp.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
@@ -228,6 +228,9 @@ class StorageSCP:
         self.clock = clock
         self.waiting_reason = waiting_reason
         self.store = InstanceStore(settings.storage.root)
+        self.inflate_limits = InflateLimits(
+            max_bytes=settings.node.max_inflated_mb << 20, max_ratio=settings.node.max_inflate_ratio
+        )
         self.committer = GroupCommitter(sessions, settings.study.settle_seconds, clock)
         # fsync is disk time, not CPU: each received file's runs while its dataset is checked
         # and hashed.
@@ -452,7 +455,7 @@ class StorageSCP:
             return StoreStatus.OUT_OF_RESOURCES, str(exc), None
         bytes_synced = self._byte_syncs.submit(self.store.sync_bytes, received)
         try:
-            summary = check_dataset_file(received, sop_class, sop_instance)
+            summary = check_dataset_file(received, sop_class, sop_instance, self.inflate_limits)
         except DatasetCorrupt as exc:
             return StoreStatus.CANNOT_UNDERSTAND, str(exc), None
         except DatasetMismatch as exc:

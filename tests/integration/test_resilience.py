@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -17,7 +18,8 @@ from sqlalchemy import create_engine, func, select
 from scp.dataset_check import check_dataset_file
 from storage.models import Instance, Job
 from tests.data.generate import write_series
-from tests.nodes import DCMTK, DCMTK_ENV, NodeFactory, dcmtk, stop_process
+from tests.nodes import DCMTK, DCMTK_ENV, NodeFactory, dcmtk, stop_process, store_raw
+from tests.scp.test_dataset_check import deflate_bomb
 
 
 def _acknowledged(storescu_output: str) -> list[str]:
@@ -128,4 +130,47 @@ def test_a_peer_that_stalls_mid_pdu_is_dropped_within_the_network_timeout(make_n
         elapsed = time.monotonic() - started
     assert elapsed < 10, f"stalled peer held for {elapsed:.1f} s"
     assert closed == b"" or closed[:1] in (b"\x03", b"\x07")  # closed, rejected or aborted
+    assert dcmtk("echoscu", "-aec", "AINODE", "127.0.0.1", str(node.port)).returncode == 0
+
+
+def test_ten_deflate_bombs_at_once_are_refused_and_memory_stays_flat(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Each file is under 1 MB and inflates to 1 GiB: ten at once get 0xC000 while the node's
+    memory (main process and receivers, PSS) stays under 300 MB, and it keeps serving."""
+    node = make_node().start()
+    assert node.proc is not None
+    bombs = [deflate_bomb(tmp_path / "bomb.dcm", 1024)] * 10  # ten modalities, one file
+    statuses: list[int] = []
+    peak = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        node_process = psutil.Process(node.proc.pid if node.proc else 0)
+        while not done.is_set():
+            try:
+                processes = [node_process, *node_process.children()]
+                peak = max(peak, sum(p.memory_full_info().pss for p in processes))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    def send(path: Path) -> None:
+        statuses.append(store_raw(node.port, path))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    senders = [threading.Thread(target=send, args=(bomb,)) for bomb in bombs]
+    try:
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(timeout=300)
+    finally:
+        done.set()
+        watcher.join()
+    assert statuses == [0xC000] * 10
+    assert peak < 300 << 20, f"peak {peak >> 20} MiB"
+    assert node.stored_files() == [] and list((node.root / "tmp").iterdir()) == []
     assert dcmtk("echoscu", "-aec", "AINODE", "127.0.0.1", str(node.port)).returncode == 0

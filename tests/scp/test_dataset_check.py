@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
-from scp.dataset_check import DatasetSummary, check_dataset_file
+from scp.dataset_check import MAX_SEQUENCE_DEPTH, DatasetSummary, InflateLimits, check_dataset_file
 from scp.errors import DatasetCorrupt, DatasetMismatch
 from tests.data.generate import sample
 
@@ -309,3 +310,68 @@ def test_the_file_is_unmapped_and_closed_on_success_and_on_error(tmp_path: Path)
     maps = Path("/proc/self/maps").read_text()
     assert str(good) not in maps and str(bad) not in maps
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+
+
+def deflate_bomb(path: Path, inflated_mib: int, sop_instance: str = SOP_INSTANCE) -> Path:
+    """A Deflated Explicit VR Part 10 file whose dataset (identity, then an OB of zeros)
+    inflates to about ``inflated_mib`` MiB from a few hundred KB on disk."""
+    identity = b"".join(
+        _el(tag, b"UI", _uid(uid))
+        for tag, uid in (
+            (0x00080016, SOP_CLASS),
+            (0x00080018, sop_instance),
+            (0x0020000D, "1.2.3"),
+            (0x0020000E, "1.2.3.1"),
+        )
+    )
+    zeros = inflated_mib << 20
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunk = bytes(1 << 20)
+    with path.open("wb") as out:
+        meta = (
+            _el(0x00020001, b"OB", b"\x00\x01")
+            + _el(0x00020002, b"UI", _uid(SOP_CLASS))
+            + _el(0x00020003, b"UI", _uid(sop_instance))
+            + _el(0x00020010, b"UI", _uid(DEFLATED_LE))
+        )
+        out.write(b"\x00" * 128 + b"DICM" + _el(0x00020000, b"UL", struct.pack("<I", len(meta))) + meta)
+        out.write(deflater.compress(identity + struct.pack("<HH2sHI", 0x0009, 0x1010, b"OB", 0, zeros)))
+        for _ in range(inflated_mib):
+            out.write(deflater.compress(chunk))
+        out.write(deflater.flush())
+    return path
+
+
+def test_a_deflate_bomb_is_refused_in_constant_memory(tmp_path: Path) -> None:
+    bomb = deflate_bomb(tmp_path / "bomb.dcm", 300)
+    assert bomb.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetCorrupt, match="deflate bomb"):  # past 64 MiB at 1000:1
+            check_dataset_file(bomb, SOP_CLASS, SOP_INSTANCE)
+        with pytest.raises(DatasetCorrupt, match="inflates past 16 MiB"):
+            check_dataset_file(bomb, SOP_CLASS, SOP_INSTANCE, InflateLimits(max_bytes=16 << 20))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak {peak >> 20} MiB"
+    assert list(tmp_path.iterdir()) == [bomb]  # the inflated scratch file is gone
+    # Under the bounds, the same construction is an ordinary deflated instance.
+    small = deflate_bomb(tmp_path / "small.dcm", 2)
+    assert check_dataset_file(small, SOP_CLASS, SOP_INSTANCE).transfer_syntax_uid == DEFLATED_LE
+
+
+def test_sequences_nested_past_the_bound_cannot_be_understood(tmp_path: Path) -> None:
+    def nest(levels: int) -> bytes:
+        inner = _el(0x00081150, b"UI", _uid("1.2.3"))
+        for _ in range(levels):
+            inner = _sq(0x00081199, [_item(inner, undefined=True)], True)
+        return inner
+
+    _check(tmp_path, _part10(_identity() + nest(MAX_SEQUENCE_DEPTH)))
+    for levels in (MAX_SEQUENCE_DEPTH + 1, 2000):  # 2000: past Python's recursion limit
+        with pytest.raises(DatasetCorrupt, match=f"nested past {MAX_SEQUENCE_DEPTH} levels"):
+            _check(tmp_path, _part10(_identity() + nest(levels)))
