@@ -27,12 +27,14 @@ import contextlib
 import ctypes
 import errno
 import logging
+import math
 import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 from conf import Settings
@@ -42,15 +44,23 @@ log = logging.getLogger("ainode.scp")
 PR_SET_PDEATHSIG = 1
 
 
-def receiver_count(settings: Settings) -> int:
-    """The configured count; 0 means one per CPU core this process may run on."""
+def receiver_count(settings: Settings, cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The configured count; 0 means one per CPU this process may use: the cores it may run
+    on, and no more than a container's CPU quota (cgroup v2 ``cpu.max``) allows."""
     configured = settings.node.receiver_processes
     if configured:
         return configured
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit to read
+    return max(1, cores)
 
 
 def check_port_free(host: str, port: int, patience_seconds: float = 3.0) -> None:

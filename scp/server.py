@@ -497,6 +497,10 @@ class StorageSCP:
             if created:
                 self.remove_if_unreferenced(sop_instance, relative)
             return StoreStatus.OUT_OF_RESOURCES, str(exc), None
+        except Exception:  # a row the database refuses (a NUL inside a value, say): no orphan file
+            if created:
+                self.remove_if_unreferenced(sop_instance, relative)
+            raise  # answered 0x0110 by the handler, with the cause logged
         if result.outcome is IngestOutcome.OWN_OUTPUT and created:
             self.store.remove(relative)  # no row names it
         if result.superseded_path:

@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from conf import NodeSettings, Settings
+from scp.receivers import receiver_count
 from tests.data.generate import write_series
 from tests.nodes import Node, NodeFactory, dcmtk, wait_for_port
 
@@ -165,3 +168,18 @@ def test_a_stopping_node_accepts_no_new_association_on_any_receiver(make_node: N
         for assoc in held:
             assoc.release()
     assert node.proc.wait(timeout=60) == 0
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("max 100000", None), ("150000 100000", 2), ("50000 100000", 1), ("garbage", None)],
+)
+def test_one_receiver_per_cpu_the_container_allows(
+    tmp_path: Path, cpu_max: str, expected: int | None
+) -> None:
+    limit = tmp_path / "cpu.max"
+    limit.write_text(cpu_max + "\n")
+    cores = len(os.sched_getaffinity(0))
+    count = receiver_count(Settings(), cgroup_cpu_max=limit)
+    assert count == (cores if expected is None else min(cores, expected))
+    assert receiver_count(Settings(node=NodeSettings(receiver_processes=5)), cgroup_cpu_max=limit) == 5
