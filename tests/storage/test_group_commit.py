@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import group_commit
-from storage.db import make_engine, make_session_factory, migrate
 from storage.errors import StorageUnavailable
 from storage.group_commit import GroupCommitter
 from storage.models import Instance, Study, utc_now
@@ -22,14 +20,6 @@ from storage.studies import HeaderIndex, IngestOutcome, IngestResult
 from tests.storage.test_queue import instance
 
 THREADS = 24
-
-
-@pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(database_url)
-    migrate(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def record_at_once(committer: GroupCommitter, items: list[object], folder: Path | None) -> list[object]:
