@@ -53,7 +53,6 @@ from storage.studies import (
     IngestOutcome,
     ReceivedInstance,
     extend_settle,
-    extend_settle_of_all_receiving,
     hold_queued,
     settle_due,
 )
@@ -269,12 +268,14 @@ class StorageSCP:
         # purging here would delete what another receiver is receiving.
         self.store.prepare(purge=not self.reuse_port)
         configure_pynetdicom(self.store.tmp_dir)
-        with transaction(self.sessions) as session:
-            until = self.clock() + dt.timedelta(seconds=self.settings.study.settle_seconds)
-            if extended := extend_settle_of_all_receiving(session, until):
-                log.info(
-                    "%d studies were receiving when the node last stopped: settle time restarted", extended
-                )
+        if self.settles:  # once per node, by the main process, not again by every receiver
+            with transaction(self.sessions) as session:
+                until = self.clock() + dt.timedelta(seconds=self.settings.study.settle_seconds)
+                if extended := extend_settle(session, None, until):
+                    log.info(
+                        "%d studies were receiving when the node last stopped: settle time restarted",
+                        extended,
+                    )
         node = self.settings.node
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, prefer_requestor_transfer_syntaxes),

@@ -393,31 +393,19 @@ def hold_queued(session: Session, reason: str) -> int:
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def extend_settle(session: Session, study_instance_uids: Iterable[str], until: dt.datetime) -> int:
-    """Keep studies that an open association is still sending from settling."""
-    uids = sorted(set(study_instance_uids))
-    if not uids:
-        return 0
-    result = session.execute(
-        update(Study)
-        .where(Study.study_instance_uid.in_(uids))
-        .where(Study.state == StudyState.RECEIVING)
-        .where(Study.settle_at < until)
-        .values(settle_at=until)
-    )
-    return int(result.rowcount)  # type: ignore[attr-defined]
+def extend_settle(session: Session, study_instance_uids: Iterable[str] | None, until: dt.datetime) -> int:
+    """Keep studies that an open association is still sending from settling until ``until``.
 
-
-def extend_settle_of_all_receiving(session: Session, until: dt.datetime) -> int:
-    """At start: every study still receiving had its associations cut when the node stopped or
-    died, and its modality will send again; without this it would settle at once on the
-    instances that made it, and the resent rest would open a second version."""
-    result = session.execute(
-        update(Study)
-        .where(Study.state == StudyState.RECEIVING)
-        .where(Study.settle_at < until)
-        .values(settle_at=until)
-    )
+    ``None``: every study still receiving, as at start: their associations were cut when the
+    node stopped or died and their modalities will send again; without this the instances that
+    made it would settle at once, and the resent rest would open a second version."""
+    statement = update(Study).where(Study.state == StudyState.RECEIVING).where(Study.settle_at < until)
+    if study_instance_uids is not None:
+        uids = sorted(set(study_instance_uids))
+        if not uids:
+            return 0
+        statement = statement.where(Study.study_instance_uid.in_(uids))
+    result = session.execute(statement.values(settle_at=until))
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 

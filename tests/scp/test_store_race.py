@@ -15,7 +15,7 @@ from conf import NodeSettings, Settings, StorageSettings
 from scp.server import StorageSCP
 from storage.db import open_database
 from storage.files import InstanceStore
-from storage.models import Instance
+from storage.models import Instance, Study
 from tests.data.generate import write_series
 from tests.data.ingest import ingest
 from tests.nodes import free_port
@@ -75,3 +75,30 @@ def test_a_receiver_starting_beside_others_leaves_their_files_in_flight(tmp_path
         alone.start()
         alone.stop(grace_seconds=1)
     assert not in_flight.exists()
+
+
+def test_only_the_main_process_restarts_the_settle_window_of_receiving_studies(tmp_path: Path) -> None:
+    root = tmp_path / "var"
+    store = InstanceStore(root)
+    store.prepare()
+    url = f"sqlite:///{root}/ainode.db"
+    study = ingest(write_series(tmp_path / "ct", 1), store, url)  # receiving
+    settings = Settings(
+        node=NodeSettings(host="127.0.0.1", port=free_port()),
+        storage=StorageSettings(root=root, database_url=url),
+    )
+    with open_database(url) as sessions:
+
+        def settle_at() -> object:
+            with sessions() as session:
+                return session.get_one(Study, study).settle_at
+
+        before = settle_at()
+        receiver = StorageSCP(settings, sessions, settles=False, reuse_port=True)
+        receiver.start()
+        receiver.stop(grace_seconds=1)
+        assert settle_at() == before
+        main = StorageSCP(settings, sessions, reuse_port=True)
+        main.start()
+        main.stop(grace_seconds=1)
+        assert settle_at() > before  # type: ignore[operator]

@@ -23,7 +23,6 @@ from storage.studies import (
     ReceivedInstance,
     complete_study,
     extend_settle,
-    extend_settle_of_all_receiving,
     instance_set,
     record_instance,
     requeue_study,
@@ -157,7 +156,7 @@ def test_a_restart_gives_every_receiving_study_a_new_settle_window(
     settle(sessions, at(10))  # 1.2.3 and 2.3 queued: no longer receiving
     receive(sessions, instance("3.1", study="3.3", series="3.3.1"), at(0))
     with transaction(sessions) as session:
-        assert extend_settle_of_all_receiving(session, at(30 + SETTLE)) == 1
+        assert extend_settle(session, None, at(30 + SETTLE)) == 1
     assert settle(sessions, at(30)) == []
     assert settle(sessions, at(30 + SETTLE)) == ["3.3"]
 
