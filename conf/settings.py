@@ -296,10 +296,6 @@ class DestinationSettings(_Section):
         return self
 
     @property
-    def is_stow(self) -> bool:
-        return self.stow_url is not None
-
-    @property
     def address(self) -> tuple[str, int]:
         """The TCP address the destination listens on (for reachability checks)."""
         if self.stow_url is not None:

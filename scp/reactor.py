@@ -58,11 +58,11 @@ from pynetdicom.utils import make_target
 
 log = logging.getLogger("ainode.scp")
 
+# Every wait is this long at most, also while messages flow: no busy polling (a thread that
+# wakes every fraction of a millisecond to look asks for the interpreter lock the handler holds,
+# and slowed a lone sender: 65 -> 82 small instances/s without it).
 MAX_IDLE_WAIT_SECONDS = 0.05
 FIRST_RECEIVE_BYTES = 1024 * 1024 + 6  # a whole P-DATA PDU at node.max_pdu_bytes' default
-# No busy polling while messages flow: a thread that wakes every fraction of a millisecond to
-# look asks for the interpreter lock the handler holds, and slowed a lone sender (measured: 65 ->
-# 82 small instances/s without it).
 # sha256 of the source of each upstream function copied below, as in pynetdicom 3.0.4
 UPSTREAM_SOURCES: dict[str, tuple[Callable[..., Any], str]] = {
     "DULServiceProvider.run_reactor": (
@@ -220,9 +220,8 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
             return
         if isinstance(transport, ssl.SSLSocket) and transport.pending():
             return  # bytes already decrypted: select would not see them
-        timeout = MAX_IDLE_WAIT_SECONDS
         try:
-            select.select([transport, self._wake_reader], [], [], timeout)
+            select.select([transport, self._wake_reader], [], [], MAX_IDLE_WAIT_SECONDS)
         except (OSError, ValueError):
             return  # closed under us: the transport check reports it (Evt17)
         with contextlib.suppress(OSError):  # BlockingIOError once drained

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conf import DestinationSettings, Settings
 from scp.server import set_nodelay
+from scp.statuses import StoreStatus, is_transient_failure
 from scp.stow import stow_instance
 from storage import crashpoints, outbox
 from storage.db import transaction
@@ -36,7 +37,6 @@ from storage.owners import host_of, process_alive, this_process
 log = logging.getLogger("ainode.sender")
 LEASE_SECONDS = 300.0
 WARNING_STATUSES = frozenset({0x0107, 0x0116, 0xB000, 0xB006, 0xB007})
-PROCESSING_FAILURE = 0x0110  # PS3.7 C.4.2.1.4: the PACS failed, not the SR (its database, say)
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,10 @@ def store_sr(path: Path, destination: DestinationSettings, calling_ae_title: str
     if status == 0x0000 or status in WARNING_STATUSES:
         return Outcome("sent", status, "stored" if status == 0 else f"stored with warning 0x{status:04X}")
     comment = str(response.get("ErrorComment", "")).strip()
-    if status & 0xFF00 == 0xA700:
+    if is_transient_failure(status):
+        if status == StoreStatus.PROCESSING_FAILURE:
+            return Outcome("retry", status, f"processing failure (0x0110){': ' + comment if comment else ''}")
         return Outcome("retry", status, f"out of resources (0x{status:04X})")
-    if status == PROCESSING_FAILURE:
-        return Outcome("retry", status, f"processing failure (0x0110){': ' + comment if comment else ''}")
     return Outcome("dead", status, f"C-STORE refused with 0x{status:04X}{': ' + comment if comment else ''}")
 
 

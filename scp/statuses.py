@@ -13,3 +13,9 @@ class StoreStatus(enum.IntEnum):
     @property
     def is_success(self) -> bool:
         return self == StoreStatus.SUCCESS
+
+
+def is_transient_failure(status: int) -> bool:
+    """A failure to store that is worth sending again: the receiver was short of resources
+    (0xA7xx) or failed in itself (0x0110, PS3.7 C.4.2.1.4), not the instance."""
+    return status & 0xFF00 == StoreStatus.OUT_OF_RESOURCES or status == StoreStatus.PROCESSING_FAILURE

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from conf import DestinationSettings
+from scp.statuses import is_transient_failure
 
 DICOM_JSON = "application/dicom+json"
 FAILED_SOP_SEQUENCE = "00081198"
@@ -81,7 +82,7 @@ def classify(status_code: int, body: bytes, sop_instance_uid: str) -> StowAnswer
         return StowAnswer("sent", 200, "stored (STOW-RS 200)")
     if status_code in (202, 409) and reason is not None:
         code = f"0x{reason:04X}"
-        if reason & 0xFF00 == 0xA700 or reason == 0x0110:
+        if is_transient_failure(reason):
             return StowAnswer("retry", reason, f"STOW-RS {status_code}: failure reason {code}")
         return StowAnswer("dead", reason, f"STOW-RS {status_code}: refused with failure reason {code}")
     if status_code == 202:
