@@ -146,6 +146,9 @@ class ReceiverWatch:
         self.pids = pids
         self.on_exit = on_exit
         self.stopping = stopping if stopping is not None else threading.Event()
+        # A reaped receiver's PID may be reused by any process: never signal it again.
+        self._reaped: set[int] = set()
+        self._reaped_lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._wait, args=(pid,), name=f"receiver-{pid}", daemon=True)
             for pid in pids
@@ -155,8 +158,15 @@ class ReceiverWatch:
 
     def _wait(self, pid: int) -> None:
         try:
-            _, status = os.waitpid(pid, 0)
+            # Wait for the exit without reaping it, then reap under the lock: until then the
+            # PID stays the receiver's (a zombie), so a signal sent meanwhile reaches no one else.
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            with self._reaped_lock:
+                self._reaped.add(pid)
+                _, status = os.waitpid(pid, 0)
         except ChildProcessError:
+            with self._reaped_lock:
+                self._reaped.add(pid)
             return
         code = os.waitstatus_to_exitcode(status)
         if not self.stopping.is_set():
@@ -171,18 +181,26 @@ class ReceiverWatch:
         """SIGTERM every receiver: each stops accepting at once, and finishes its open
         associations while the main process finishes its own."""
         self.stopping.set()
-        for pid in self.pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, signum: int) -> None:
+        """Send ``signum`` to every receiver not yet reaped (the lock keeps a reap from
+        slipping in between the check and the kill)."""
+        with self._reaped_lock:
+            for pid in self.pids:
+                if pid not in self._reaped:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signum)
 
     def stop(self, timeout: float) -> None:
         """:meth:`terminate`, then wait for every receiver to exit."""
         self.terminate()
         for thread in self._threads:
             thread.join(timeout=timeout)
-        for pid, thread in zip(self.pids, self._threads, strict=True):
-            if thread.is_alive():
-                log.warning("receiver process %d did not stop in %.0f s; killing it", pid, timeout)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        stuck = [pid for pid, thread in zip(self.pids, self._threads, strict=True) if thread.is_alive()]
+        for pid in stuck:
+            log.warning("receiver process %d did not stop in %.0f s; killing it", pid, timeout)
+        if stuck:
+            self._signal(signal.SIGKILL)
+            for thread in self._threads:
                 thread.join(timeout=5)

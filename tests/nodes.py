@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,14 +20,42 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
+
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DCMTK = Path("/usr/bin")  # pynetdicom installs its own storescu/echoscu in the venv: avoid them
 
 
+# Ports for the processes tests start, below the kernel's ephemeral range (32768-60999 here), in
+# a block of their own per pytest-xdist worker. A port the kernel hands out for bind(0) is free only
+# until the caller binds it: another worker could be handed the same one meanwhile, or a client
+# connection could take it as its source port, and two tests would then talk to each other's peers.
+_PORT_BLOCK = 2000
+_PORT_BASE = 10000
+_PORT_BLOCKS = (32000 - _PORT_BASE) // _PORT_BLOCK
+_next_port = random.randrange(_PORT_BLOCK)
+
+
+def _worker_index() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    digits = worker.removeprefix("gw")
+    return int(digits) % _PORT_BLOCKS if digits.isdigit() else 0
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port on 127.0.0.1 that nothing listens on, from this worker's own block."""
+    global _next_port
+    base = _PORT_BASE + _worker_index() * _PORT_BLOCK
+    for _ in range(_PORT_BLOCK):
+        port = base + _next_port % _PORT_BLOCK
+        _next_port += 1
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 127.0.0.1:{base}-{base + _PORT_BLOCK - 1}")
 
 
 def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None) -> None:
@@ -36,10 +65,30 @@ def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[Any] 
             raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+                pass
         except OSError:
             time.sleep(0.05)
+            continue
+        if proc is None or _listens(proc.pid, port):
+            return
+        time.sleep(0.05)  # someone else's listener: ours has not bound yet, or will fail to
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether the process ``pid`` or one of its descendants listens on ``port``."""
+    try:
+        process = psutil.Process(pid)
+        family = [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for member in family:
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in member.net_connections()):
+                return True
+        except psutil.Error:
+            continue
+    return False
 
 
 def _toml_value(value: Any) -> str:
