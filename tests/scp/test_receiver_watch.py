@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import pytest
 
-from scp import receivers
 from scp.receivers import ReceiverWatch
 
 
@@ -39,7 +38,7 @@ def test_an_exit_is_reported_and_the_reaped_pid_never_signalled(monkeypatch: pyt
         sent.append((pid, signum))
         real_kill(pid, signum)
 
-    monkeypatch.setattr(receivers.os, "kill", recording_kill)
+    monkeypatch.setattr(os, "kill", recording_kill)  # scp.receivers calls os.kill
     exiting = _fork(lambda: 7)
     sleeping = _fork(_sleeper)
     reported: list[int] = []
