@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from analysis.findings import Box
+from analysis.findings import Box, Finding, Findings
 from analysis.mosaic import ComposedImage
 
 
@@ -55,3 +56,32 @@ def map_box_to_source(box: Box, image: ComposedImage) -> SourceRegion | None:
         min(float(limit_r), r1),
         tile.pixel_spacing,
     )
+
+
+@dataclass(frozen=True)
+class PlacedFinding:
+    """A finding the model asserts present or is unsure of (never a pertinent negative), with
+    where it lies on a source image when the model gave a box that could be placed."""
+
+    index: int  # its position in the model's list of findings (0-based)
+    number: int  # 1-based among the findings not absent: the number the summary image shows
+    finding: Finding
+    region: SourceRegion | None
+
+
+def place_findings(findings: Findings, composed: Sequence[ComposedImage]) -> list[PlacedFinding]:
+    """Every finding not absent, numbered as the summary image numbers them, each with its region
+    on the source image (None without a box, or a box that names no image or falls between tiles)."""
+    placed: list[PlacedFinding] = []
+    for index, finding in enumerate(findings.findings):
+        if finding.absent:
+            continue
+        region = None
+        if (
+            finding.box is not None
+            and finding.image_index is not None
+            and finding.image_index <= len(composed)
+        ):
+            region = map_box_to_source(finding.box, composed[finding.image_index - 1])
+        placed.append(PlacedFinding(index, len(placed) + 1, finding, region))
+    return placed

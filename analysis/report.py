@@ -26,16 +26,15 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM
 
+from analysis.derived import MANUFACTURER, ai_equipment, carry_deidentification, mark_processing_algorithm
 from analysis.findings import FINDING_TERMS, Assertion, Finding, Findings, Laterality, Severity
 from analysis.mosaic import ComposedImage
-from analysis.regions import SourceRegion, map_box_to_source
+from analysis.regions import SourceRegion, place_findings
 from analysis.uids import UidMaker
 
-ALGORITHM_MANUFACTURER = "ainode"
+ALGORITHM_MANUFACTURER = MANUFACTURER
 SR_SERIES_DESCRIPTION = "AI findings - UNVERIFIED"
 SR_SERIES_NUMBER = 9901
-# IHE AI Results (AIR): Contributing Equipment names the algorithm with this purpose.
-PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
 LOCAL_SCHEME = "99AINODE"  # a private coding scheme for terms no standard code fits
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 12
 DISCLAIMER = (
@@ -370,18 +369,11 @@ def build_sr(
     Sequence (PS3.3 C.17.2); the shown images when not given."""
     if not sources:
         raise ValueError('Argument "sources" must name at least one source instance')
-    groups: list[Any] = []
-    for index, finding in enumerate(findings.findings):
-        if finding.absent:
-            continue  # a pertinent negative goes to the narrative, never a measurement group
-        region = None
-        if (
-            finding.box is not None
-            and finding.image_index is not None
-            and finding.image_index <= len(composed)
-        ):
-            region = map_box_to_source(finding.box, composed[finding.image_index - 1])
-        groups.append(_group(finding, index, region, sources, ctx))
+    # A pertinent negative goes to the narrative, never a measurement group.
+    groups: list[Any] = [
+        _group(placed.finding, placed.index, placed.region, sources, ctx)
+        for placed in place_findings(findings, composed)
+    ]
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -427,13 +419,7 @@ def build_sr(
         ctx.model,
         ctx.prompt_version,
     )
-    equipment = hd.ContributingEquipment(
-        manufacturer=ALGORITHM_MANUFACTURER,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=ctx.model[:64],
-        software_versions=f"ainode {ctx.prompt_version}",
-        contribution_description=("SIMULATED " if ctx.simulated else "") + "AI findings, unverified",
-    )
+    equipment = ai_equipment(ctx.model, ctx.prompt_version, ctx.simulated, "AI findings")
     with warnings.catch_warnings():
         # The patient's name is copied as the source has it; highdicom's style warning about
         # single-component names is about the hospital's data, not about this SR.
@@ -455,22 +441,8 @@ def build_sr(
             previous_versions=[ctx.predecessor] if ctx.predecessor is not None else None,
         )
     sr.SpecificCharacterSet = "ISO_IR 192"
-    # IHE AIR's purpose for an AI algorithm (CID 7005 is extensible; highdicom accepts only its
-    # listed codes, so the item is set after construction).
-    purpose = Dataset()
-    purpose.CodeValue = PROCESSING_ALGORITHM.value
-    purpose.CodingSchemeDesignator = PROCESSING_ALGORITHM.scheme_designator
-    purpose.CodeMeaning = PROCESSING_ALGORITHM.meaning
-    equipment_item: Dataset = sr.ContributingEquipmentSequence[-1]
-    equipment_item.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
-    if sr.get("PatientIdentityRemoved") == "YES" and not (
-        "DeidentificationMethod" in sr or "DeidentificationMethodCodeSequence" in sr
-    ):
-        # Type 1C once identity is marked removed; copy the source's, or say where it came from.
-        method = next(
-            (str(ds.DeidentificationMethod) for ds in analysed if "DeidentificationMethod" in ds), None
-        )
-        sr.DeidentificationMethod = method or "As received: source images marked de-identified"
+    mark_processing_algorithm(sr)
+    carry_deidentification(sr, analysed)
     sr.PreliminaryFlag = "PRELIMINARY"
     sr.ContentDate = DA(ctx.analysis_started.date())
     sr.ContentTime = TM(ctx.analysis_started.time().replace(microsecond=0))

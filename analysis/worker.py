@@ -26,9 +26,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from analysis.errors import CircuitOpen, VisionError, VisionPermanent
 from analysis.findings import Findings
+from analysis.key_images import build_key_images
 from analysis.mosaic import ComposedImage
 from analysis.prepare import for_provider, prepare_study
+from analysis.presentation_state import build_presentation_state
 from analysis.prompt import PROMPT_VERSION
+from analysis.regions import place_findings
 from analysis.report import ReportContext, build_sr
 from analysis.summary_image import build_summary
 from analysis.uids import UidMaker
@@ -303,31 +306,42 @@ class AnalysisWorker:
         if lost.is_set():
             raise LeaseLost(f"job {job.id}: lease lost before the SR was written")
         self.store.write_atomically(relative, buffer.getvalue())  # durable before it is named
-        summary = self._summary(findings, prepared.composed, analysed, version, context.simulated, job)
-        crashpoints.reached("analysis.after_sr_write")
-        t_report = clock()
         destinations = (
             list(route.destinations)
             if route and route.destinations
             else [d.name for d in self.settings.destinations]
         )
         outputs = {d.name: d.outputs for d in self.settings.destinations}
+        wanted: set[str] = {kind for name in destinations for kind in outputs.get(name, ())}
+        companions: dict[str, tuple[str, str]] = {}
+        summary = self._summary(findings, prepared.composed, analysed, version, context.simulated, job)
+        if summary is not None:
+            companions["sc"] = summary
+        companions.update(self._regions_outputs(findings, prepared.composed, sources, context, job, wanted))
+        crashpoints.reached("analysis.after_sr_write")
+        t_report = clock()
         wants_sr = [name for name in destinations if "sr" in outputs.get(name, ("sr",))]
-        wants_sc = [name for name in destinations if "sc" in outputs.get(name, ())] if summary else []
+        sends = 0
         try:
             with transaction(self.sessions) as session:
                 outbox.enqueue(
                     session, study, version, relative, str(sr.SOPInstanceUID), wants_sr, self.clock()
                 )
-                if summary is not None and wants_sc:
-                    outbox.enqueue(session, study, version, *summary, wants_sc, self.clock(), is_report=False)
+                sends += len(wants_sr)
+                for kind, (path, uid) in companions.items():
+                    targets = [name for name in destinations if kind in outputs.get(name, ())]
+                    if targets:
+                        outbox.enqueue(
+                            session, study, version, path, uid, targets, self.clock(), is_report=False
+                        )
+                        sends += len(targets)
                 finished: dict[str, object] = {"analysed_version": version}
-                if not wants_sr and not wants_sc:  # nowhere to send: the study is finished now
+                if not sends:  # nowhere to send: the study is finished now
                     finished["state"] = StudyState.DONE
                 update_study_version(session, study, version, finished)
                 queue.complete(session, holder["job"], self.clock())
         except LeaseLost:
-            for written in (relative, *([summary[0]] if summary else [])):
+            for written in (relative, *(path for path, _ in companions.values())):
                 (self.store.root / written).unlink(missing_ok=True)  # never named by any row
             raise
         crashpoints.reached("analysis.after_outbox_commit")
@@ -395,6 +409,63 @@ class AnalysisWorker:
         relative = f"summary/{job.study_instance_uid}/{image.SOPInstanceUID}.{job.lease_token[:8]}.dcm"
         self.store.write_atomically(relative, buffer.getvalue())
         return relative, str(image.SOPInstanceUID)
+
+    def _regions_outputs(
+        self,
+        findings: Findings,
+        composed: list[ComposedImage],
+        sources: dict[str, Dataset],
+        context: ReportContext,
+        job: queue.ClaimedJob,
+        wanted: set[str],
+    ) -> dict[str, tuple[str, str]]:
+        """The Key Object Selection ("kos") and the presentation state ("gsps"), each only when
+        some destination wants it and a finding has a region, written under names this lease
+        owns: kind -> (path, SOP Instance UID). One that cannot be made is logged and left out."""
+        made: dict[str, tuple[str, str]] = {}
+        if not wanted & {"kos", "gsps"}:
+            return made
+        placed = place_findings(findings, composed)
+        windows = {
+            t.sop_instance_uid: (t.window.center, t.window.width) for image in composed for t in image.tiles
+        }
+        builders: dict[str, Callable[[], Dataset | None]] = {
+            "kos": lambda: build_key_images(
+                placed,
+                sources,
+                self._uids(),
+                context.study_version,
+                context.model,
+                context.prompt_version,
+                context.simulated,
+            ),
+            "gsps": lambda: build_presentation_state(
+                placed,
+                sources,
+                windows,
+                self._uids(),
+                context.study_version,
+                context.model,
+                context.prompt_version,
+                context.simulated,
+            ),
+        }
+        for kind in sorted(wanted & builders.keys()):
+            try:
+                built = builders[kind]()
+                if built is None:
+                    continue  # no region: nothing to flag or draw
+                buffer = DicomBytesIO()
+                built.save_as(buffer, enforce_file_format=True)
+            except Exception:
+                log.exception(
+                    "job %d: no %s for study %s; the SR goes without it", job.id, kind, job.study_instance_uid
+                )
+                continue
+            relative = f"{kind}/{job.study_instance_uid}/{built.SOPInstanceUID}.{job.lease_token[:8]}.dcm"
+            self.store.write_atomically(relative, buffer.getvalue())
+            made[kind] = (relative, str(built.SOPInstanceUID))
+        return made
 
     def _uids(self) -> UidMaker:
         """This installation's UID maker (its namespace read once from the database)."""

@@ -261,9 +261,10 @@ class DestinationSettings(_Section):
     host: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
     stow_url: str | None = None
-    # What this destination gets: the SR, and the Secondary Capture summary image that viewers
-    # without TID 1500 support can show.
-    outputs: tuple[Literal["sr", "sc"], ...] = ("sr", "sc")
+    # What this destination gets: the SR ("sr"); the Secondary Capture summary image ("sc") that
+    # viewers without TID 1500 support can show; a Key Object Selection flagging the images with
+    # regions ("kos"); a presentation state drawing the regions on the original images ("gsps").
+    outputs: tuple[Literal["sr", "sc", "kos", "gsps"], ...] = ("sr", "sc")
 
     @field_validator("ae_title")
     @classmethod

@@ -33,6 +33,7 @@ def node_with_orthanc(
     simulator_url: str,
     orthanc_ports: dict[str, int],
     env: dict[str, str] | None = None,
+    outputs: tuple[str, ...] = ("sr", "sc"),
     **extra: Any,
 ) -> Node:
     """A node analysing with the simulator and sending to Orthanc, which knows it as "ainode".
@@ -48,7 +49,13 @@ def node_with_orthanc(
         },
         worker={"poll_seconds": 0.2, **extra.pop("worker", {})},
         destinations=[
-            {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_ports["dicom_port"]}
+            {
+                "name": "pacs",
+                "ae_title": "ORTHANC",
+                "host": "127.0.0.1",
+                "port": orthanc_ports["dicom_port"],
+                "outputs": list(outputs),
+            }
         ],
         **extra,
     ).start(env=env)

@@ -4,10 +4,12 @@ one SR in that study."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
 import httpx
+from pydicom import dcmread
 
 from tests.integration.loop import (
     check_sr,
@@ -94,3 +96,56 @@ def test_retry_makes_a_new_sr_version_naming_its_predecessor(make_node: NodeFact
     assert len(record.read_text().splitlines()) == 2
     missing = node.cli("retry", "1.2.3.4.5", check=False)
     assert missing.returncode == 1 and "no study 1.2.3.4.5" in missing.stderr
+
+
+def test_key_images_and_regions_on_the_original_images_reach_orthanc(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """A destination asking for "kos" and "gsps" gets, beside the SR, a Key Object Selection
+    flagging the images with regions and a presentation state drawing them, both in the study,
+    valid in dciodvfy, pointing at images Orthanc holds, and sent once."""
+    study, files = identifying_study(tmp_path)
+    record = tmp_path / "requests.jsonl"
+    with simulator(tmp_path, "--record", str(record)) as url, orthanc(tmp_path) as ports:
+        node = node_with_orthanc(make_node, url, ports, outputs=("sr", "kos", "gsps"))
+        push_from_orthanc(ports["http_port"], files)
+        check_sr(tmp_path, node, study, ports["http_port"], record)
+        row = node.wait_for_state(study, "done", timeout=30)
+        assert sorted(d["state"] for d in row["deliveries"]) == ["sent"] * 3
+        with httpx.Client(base_url=f"http://127.0.0.1:{ports['http_port']}", timeout=30) as client:
+            (study_id,) = [
+                f["ID"] for f in client.post("/tools/lookup", content=study).json() if f["Type"] == "Study"
+            ]
+            series = client.get(f"/studies/{study_id}/series").json()
+            by_modality = {s["MainDicomTags"]["Modality"]: s for s in series}
+            assert set(by_modality) == {"CT", "SR", "KO", "PR"}  # no summary image: not asked for
+            held = {
+                client.get(f"/instances/{i}").json()["MainDicomTags"]["SOPInstanceUID"]
+                for s in series
+                if s["MainDicomTags"]["Modality"] == "CT"
+                for i in s["Instances"]
+            }
+            objects = {}
+            for modality in ("KO", "PR"):
+                (instance,) = by_modality[modality]["Instances"]
+                path = tmp_path / f"{modality}-from-orthanc.dcm"
+                path.write_bytes(client.get(f"/instances/{instance}/file").content)
+                check = subprocess.run(
+                    ["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=60
+                )
+                assert [
+                    line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")
+                ] == []
+                objects[modality] = dcmread(path)
+    flagged = {
+        str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for item in objects["KO"].ContentSequence
+        if item.ValueType == "IMAGE"
+    }
+    drawn = {
+        str(annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID)
+        for annotation in objects["PR"].GraphicAnnotationSequence
+    }
+    assert flagged and flagged <= held and drawn == flagged
+    assert all(o.StudyInstanceUID == study for o in objects.values())
+    assert "SIMULATED" in objects["PR"].ContentDescription
