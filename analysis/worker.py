@@ -69,8 +69,8 @@ class AnalysisWorker:
         self.vision = vision
         self.clock = clock
         self.store = InstanceStore(settings.storage.root)
-        self._clients: dict[tuple[str, str | None], VisionClient] = {
-            (vision.preset.name, settings.vision.model): vision
+        self._clients: dict[tuple[str, str | None, str | None, str | None], VisionClient] = {
+            (vision.preset.name, settings.vision.model, settings.vision.base_url, None): vision
         }
         self._clients_lock = threading.Lock()
         self.owner = this_process()
@@ -197,19 +197,31 @@ class AnalysisWorker:
 
     def _client_for(self, route: Route | None) -> VisionClient:
         """The default client, or one for the route's provider/model (made once, then shared)."""
-        if route is None or (route.provider is None and route.model is None):
+        if route is None or (
+            route.provider is None
+            and route.model is None
+            and route.base_url is None
+            and route.api_key is None
+        ):
             return self.vision
         vision = self.settings.vision
         provider = route.provider or vision.provider
         same = provider == vision.provider
-        key = (provider, route.model or (vision.model if same else None))
+        model = route.model or (vision.model if same else None)
+        base_url = route.base_url or (vision.base_url if same else None)
+        # The route's own key; the default's only for the default's provider (a key is never sent
+        # to another vendor: Settings.route_key_problem stops a node whose route lacks one).
+        api_key = route.api_key if route.api_key is not None else (vision.api_key if same else None)
+        key = (provider, model, base_url, route.api_key_env if route.api_key is not None else None)
         with self._clients_lock:
             if key not in self._clients:
                 settings = vision.model_copy(
                     update={
                         "provider": provider,
-                        "model": key[1],
-                        "base_url": vision.base_url if same else None,
+                        "model": model,
+                        "base_url": base_url,
+                        "api_key": api_key,
+                        "api_key_env": route.api_key_env if route.api_key is not None else vision.api_key_env,
                     }
                 )
                 self._clients[key] = VisionClient(settings)

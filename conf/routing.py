@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
 class Route(BaseModel):
@@ -27,6 +27,11 @@ class Route(BaseModel):
     priority: int = 0  # higher is sooner; e.g. 10 for STAT
     provider: str | None = None  # else vision.provider
     model: str | None = None  # else vision.model
+    base_url: str | None = None  # else vision.base_url for the same provider, the preset's for another
+    # A route to another provider has its own key, never the default's (an OpenAI key must not
+    # reach Anthropic): the variable named here holds it, read once at load (conf.load_settings).
+    api_key_env: str | None = None
+    api_key: SecretStr | None = None
     destinations: tuple[str, ...] = ()  # names from [[destinations]]; empty: all
     instructions: str = Field(default="", max_length=2000)  # appended to the prompt; nothing identifying
 

@@ -341,6 +341,23 @@ class Settings(BaseSettings):
                 preset_for(route.provider)
         return self
 
+    @property
+    def route_key_problem(self) -> str | None:
+        """Why a route cannot be analysed, or None: one that names another provider needing a key
+        has no key of its own (it is never sent the default provider's), or its variable is unset."""
+        for route in self.routes:
+            if route.action != "analyse":
+                continue
+            provider = route.provider or self.vision.provider
+            if route.api_key_env and route.api_key is None:
+                return f'routes "{route.name}": {route.api_key_env} (routes.api_key_env) is not set'
+            if provider != self.vision.provider and preset_for(provider).needs_key and route.api_key is None:
+                return (
+                    f'routes "{route.name}": provider {provider} needs its own API key, never the default '
+                    f"provider's; name the variable that holds it in routes.api_key_env"
+                )
+        return None
+
     # Sections owned by later parts of the node (vision, worker, routing) are accepted as
     # tables so a complete configuration file loads today.
     vision: VisionSettings = VisionSettings()
@@ -470,6 +487,21 @@ def _describe_error(error: Any, environ: Mapping[str, str]) -> str:
     return f"{where}: {error['msg']}" + (f" ({'; '.join(details)})" if details else "")
 
 
+def _with_route_keys(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Each route's key from the variable its ``api_key_env`` names (a key never lives in the
+    file); a blank value is no key."""
+    routes = data.get("routes")
+    if not isinstance(routes, list):
+        return data
+    keyed = []
+    for route in routes:
+        variable = route.get("api_key_env") if isinstance(route, dict) else None
+        if isinstance(variable, str) and environ.get(variable, "").strip():
+            route = {**route, "api_key": environ[variable].strip()}
+        keyed.append(route)
+    return {**data, "routes": keyed}
+
+
 def load_settings(path: Path | None = None) -> Settings:
     """Read and validate the configuration; raise :class:`ConfigError` with a one-line reason."""
     config_path = path if path is not None else default_config_path()
@@ -486,6 +518,7 @@ def load_settings(path: Path | None = None) -> Settings:
     key_env = (vision.get("api_key_env") if table else None) or os.environ.get("AINODE_VISION__API_KEY_ENV")
     if table and key_env and os.environ.get(key_env) and not os.environ.get("AINODE_VISION__API_KEY"):
         data["vision"] = {**vision, "api_key": os.environ[key_env]}
+    data = _with_route_keys(data, os.environ)
     try:
         settings = Settings(**data)
     except ValidationError as exc:

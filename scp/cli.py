@@ -156,6 +156,10 @@ def _make_worker(settings: Settings, sessions: Any, settles: bool) -> Any:
 def _run_roles(settings: Settings, command: str) -> int:
     """serve: everything; scp: the DICOM listener; worker: analysis and SR delivery."""
     missing_key = settings.vision.missing_key
+    route_problem = settings.route_key_problem
+    if route_problem is not None and command in ("serve", "worker"):
+        print(f"ainode {command}: {route_problem}", file=sys.stderr)
+        return 2
     if missing_key is not None and command == "worker":
         print(f"ainode worker: {missing_key}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,51 @@ def test_an_error_inside_a_table_from_the_environment_names_the_variable(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=message):
         load_settings(Path(__file__).parents[2] / "conf" / "ainode.toml")
+
+
+def _route_config(tmp_path: Path, route: str) -> Path:
+    path = tmp_path / "ainode.toml"
+    path.write_text(
+        f'[vision]\nprovider = "openai"\n\n[[routes]]\nname = "ct-claude"\nmodalities = ["CT"]\n{route}\n'
+    )
+    return path
+
+
+def test_a_route_to_another_provider_has_its_own_key_never_the_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AINODE_VISION__API_KEY", "sk-openai-default-key")
+    monkeypatch.delenv("ROUTE_CLAUDE_KEY", raising=False)
+    unkeyed = load_settings(_route_config(tmp_path, 'provider = "anthropic"'))
+    problem = unkeyed.route_key_problem
+    assert problem is not None and "ct-claude" in problem and "routes.api_key_env" in problem
+    assert unkeyed.routes[0].api_key is None  # the default's key is not lent to it
+    named = load_settings(_route_config(tmp_path, 'provider = "anthropic"\napi_key_env = "ROUTE_CLAUDE_KEY"'))
+    assert named.route_key_problem == 'routes "ct-claude": ROUTE_CLAUDE_KEY (routes.api_key_env) is not set'
+    monkeypatch.setenv("ROUTE_CLAUDE_KEY", "  sk-ant-route-key\n")
+    keyed = load_settings(_route_config(tmp_path, 'provider = "anthropic"\napi_key_env = "ROUTE_CLAUDE_KEY"'))
+    assert keyed.route_key_problem is None
+    route_key = keyed.routes[0].api_key
+    assert route_key is not None and route_key.get_secret_value() == "sk-ant-route-key"
+    assert "sk-ant-route-key" not in repr(keyed) and "sk-openai-default-key" not in repr(keyed)
+    # The same provider as the default needs no key of its own; a local server needs none at all.
+    assert load_settings(_route_config(tmp_path, 'model = "gpt-4.1-mini"')).route_key_problem is None
+    assert load_settings(_route_config(tmp_path, 'provider = "ollama"')).route_key_problem is None
+
+
+def test_a_node_with_an_unkeyed_route_refuses_to_start_in_one_line(tmp_path: Path) -> None:
+    config = _route_config(tmp_path, 'provider = "anthropic"')
+    for command in ("serve", "worker"):
+        started = subprocess.run(
+            [sys.executable, "-m", "scp.cli", "-c", str(config), command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "AINODE_VISION__API_KEY": "sk-openai-default-key"},
+        )
+        assert started.returncode == 2
+        lines = started.stderr.strip().splitlines()
+        assert lines == [
+            f'ainode {command}: routes "ct-claude": provider anthropic needs its own API key, never the '
+            "default provider's; name the variable that holds it in routes.api_key_env"
+        ]

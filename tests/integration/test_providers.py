@@ -92,3 +92,42 @@ def test_each_wire_mode_turns_an_orthanc_study_into_one_valid_sr(
     points = [float(v) for v in region.GraphicData]
     assert len(points) == 10 and min(points) >= 0 and max(points) <= 512
     assert "SIMULATED" in str(sr.ContentSequence)
+
+
+def test_a_route_to_another_provider_sends_its_own_key_there(make_node: NodeFactory, tmp_path: Path) -> None:
+    """Two strict simulators, each accepting only its own key: the default provider (OpenAI
+    wire) and a route's (Anthropic wire). A CT study routed to the second is answered there with
+    the route's key; the default provider's key never reaches it (it would answer 401)."""
+    study, files = identifying_study(tmp_path)
+    default_record, route_record = tmp_path / "default.jsonl", tmp_path / "route.jsonl"
+    route_key = "sk-ant-route-only-77c2"
+    with (
+        simulator(tmp_path, "--record", str(default_record), "--api-key", API_KEY) as default_url,
+        simulator(tmp_path, "--record", str(route_record), "--api-key", route_key) as route_url,
+        orthanc(tmp_path) as ports,
+    ):
+        node = node_with_orthanc(
+            make_node,
+            default_url,
+            ports,
+            env={"AINODE_VISION__API_KEY": API_KEY, "ROUTE_CLAUDE_KEY": route_key},
+            vision={"provider": "openai", "requests_per_minute": 0, "max_retries": 0},
+            routes=[
+                {
+                    "name": "ct-claude",
+                    "modalities": ["CT"],
+                    "provider": "anthropic",
+                    "base_url": route_url,
+                    "api_key_env": "ROUTE_CLAUDE_KEY",
+                }
+            ],
+        )
+        push_from_orthanc(ports["http_port"], files)
+        check_sr(tmp_path, node, study, ports["http_port"], route_record)  # valid, done, nothing identifying
+    assert not default_record.exists() or default_record.read_text() == ""  # the default was not asked
+    (request,) = [json.loads(line) for line in route_record.read_text().splitlines()]  # answered at once
+    assert request["tool_choice"] == {"type": "tool", "name": "report_findings"}  # Anthropic's wire
+    assert (
+        API_KEY not in (node.workdir / "node.log").read_text()
+        and route_key not in (node.workdir / "node.log").read_text()
+    )
