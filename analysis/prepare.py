@@ -3,6 +3,7 @@ writes exactly these)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +193,8 @@ def write_preview(prepared: PreparedStudy, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     manifest = prepared.manifest()
+    # The prompt as sent (prompt.txt ends with a newline for the reader): the audit trail's hash.
+    manifest["prompt_sha256"] = hashlib.sha256(prepared.prompt.encode("utf-8")).hexdigest()
     for entry, data in zip(manifest["images"], prepared.encoded, strict=True):
         path = out_dir / entry["file"]
         path.write_bytes(data.data)

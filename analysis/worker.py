@@ -224,7 +224,7 @@ class AnalysisWorker:
                         "api_key_env": route.api_key_env if route.api_key is not None else vision.api_key_env,
                     }
                 )
-                self._clients[key] = VisionClient(settings)
+                self._clients[key] = VisionClient(settings, disclosures=self.vision.disclosures)
             return self._clients[key]
 
     def _already_committed(self, study: str, version: int) -> bool:

@@ -22,7 +22,7 @@ from scp.receivers import ReceiverWatch, check_port_free, fork_receivers, receiv
 from scp.scu import dicom_files, dicom_headers, echo, send
 from scp.sender import SrSender
 from scp.server import StorageSCP
-from scp.status_report import format_table, study_rows
+from scp.status_report import disclosure_query, disclosure_record, format_table, study_rows
 from storage import crashpoints
 from storage.db import open_database, transaction
 from storage.errors import DatabaseNotUsable
@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     complete.add_argument("study_instance_uid")
     status = sub.add_parser("status", help="list the studies the node holds")
     status.add_argument("--json", action="store_true", help="print one JSON array")
+    disclosures = sub.add_parser(
+        "disclosures", help="export what was sent to vision APIs (one JSON line per request)"
+    )
+    disclosures.add_argument("--study", dest="study_instance_uid", help="only this study")
     echo_cmd = sub.add_parser("echo", help="C-ECHO a peer: AE@HOST:PORT")
     echo_cmd.add_argument("peer")
     send_cmd = sub.add_parser("send", help="C-STORE files or folders to a peer")
@@ -149,8 +153,10 @@ def _make_worker(settings: Settings, sessions: Any, settles: bool) -> Any:
     """The analysis workers (the vision API can be called: a key, or a local server)."""
     from analysis.vision.client import VisionClient
     from analysis.worker import AnalysisWorker
+    from storage.disclosures import DisclosureLog
 
-    return AnalysisWorker(settings, sessions, VisionClient(settings.vision), settles=settles)
+    vision = VisionClient(settings.vision, disclosures=DisclosureLog(settings.storage.root))
+    return AnalysisWorker(settings, sessions, vision, settles=settles)
 
 
 def _run_roles(settings: Settings, command: str) -> int:
@@ -324,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
             with open_database(settings.storage.database_url) as sessions, sessions() as session:
                 rows = study_rows(session)
             print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+            return 0
+        if args.command == "disclosures":
+            with open_database(settings.storage.database_url) as sessions, sessions() as session:
+                for call in session.scalars(disclosure_query(args.study_instance_uid)):
+                    print(json.dumps(disclosure_record(call), sort_keys=True))
             return 0
         if args.command in ("retry", "complete"):
             action = requeue_study if args.command == "retry" else complete_study

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from storage.models import ApiCall, Job, Outbox, Study
@@ -13,6 +13,30 @@ from storage.models import ApiCall, Job, Outbox, Study
 
 def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") if value is not None else None
+
+
+def disclosure_query(study_instance_uid: str | None = None) -> Select[ApiCall]:
+    """Every request that left for a vision API (with what it disclosed), oldest first."""
+    query = select(ApiCall).where(ApiCall.request_sha256.is_not(None)).order_by(ApiCall.id)
+    return (
+        query if study_instance_uid is None else query.where(ApiCall.study_instance_uid == study_instance_uid)
+    )
+
+
+def disclosure_record(call: ApiCall) -> dict[str, object]:
+    """One request as the audit trail shows it (the same fields as the audit log's lines)."""
+    return {
+        "study_instance_uid": call.study_instance_uid,
+        "sent_at": call.sent_at.isoformat(timespec="milliseconds") if call.sent_at else None,
+        "provider": call.provider,
+        "endpoint_host": call.endpoint_host,
+        "model": call.model,
+        "image_sha256": (call.image_sha256 or "").split(),
+        "prompt_sha256": call.prompt_sha256,
+        "request_sha256": call.request_sha256,
+        "request_bytes": call.request_bytes,
+        "status": call.status,
+    }
 
 
 def study_rows(session: Session) -> list[dict[str, Any]]:
@@ -26,6 +50,9 @@ def study_rows(session: Session) -> list[dict[str, Any]]:
             )
         ).all()
     )
+    disclosed: dict[str, list[dict[str, object]]] = {}
+    for call in session.scalars(disclosure_query()):
+        disclosed.setdefault(call.study_instance_uid, []).append(disclosure_record(call))
     sends: dict[str, list[dict[str, object]]] = {}
     for d, s, a, e, u, study_uid in session.execute(
         select(
@@ -59,6 +86,7 @@ def study_rows(session: Session) -> list[dict[str, Any]]:
                 "last_error": study.last_error or (current.last_error if current is not None else None),
                 "sr_sop_instance_uid": study.sr_sop_instance_uid,
                 "deliveries": sends.get(study.study_instance_uid, []),
+                "disclosures": disclosed.get(study.study_instance_uid, []),
                 "cost_usd": (
                     round(costs[study.study_instance_uid], 6) if study.study_instance_uid in costs else None
                 ),

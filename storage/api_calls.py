@@ -24,6 +24,13 @@ class ApiCallRow:
     latency_ms: float
     status: int | None
     error: str | None
+    # What the request disclosed (storage.disclosures); None where no request left.
+    endpoint_host: str | None = None
+    image_sha256: str | None = None  # space-separated, in the order sent
+    prompt_sha256: str | None = None
+    request_sha256: str | None = None
+    request_bytes: int | None = None
+    sent_at: dt.datetime | None = None
 
 
 def record_api_calls(

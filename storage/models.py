@@ -193,6 +193,14 @@ class ApiCall(Base):
     status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     called_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    # What the request disclosed (the audit trail): where it went, the SHA-256 of each image
+    # (space-separated, in the order sent), of the prompt and of the whole body, its size, when.
+    endpoint_host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    image_sha256: Mapped[str | None] = mapped_column(Text, nullable=True)
+    prompt_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    request_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    request_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Job(Base):

@@ -9,6 +9,7 @@ a :class:`CallRecord` for the ``api_calls`` table. The API key is sent, never lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -36,6 +37,7 @@ from analysis.vision.tokens import IMAGE_TOKEN_FORMULAS
 from conf import VisionSettings
 from conf.providers import ProviderPreset, preset_for
 from storage.api_calls import ApiCallRow
+from storage.disclosures import Disclosure, DisclosureLog, DisclosureNotRecorded
 
 log = logging.getLogger("ainode.vision")
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
@@ -95,8 +97,11 @@ class VisionClient:
         http: httpx.Client | None = None,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        disclosures: DisclosureLog | None = None,
     ) -> None:
+        """``disclosures``: the audit log every request is written to before it is sent."""
         self.settings = settings
+        self.disclosures = disclosures
         self.preset: ProviderPreset = preset_for(settings.provider)
         self.model = settings.model or self.preset.default_model
         self.base_url = settings.base_url or self.preset.base_url
@@ -287,6 +292,7 @@ class VisionClient:
         headers = wire.headers(self.preset, api_key)
         last_error = "no attempt made"
         for attempt in range(self.settings.max_retries + 1):
+            disclosed: Disclosure | None = None
             if not self.breaker.allow():
                 cause = self.breaker.last_failure or "no answer"
                 raise self._tag(
@@ -304,6 +310,7 @@ class VisionClient:
                 with self.in_flight:
                     # Count the request when it really leaves, not while it waits for a slot.
                     self.limiter.acquire(estimate + max_tokens)
+                    disclosed = self._disclose(study, images, prompt, url, payload)
                     started = time.perf_counter()
                     response = self._post(url, payload, headers)
                 status = response.status_code
@@ -317,7 +324,7 @@ class VisionClient:
                         last_error = (
                             f"HTTP 200 with an unreadable body: {type(exc).__name__}: {str(exc)[:200]}"
                         )
-                        self._record(calls, study, images, 0, 0, latency, status, last_error)
+                        self._record(calls, study, images, 0, 0, latency, status, last_error, disclosed)
                         self.breaker.failed(last_error)
                         delay = self._backoff(attempt)
                     else:
@@ -330,13 +337,14 @@ class VisionClient:
                             latency,
                             status,
                             None,
+                            disclosed,
                         )
                         self.breaker.succeeded()
                         return reply
                 else:
                     code = _error_code(response)
                     last_error = f"HTTP {status}{' ' + code if code else ''}"
-                    self._record(calls, study, images, 0, 0, latency, status, last_error)
+                    self._record(calls, study, images, 0, 0, latency, status, last_error, disclosed)
                     if status in RETRYABLE_STATUSES and not any(q in code for q in QUOTA_CODES):
                         if status == 429:  # up, but busy: the limiter's business, not the breaker's
                             self.breaker.succeeded()
@@ -362,11 +370,19 @@ class VisionClient:
             except httpx.RequestError as exc:  # timeouts, refused connections, undecodable bodies
                 last_error = f"{type(exc).__name__}"
                 self._record(
-                    calls, study, images, 0, 0, (time.perf_counter() - started) * 1000, None, last_error
+                    calls,
+                    study,
+                    images,
+                    0,
+                    0,
+                    (time.perf_counter() - started) * 1000,
+                    None,
+                    last_error,
+                    disclosed,
                 )
                 self.breaker.failed(last_error)
                 delay = self._backoff(attempt)
-            except VisionPermanent:  # the breaker was told already
+            except (VisionPermanent, VisionRetryable):  # the breaker was told, or nothing was sent
                 raise
             except Exception as exc:
                 # Anything unforeseen still ends this call for the breaker: a half-open trial
@@ -401,18 +417,49 @@ class VisionClient:
         latency: float,
         status: int | None,
         error: str | None,
+        disclosed: Disclosure | None = None,
     ) -> None:
-        calls.append(
-            CallRecord(
-                study,
-                self.preset.name,
-                self.model,
-                len(images),
-                prompt_tokens,
-                completion_tokens,
-                self.cost(prompt_tokens, completion_tokens),
-                round(latency, 1),
-                status,
-                error,
-            )
+        record = CallRecord(
+            study,
+            self.preset.name,
+            self.model,
+            len(images),
+            prompt_tokens,
+            completion_tokens,
+            self.cost(prompt_tokens, completion_tokens),
+            round(latency, 1),
+            status,
+            error,
         )
+        if disclosed is not None:
+            record = dataclasses.replace(
+                record,
+                endpoint_host=disclosed.endpoint_host,
+                image_sha256=" ".join(disclosed.image_sha256),
+                prompt_sha256=disclosed.prompt_sha256,
+                request_sha256=disclosed.request_sha256,
+                request_bytes=disclosed.request_bytes,
+                sent_at=disclosed.sent_at,
+            )
+        calls.append(record)
+
+    def _disclose(
+        self, study: str, images: list[EncodedImage], prompt: str, url: str, payload: bytes
+    ) -> Disclosure:
+        """The record of what this request discloses, written to the audit log (when there is
+        one) before the request leaves: no record, no request."""
+        disclosed = Disclosure.of(
+            study,
+            self.preset.name,
+            httpx.URL(url).host,
+            self.model,
+            [image.data for image in images],
+            prompt,
+            payload,
+        )
+        if self.disclosures is not None:
+            try:
+                self.disclosures.append(disclosed)
+            except DisclosureNotRecorded as exc:
+                raise VisionRetryable(str(exc)) from exc
+        return disclosed

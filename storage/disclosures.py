@@ -1,0 +1,96 @@
+"""The audit trail of what left the hospital (issue 13): one JSON line per request to a vision
+API, appended and fsynced to ``{storage.root}/audit/disclosures.jsonl`` *before* the request is
+sent, so a crash after sending still leaves the record; the same facts go into the request's
+``api_calls`` row once the call is recorded.
+
+A line holds the study UID, the time, provider, endpoint host, model, the SHA-256 of each image
+and of the prompt, and the SHA-256 and size of the whole request body: enough to prove, from
+the bytes alone, what a vendor was sent. Never the key, never a patient identifier (the images
+and prompt sent carry none; only their hashes are kept here)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+AUDIT_FOLDER = "audit"
+DISCLOSURES_FILE = "disclosures.jsonl"
+
+
+class DisclosureNotRecorded(OSError):
+    """The audit line could not be written durably: the request must not be sent."""
+
+
+@dataclass(frozen=True)
+class Disclosure:
+    study_instance_uid: str
+    sent_at: dt.datetime
+    provider: str
+    endpoint_host: str
+    model: str
+    image_sha256: tuple[str, ...]
+    prompt_sha256: str
+    request_sha256: str
+    request_bytes: int
+
+    @classmethod
+    def of(
+        cls,
+        study_instance_uid: str,
+        provider: str,
+        endpoint_host: str,
+        model: str,
+        images: list[bytes],
+        prompt: str,
+        body: bytes,
+        sent_at: dt.datetime | None = None,
+    ) -> Disclosure:
+        return cls(
+            study_instance_uid,
+            sent_at or dt.datetime.now(dt.UTC),
+            provider,
+            endpoint_host,
+            model,
+            tuple(hashlib.sha256(image).hexdigest() for image in images),
+            hashlib.sha256(prompt.encode("utf-8")).hexdigest(),
+            hashlib.sha256(body).hexdigest(),
+            len(body),
+        )
+
+    def as_json(self) -> str:
+        record = asdict(self)
+        record["sent_at"] = self.sent_at.isoformat(timespec="milliseconds")
+        record["image_sha256"] = list(self.image_sha256)
+        return json.dumps(record, separators=(",", ":"), sort_keys=True)
+
+
+class DisclosureLog:
+    """Appends each disclosure as one line and fsyncs it; thread-safe, and safe across
+    processes (O_APPEND writes of one line each)."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / AUDIT_FOLDER / DISCLOSURES_FILE
+        self._lock = threading.Lock()
+
+    def append(self, disclosure: Disclosure) -> None:
+        line = (disclosure.as_json() + "\n").encode("utf-8")
+        try:
+            with self._lock:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                try:
+                    written = os.write(fd, line)
+                    if written != len(line):
+                        raise OSError(f"short write to {self.path}: {written} of {len(line)} bytes")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            raise DisclosureNotRecorded(
+                f"cannot record the disclosure in {self.path} ({exc.strerror or exc}); not sending"
+            ) from exc
