@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -16,13 +17,12 @@ from analysis.encode import EncodedImage, encode
 from analysis.errors import ImageSkipped
 from analysis.imaging import CT_PRESETS, DisplayFrame, render_file
 from analysis.mosaic import ComposedImage, compose_mosaic, compose_single
+from analysis.pixel_privacy import MaskPlan, apply_mask, at_risk, is_secondary_capture, mask_plan, policy_for
 from analysis.prompt import PROMPT_VERSION, build_prompt
 from analysis.selection import ChosenFrame, Exclusion, ImageBudget, SeriesPlan, SourceImage, plan_study
 from conf import ImagingSettings
 from conf.providers import ProviderPreset
 from storage.models import Instance
-
-SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
 
 @dataclass
@@ -107,13 +107,28 @@ def source_images(
     ]
 
 
-def _mask(frame: DisplayFrame, image: SourceImage, fraction: float) -> DisplayFrame:
-    if fraction <= 0 or not (
-        image.modality == "US" or image.sop_class_uid.startswith(SECONDARY_CAPTURE_PREFIX)
-    ):
+def _mask(frame: DisplayFrame, image: SourceImage, settings: ImagingSettings) -> DisplayFrame | ImageSkipped:
+    """The frame as it may leave: masked where its policy says (analysis.pixel_privacy), or
+    skipped when the rule set refuses it."""
+    if not at_risk(image.modality, image.sop_class_uid):
         return frame
-    pixels = frame.pixels.copy()
-    pixels[: int(pixels.shape[0] * fraction + 0.5)] = 0
+    policy = policy_for(
+        image.modality, image.sop_class_uid, image.burned_in_annotation, settings.unlabelled_burned_in
+    )
+    if policy == "allow" and image.burned_in_annotation != "NO":
+        return frame  # configured: this site's devices burn in nothing
+    if (
+        image.burned_in_annotation == "NO"
+        and image.modality != "US"
+        and not is_secondary_capture(image.sop_class_uid)
+    ):
+        return frame  # labelled clean; only ultrasound and secondary captures keep the top band
+    plan = MaskPlan()
+    if policy == "mask":
+        plan = mask_plan(dcmread(image.path, stop_before_pixels=True))
+        if plan.refused is not None:
+            return ImageSkipped(plan.refused)
+    pixels = apply_mask(frame.pixels, plan, settings.mask_top_fraction)
     return DisplayFrame(pixels, frame.frame_index, frame.window, frame.pixel_spacing)
 
 
@@ -132,7 +147,11 @@ def _render(
             if isinstance(result, ImageSkipped):
                 skipped.append(Exclusion(chosen.image.sop_instance_uid, str(result)))
             else:
-                rendered.append((chosen, _mask(result, chosen.image, settings.mask_top_fraction)))
+                masked = _mask(result, chosen.image, settings)
+                if isinstance(masked, ImageSkipped):
+                    skipped.append(Exclusion(chosen.image.sop_instance_uid, str(masked)))
+                else:
+                    rendered.append((chosen, masked))
         if len(results) == 1 and isinstance(results[0], ImageSkipped) and len(chosen_frames) > 1:
             skipped += [Exclusion(c.image.sop_instance_uid, str(results[0])) for c in chosen_frames[1:]]
     order = {id(c): i for i, c in enumerate(plan.frames)}
@@ -152,7 +171,12 @@ def prepare_study(
     for preset in settings.ct_window_by_body_part.values():
         if preset not in CT_PRESETS:
             raise ValueError(f'imaging.ct_window_by_body_part: "{preset}" is not one of {sorted(CT_PRESETS)}')
-    budget = ImageBudget(settings.max_images, settings.mosaic_grid**2, settings.allow_burned_in_annotation)
+    budget = ImageBudget(
+        settings.max_images,
+        settings.mosaic_grid**2,
+        settings.allow_burned_in_annotation,
+        settings.unlabelled_burned_in,
+    )
     plans, exclusions = plan_study(source_images(session, study_instance_uid, root, only), budget)
     kept_plans: list[SeriesPlan] = []
     composed: list[ComposedImage] = []

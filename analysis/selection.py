@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from analysis.pixel_privacy import Policy, policy_for
 from storage.models import Instance
 
 VOLUME_MODALITIES = frozenset({"CT", "MR", "PT", "NM"})
@@ -131,6 +133,7 @@ class ImageBudget:
     max_images: int = 4
     tiles_per_mosaic: int = 16
     allow_burned_in_annotation: bool = False
+    unlabelled_burned_in: Mapping[str, Policy] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_images < 1:
@@ -146,8 +149,16 @@ def exclusion_reason(image: SourceImage, budget: ImageBudget) -> str | None:
         return "localizer"
     if len(image.image_type) > 1 and image.image_type[1] == "SECONDARY":
         return "derived/secondary image"
-    if image.burned_in_annotation == "YES" and not budget.allow_burned_in_annotation:
-        return "BurnedInAnnotation YES (may show patient data)"
+    if image.burned_in_annotation == "YES":
+        return None if budget.allow_burned_in_annotation else "BurnedInAnnotation YES (may show patient data)"
+    policy = policy_for(
+        image.modality, image.sop_class_uid, image.burned_in_annotation, budget.unlabelled_burned_in
+    )
+    if policy == "exclude":
+        return (
+            f"{image.modality or 'secondary capture'} without BurnedInAnnotation NO (may show patient data; "
+            "imaging.unlabelled_burned_in)"
+        )
     return None
 
 

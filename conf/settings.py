@@ -164,7 +164,11 @@ class ImagingSettings(_Section):
     max_bytes_per_image: int = Field(default=5_000_000, ge=1024)
     max_bytes_per_request: int = Field(default=20_000_000, ge=1024)
     allow_burned_in_annotation: bool = False
-    # US and secondary-capture images carry patient text in bands at the top; black it out.
+    # Images of modalities that often burn in text (US, SC, XA, RF, ES, OT, DOC, SM, XC, GM)
+    # whose header does not say BurnedInAnnotation NO: "exclude" (the default for each),
+    # "mask" (deid's rule set by manufacturer and model, plus the top band) or "allow".
+    unlabelled_burned_in: dict[str, Literal["exclude", "mask", "allow"]] = Field(default_factory=dict)
+    # The top band blacked out on masked images (and on US and secondary captures labelled NO).
     mask_top_fraction: float = Field(default=0.22, ge=0, le=0.5)
     ct_window_by_body_part: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_CT_WINDOW_BY_BODY_PART)

@@ -109,7 +109,9 @@ def test_mixed_study_fits_the_image_budget() -> None:
 def test_multi_frame_volume_samples_frames_and_cine_shows_its_middle_frame() -> None:
     enhanced = image("e", number_of_frames=200, modality="MR")
     cine = image("c", series="2", modality="US", number_of_frames=30, position=None, orientation=None)
-    plans, _ = plan_study([enhanced, cine], ImageBudget(tiles_per_mosaic=4))
+    plans, _ = plan_study(
+        [enhanced, cine], ImageBudget(tiles_per_mosaic=4, unlabelled_burned_in={"US": "mask"})
+    )
     assert [f.frame_index for f in plans[0].frames] == [0, 66, 133, 199]
     assert (plans[1].kind, plans[1].frames[0].frame_index, plans[1].frames[0].label) == ("single", 15, "F16")
 
@@ -128,3 +130,22 @@ def test_the_imaging_budget_is_cut_to_the_providers_limits() -> None:
     assert (claude.long_edge_px, claude.max_images, claude.tile_px) == (1568, 20, 256)
     ollama = for_provider(ImagingSettings(), PRESETS["ollama"])
     assert ollama.max_images == 4
+
+
+def test_images_that_may_show_burned_in_text_are_left_out_unless_configured() -> None:
+    """Ultrasound, secondary captures, angiography... without BurnedInAnnotation NO are treated
+    as YES (issue 13); "mask" or "allow" per modality sends them; a header saying NO is believed."""
+    us = image("u", series="1", modality="US", position=None, orientation=None)
+    labelled = image(
+        "n", series="2", modality="US", position=None, orientation=None, burned_in_annotation="NO"
+    )
+    xa = image("x", series="3", modality="XA", position=None, orientation=None)
+    ct = image("c", series="4", modality="CT")
+    plans, excluded = plan_study([us, labelled, xa, ct], ImageBudget())
+    assert sorted(p.series_instance_uid for p in plans) == ["2", "4"]
+    reasons = {e.sop_instance_uid: e.reason for e in excluded}
+    assert reasons["u"].startswith("US without BurnedInAnnotation NO") and reasons["x"].startswith(
+        "XA without"
+    )
+    plans, excluded = plan_study([us, xa], ImageBudget(unlabelled_burned_in={"US": "mask", "XA": "allow"}))
+    assert sorted(p.series_instance_uid for p in plans) == ["1", "3"] and excluded == []

@@ -33,9 +33,9 @@ def test_preview_writes_images_prompt_and_manifest_without_identifying_text(
 
     out = tmp_path / "preview"
     result = node.cli("preview", study, "--out", str(out))
-    assert "3 image(s) for the model" in result.stdout
+    assert "2 image(s) for the model" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [image["kind"] for image in manifest["images"]] == ["volume", "single", "single"]
+    assert [image["kind"] for image in manifest["images"]] == ["volume", "single"]
     for image in manifest["images"]:
         data = (out / image["file"]).read_bytes()
         assert data[:3] == b"\xff\xd8\xff"  # JPEG
@@ -43,7 +43,12 @@ def test_preview_writes_images_prompt_and_manifest_without_identifying_text(
     ct = manifest["images"][0]
     assert len(ct["tiles"]) == 16 and ct["tiles"][0]["window"]["explanation"] == "preset mediastinum"
     reasons = {e["reason"] for e in manifest["excluded"]}
-    assert reasons == {"localizer", "not among the evenly spaced slices"}
+    assert reasons == {
+        "localizer",
+        "not among the evenly spaced slices",
+        # No BurnedInAnnotation on the ultrasound: treated as YES by default (issue 13).
+        "US without BurnedInAnnotation NO (may show patient data; imaging.unlabelled_burned_in)",
+    }
     prompt = (out / "prompt.txt").read_text()
     assert "a mosaic of 16 of the series' 40 slices" in prompt and "CR, body part CHEST" in prompt
     everything_sent = prompt + json.dumps(manifest)

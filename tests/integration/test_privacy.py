@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 
 from analysis.errors import VisionRetryable
 from analysis.vision.client import VisionClient
-from conf import VisionSettings
+from conf import ImagingSettings, VisionSettings
 from storage.disclosures import DisclosureLog
 from tests.data.generate import identify, identifying_tokens, write_series
 from tests.data.ingest import prepared_study
@@ -32,7 +32,8 @@ def test_no_identifying_header_reaches_the_vision_api(tmp_path: Path) -> None:
         *write_series(tmp_path / "us", 1, source="US1_UNCI.dcm", study_instance_uid=study),
     ]
     identify(files)
-    prepared, _ = prepared_study(files, tmp_path)
+    # The ultrasound has no BurnedInAnnotation: sent only because this site masks US.
+    prepared, _ = prepared_study(files, tmp_path, ImagingSettings(unlabelled_burned_in={"US": "mask"}))
     assert len(prepared.encoded) == 3
 
     record = tmp_path / "requests.jsonl"
@@ -135,3 +136,51 @@ def test_no_request_leaves_when_its_disclosure_cannot_be_recorded(tmp_path: Path
             vision.analyse(study, prepared.encoded, prepared.prompt)
     assert not record.exists() or record.read_text() == ""  # nothing was sent
     assert getattr(failed.value, "calls", []) == []  # and no call is counted as made
+
+
+def _us_with_device(tmp_path: Path, manufacturer: str, model: str) -> tuple[str, list[Path]]:
+    study = generate_uid()
+    files = write_series(tmp_path / "us", 1, source="US1_UNCI.dcm", study_instance_uid=study)
+    ds = dcmread(files[0])
+    ds.Manufacturer, ds.ManufacturerModelName = manufacturer, model
+    ds.save_as(files[0])
+    return study, files
+
+
+def test_an_ultrasound_without_burned_in_annotation_never_leaves_unmasked(tmp_path: Path) -> None:
+    """Default: not sent at all. Masked: the text region deid's rule set knows for the device
+    (GE LOGIQ E9: the top 70 rows) is black in what is sent, and the rest of the image is not."""
+    _, files = _us_with_device(tmp_path / "a", "GE Healthcare", "LOGIQE9")
+    default, _ = prepared_study(files, tmp_path / "a")
+    assert default.encoded == []
+    assert next(e.reason for e in default.exclusions).startswith("US without BurnedInAnnotation NO")
+    masked, _ = prepared_study(
+        files, tmp_path / "b", ImagingSettings(unlabelled_burned_in={"US": "mask"}, mask_top_fraction=0)
+    )
+    (tile,) = masked.composed[0].tiles
+    shown = masked.composed[0].pixels
+    scale = tile.scale
+    band = shown[tile.y0 : tile.y0 + int(70 * scale) - 1, tile.x0 : tile.x0 + tile.width]
+    below = shown[tile.y0 + int(80 * scale) : tile.y0 + tile.height, tile.x0 : tile.x0 + tile.width]
+    assert band.max() == 0  # the device's text band, black
+    assert below.max() > 0  # the anatomy is still there
+    # A device no rule knows gets the fixed top band instead.
+    _, unknown = _us_with_device(tmp_path / "c", "Acme Sonics", "Echo 1")
+    banded, _ = prepared_study(unknown, tmp_path / "c", ImagingSettings(unlabelled_burned_in={"US": "mask"}))
+    (tile,) = banded.composed[0].tiles
+    top = banded.composed[0].pixels[
+        tile.y0 : tile.y0 + int(tile.height * 0.22) - 1, tile.x0 : tile.x0 + tile.width
+    ]
+    assert top.max() == 0
+
+
+def test_a_screen_the_rule_set_blacklists_is_never_sent_even_when_masking(tmp_path: Path) -> None:
+    study = generate_uid()
+    files = write_series(tmp_path / "sc", 1, source="SC_rgb.dcm", study_instance_uid=study)
+    ds = dcmread(files[0])
+    ds.ImageType = ["DERIVED", "SECONDARY", "REPORTDATA"]
+    ds.save_as(files[0])
+    prepared, _ = prepared_study(
+        files, tmp_path, ImagingSettings(unlabelled_burned_in={"OT": "mask", "SC": "mask"})
+    )
+    assert prepared.encoded == []
