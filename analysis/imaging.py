@@ -9,7 +9,7 @@ MONOCHROME1 inverted, colour converted to RGB, 8 bits out. Every choice is recor
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,8 @@ CT_PRESETS: dict[str, tuple[float, float]] = {
     "soft_tissue": (40.0, 400.0),
     "bone": (400.0, 1800.0),
     "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),  # blood against the skull's inner table
+    "stroke": (32.0, 8.0),  # grey-white loss in early infarction
 }
 MAX_SOURCE_PIXELS = 40_000_000  # per frame: 6k x 6k; larger (a 10k x 10k scan) is skipped, not decoded
 PERCENTILES = (1.0, 99.0)
@@ -85,18 +87,26 @@ def _first(value: object) -> float | None:
 def choose_window(
     ds: Dataset,
     values: NDArray[np.floating],
-    ct_preset_by_body_part: Mapping[str, str] = DEFAULT_CT_WINDOW_BY_BODY_PART,
+    ct_preset_by_body_part: Mapping[str, Sequence[str]] = DEFAULT_CT_WINDOW_BY_BODY_PART,
     ct_default_preset: str = "mediastinum",
 ) -> WindowChoice:
-    """CT: a preset by body part (the model needs lung windows for lungs, whatever the header
-    says). Others: the header's first window when it is usable, else robust percentiles."""
+    """CT: the first preset for the body part (the model needs lung windows for lungs, whatever
+    the header says); without a known body part, the anatomy judged from the image
+    (:func:`analysis.windows.ct_anatomy`: a head gets the brain window). Others: the header's first
+    window when it is usable, else robust percentiles."""
     modality = str(ds.get("Modality", "")).upper()
     if modality == "CT":
-        body_part = str(ds.get("BodyPartExamined", "")).upper()
-        name = ct_preset_by_body_part.get(body_part, ct_default_preset)
+        from analysis.windows import ct_window_names  # windows imports this module
+
+        name, reason = ct_window_names(ds, values, ct_preset_by_body_part, ct_default_preset)[0]
         if name not in CT_PRESETS:
             raise ValueError(f'CT window preset must be one of {sorted(CT_PRESETS)}, got "{name}"')
-        return WindowChoice(*CT_PRESETS[name], f"preset {name}")
+        explanation = (
+            f"preset {name}"
+            if reason.startswith(("Body Part", "no body part"))
+            else f"preset {name} ({reason})"
+        )
+        return WindowChoice(*CT_PRESETS[name], explanation)
     header_center, header_width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     if header_center is not None and header_width is not None and header_width >= 1:
         return WindowChoice(header_center, header_width, "header")
@@ -127,7 +137,7 @@ def render_frame(
     ds: Dataset,
     frame: NDArray[np.generic],
     frame_index: int,
-    ct_preset_by_body_part: Mapping[str, str] = DEFAULT_CT_WINDOW_BY_BODY_PART,
+    ct_preset_by_body_part: Mapping[str, Sequence[str]] = DEFAULT_CT_WINDOW_BY_BODY_PART,
 ) -> DisplayFrame:
     """One decoded frame to display pixels."""
     if frame.ndim < 2 or min(frame.shape[:2]) < 2:
@@ -159,7 +169,7 @@ def render_frame(
 def render_file(
     path: Path,
     frames: list[int] | None = None,
-    ct_preset_by_body_part: Mapping[str, str] = DEFAULT_CT_WINDOW_BY_BODY_PART,
+    ct_preset_by_body_part: Mapping[str, Sequence[str]] = DEFAULT_CT_WINDOW_BY_BODY_PART,
 ) -> Iterator[DisplayFrame | ImageSkipped]:
     """Decode and render the given frames (all when None) of one file. A frame that cannot be
     decoded or shown yields an :class:`ImageSkipped` with the reason instead of raising."""

@@ -1,9 +1,12 @@
-"""Compose what the model sees: labelled mosaics of slices, or one image resized, with the exact
-mapping from every output pixel back to its source image, frame and pixel (for boxes)."""
+"""Compose what the model sees: labelled mosaics of slabs (or slices), or one image resized, with
+the exact mapping from every output pixel back to its source image, frame and pixel (for boxes).
+A slab tile keeps its slices, so a box on it maps to the slice the finding is on
+(:func:`analysis.regions.map_box_to_source`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +15,40 @@ from PIL import Image, ImageDraw, ImageFont
 
 from analysis.imaging import DisplayFrame, WindowChoice
 from analysis.selection import ChosenFrame
+from analysis.windows import PROJECTION_WORDS, WindowSpec
+
+
+@dataclass(frozen=True)
+class SlabTile:
+    """What one slab tile shows: its slices (in position order), projection and window."""
+
+    members: tuple[ChosenFrame, ...]
+    thickness_mm: float | None
+    projection: str  # "mip", "average", "minip"
+    window: WindowSpec
+
+    @property
+    def first_position_mm(self) -> float | None:
+        return self.members[0].slice_position_mm
+
+    @property
+    def last_position_mm(self) -> float | None:
+        return self.members[-1].slice_position_mm
+
+    def position_words(self) -> str:
+        """Where the slab is, as the prompt and the manifest say it."""
+        if self.first_position_mm is not None and self.last_position_mm is not None:
+            return f"{self.first_position_mm:.1f} to {self.last_position_mm:.1f} mm"
+        return f"frames {self.members[0].frame_index + 1} to {self.members[-1].frame_index + 1}"
+
+    def words(self) -> str:
+        """The slab as the prompt and the manifest say it."""
+        thickness = f"{self.thickness_mm:.1f} mm" if self.thickness_mm is not None else "frame"
+        return (
+            f"{thickness} slab of {len(self.members)} slice(s), "
+            f"{PROJECTION_WORDS.get(self.projection, self.projection)}, {self.window.words}, "
+            f"slice centres {self.position_words()} along the slice normal"
+        )
 
 
 @dataclass(frozen=True)
@@ -31,6 +68,14 @@ class Tile:
     height: int
     scale: float  # output pixels per source pixel
     pixel_spacing: tuple[float, float] | None
+    slab: SlabTile | None = None  # a slab tile: the slices behind it (sop_instance_uid: the middle)
+
+    @property
+    def source_instances(self) -> tuple[str, ...]:
+        """Every instance this tile shows (a slab's slices, or its one image)."""
+        if self.slab is None:
+            return (self.sop_instance_uid,)
+        return tuple(dict.fromkeys(m.image.sop_instance_uid for m in self.slab.members))
 
     def contains(self, x: float, y: float) -> bool:
         return self.x0 <= x < self.x0 + self.width and self.y0 <= y < self.y0 + self.height
@@ -76,7 +121,13 @@ def _as_rgb(pixels: NDArray[np.uint8]) -> NDArray[np.uint8]:
 
 
 def _tile(
-    chosen: ChosenFrame, frame: DisplayFrame, x0: int, y0: int, shown: NDArray[np.uint8], scale: float
+    chosen: ChosenFrame,
+    frame: DisplayFrame,
+    x0: int,
+    y0: int,
+    shown: NDArray[np.uint8],
+    scale: float,
+    slab: SlabTile | None = None,
 ) -> Tile:
     return Tile(
         sop_instance_uid=chosen.image.sop_instance_uid,
@@ -92,19 +143,29 @@ def _tile(
         height=int(shown.shape[0]),
         scale=scale,
         pixel_spacing=frame.pixel_spacing,
+        slab=slab,
     )
 
 
 def compose_mosaic(
-    frames: list[tuple[ChosenFrame, DisplayFrame]], tile_px: int, description: str
+    frames: list[tuple[ChosenFrame, DisplayFrame]],
+    tile_px: int,
+    description: str,
+    columns: int | None = None,
+    slabs: Sequence[SlabTile | None] | None = None,
 ) -> ComposedImage:
-    """Tile frames row by row into a near-square grid of ``tile_px`` cells, each frame scaled
-    to fit its cell (aspect kept, centred) and labelled in its top-left corner."""
+    """Tile frames row by row into a grid of ``tile_px`` cells (``columns`` wide, else near
+    square), each frame scaled to fit its cell (aspect kept, centred) and labelled in its top-left
+    corner; ``slabs``: what each tile shows, when it is a slab."""
     if not frames:
         raise ValueError('Argument "frames" must not be empty')
     if tile_px < 16:
         raise ValueError(f'Argument "tile_px" must be at least 16, got {tile_px}')
-    columns = math.ceil(math.sqrt(len(frames)))
+    if slabs is not None and len(slabs) != len(frames):
+        raise ValueError(f'Argument "slabs" must have one entry per frame ({len(frames)}), got {len(slabs)}')
+    if columns is not None and columns < 1:
+        raise ValueError(f'Argument "columns" must be at least 1, got {columns}')
+    columns = min(columns or math.ceil(math.sqrt(len(frames))), len(frames))
     rows = math.ceil(len(frames) / columns)
     color = any(frame.pixels.ndim == 3 for _, frame in frames)
     shape = (rows * tile_px, columns * tile_px, 3) if color else (rows * tile_px, columns * tile_px)
@@ -119,7 +180,7 @@ def compose_mosaic(
         x0 = cell_x * tile_px + (tile_px - shown.shape[1]) // 2
         y0 = cell_y * tile_px + (tile_px - shown.shape[0]) // 2
         canvas[y0 : y0 + shown.shape[0], x0 : x0 + shown.shape[1]] = shown
-        tiles.append(_tile(chosen, frame, x0, y0, shown, scale))
+        tiles.append(_tile(chosen, frame, x0, y0, shown, scale, slabs[index] if slabs is not None else None))
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()

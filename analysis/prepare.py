@@ -13,13 +13,18 @@ from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from analysis.budget import Allocation, ImagePlan, VolumeRequest, allocate
 from analysis.encode import EncodedImage, encode
 from analysis.errors import ImageSkipped
 from analysis.imaging import CT_PRESETS, DisplayFrame, render_file
-from analysis.mosaic import ComposedImage, compose_mosaic, compose_single
+from analysis.layout import choose_layout, needed_tile_px
+from analysis.mosaic import ComposedImage, SlabTile, compose_mosaic, compose_single
 from analysis.pixel_privacy import MaskPlan, apply_mask, at_risk, is_secondary_capture, mask_plan, policy_for
 from analysis.prompt import PROMPT_VERSION, build_prompt
 from analysis.selection import ChosenFrame, Exclusion, ImageBudget, SeriesPlan, SourceImage, plan_study
+from analysis.slabs import Slab
+from analysis.volume import SliceReader, render, stack
+from analysis.windows import PROJECTION_WORDS, series_windows
 from conf import ImagingSettings
 from conf.providers import ProviderPreset
 from storage.models import Instance
@@ -28,11 +33,18 @@ from storage.models import Instance
 @dataclass
 class PreparedStudy:
     study_instance_uid: str
-    plans: list[SeriesPlan]
+    plans: list[ImagePlan]
     composed: list[ComposedImage]
     encoded: list[EncodedImage]
     prompt: str
     exclusions: list[Exclusion] = field(default_factory=list)
+    slab_thickness_mm: float | None = None  # asked of every volume; each slab says its own
+    image_tokens: int = 0  # by the provider's formula, all images together
+
+    @property
+    def shown_instances(self) -> set[str]:
+        """Every instance some tile shows (all the slices of every slab shown)."""
+        return {uid for image in self.composed for tile in image.tiles for uid in tile.source_instances}
 
     def manifest(self) -> dict[str, Any]:
         images = []
@@ -49,13 +61,26 @@ class PreparedStudy:
                     "width": data.width,
                     "height": data.height,
                     "series_instance_uid": plan.series_instance_uid,
-                    "kind": plan.kind,
+                    "kind": "volume" if plan.kind == "mosaic" else "single",
                     "description": image.description,
+                    "image_tokens": plan.tokens,
+                    **(
+                        {
+                            "window": plan.window.words,
+                            "projection": PROJECTION_WORDS[plan.window.projection],
+                            "part": plan.part,
+                            "parts": plan.parts,
+                        }
+                        if plan.window is not None
+                        else {}
+                    ),
                     "tiles": [
                         {
+                            "number": n,
                             "sop_instance_uid": t.sop_instance_uid,
                             "frame_index": t.frame_index,
                             "label": t.label,
+                            **({"slab": _slab_manifest(t.slab)} if t.slab is not None else {}),
                             "window": {
                                 "center": t.window.center,
                                 "width": t.window.width,
@@ -67,29 +92,70 @@ class PreparedStudy:
                             "source_columns": t.source_columns,
                             "pixel_spacing": t.pixel_spacing,
                         }
-                        for t in image.tiles
+                        for n, t in enumerate(image.tiles, start=1)
                     ],
                 }
             )
         return {
             "study_instance_uid": self.study_instance_uid,
             "prompt_version": PROMPT_VERSION,
+            "slab_thickness_mm": self.slab_thickness_mm,
+            "image_tokens": self.image_tokens,
             "images": images,
             "excluded": [
-                {"sop_instance_uid": e.sop_instance_uid, "reason": e.reason} for e in self.exclusions
+                {"sop_instance_uid": e.sop_instance_uid, "reason": e.reason}
+                | ({"window": e.window} if e.window else {})
+                for e in self.exclusions
             ],
         }
 
 
-def for_provider(imaging: ImagingSettings, preset: ProviderPreset) -> ImagingSettings:
-    """The imaging budget within the provider's own limits (images, bytes, long edge)."""
+def _slab_manifest(slab: SlabTile) -> dict[str, Any]:
+    def slice_entry(frame: ChosenFrame) -> dict[str, Any]:
+        return {
+            "sop_instance_uid": frame.image.sop_instance_uid,
+            "frame_index": frame.frame_index,
+            "position_mm": frame.slice_position_mm,
+        }
+
+    return {
+        "description": slab.words(),
+        "first": slice_entry(slab.members[0]),
+        "last": slice_entry(slab.members[-1]),
+        "slices": len(slab.members),
+        "thickness_mm": slab.thickness_mm,
+        "projection": PROJECTION_WORDS[slab.projection],
+        "window": slab.window.words,
+        "sop_instance_uids": [m.image.sop_instance_uid for m in slab.members],
+    }
+
+
+def for_provider(
+    imaging: ImagingSettings,
+    preset: ProviderPreset,
+    max_cost_usd: float | None = None,
+    max_output_tokens: int = 2048,
+) -> ImagingSettings:
+    """The imaging budget within the provider's own limits (images, bytes, long edge) and, with
+    ``max_cost_usd`` (``vision.max_cost_usd_per_study``), within what that buys at the preset's
+    prices: the vision client refuses a study whose worst case (the request, then two repairs at
+    twice the reply tokens) is over it, so the images are planned to fit that worst case."""
+    tokens = imaging.max_image_tokens or None
+    if max_cost_usd is not None and preset.price_input_per_mtok > 0:
+        reply = 5 * max_output_tokens * preset.price_output_per_mtok / 1e6  # 1x + 2 x 2x the reply
+        affordable = max(int((max_cost_usd - reply) / (3 * preset.price_input_per_mtok / 1e6)), 1)
+        affordable = int(affordable * 0.9)  # the prompt's text and schema are input tokens too
+        tokens = min(tokens, affordable) if tokens is not None else affordable
     return imaging.model_copy(
         update={
             "max_images": min(imaging.max_images, preset.max_images),
             "max_bytes_per_image": min(imaging.max_bytes_per_image, preset.max_bytes_per_image),
             "max_bytes_per_request": min(imaging.max_bytes_per_request, preset.max_bytes_per_request),
             "long_edge_px": min(imaging.long_edge_px, preset.max_long_edge_px),
-            "tile_px": min(imaging.tile_px, preset.max_long_edge_px // max(imaging.mosaic_grid, 1)),
+            "mosaic_long_edge_px": min(imaging.mosaic_long_edge_px, preset.max_long_edge_px),
+            "tile_px": min(imaging.tile_px, preset.max_long_edge_px),
+            "token_formula": preset.token_formula,
+            "max_image_tokens": max(tokens, 1) if tokens is not None else 0,
         }
     )
 
@@ -132,31 +198,131 @@ def _mask(frame: DisplayFrame, image: SourceImage, settings: ImagingSettings) ->
     return DisplayFrame(pixels, frame.frame_index, frame.window, frame.pixel_spacing)
 
 
-def _render(
+def _render_single(
     plan: SeriesPlan, settings: ImagingSettings
 ) -> tuple[list[tuple[ChosenFrame, DisplayFrame]], list[Exclusion]]:
+    chosen = plan.frames[0]
     rendered: list[tuple[ChosenFrame, DisplayFrame]] = []
     skipped: list[Exclusion] = []
-    by_file: dict[Path, list[ChosenFrame]] = {}
-    for chosen in plan.frames:
-        by_file.setdefault(chosen.image.path, []).append(chosen)
-    for path, chosen_frames in by_file.items():
-        indices = [c.frame_index for c in chosen_frames]
-        results = list(render_file(path, indices, settings.ct_window_by_body_part))
-        for chosen, result in zip(chosen_frames, results, strict=False):
-            if isinstance(result, ImageSkipped):
-                skipped.append(Exclusion(chosen.image.sop_instance_uid, str(result)))
+    for result in render_file(chosen.image.path, [chosen.frame_index], settings.ct_window_by_body_part):
+        if isinstance(result, ImageSkipped):
+            skipped.append(Exclusion(chosen.image.sop_instance_uid, str(result)))
+        else:
+            masked = _mask(result, chosen.image, settings)
+            if isinstance(masked, ImageSkipped):
+                skipped.append(Exclusion(chosen.image.sop_instance_uid, str(masked)))
             else:
-                masked = _mask(result, chosen.image, settings)
-                if isinstance(masked, ImageSkipped):
-                    skipped.append(Exclusion(chosen.image.sop_instance_uid, str(masked)))
-                else:
-                    rendered.append((chosen, masked))
-        if len(results) == 1 and isinstance(results[0], ImageSkipped) and len(chosen_frames) > 1:
-            skipped += [Exclusion(c.image.sop_instance_uid, str(results[0])) for c in chosen_frames[1:]]
-    order = {id(c): i for i, c in enumerate(plan.frames)}
-    rendered.sort(key=lambda item: order[id(item[0])])
+                rendered.append((chosen, masked))
     return rendered, skipped
+
+
+def _spacing(ds: Any) -> tuple[float, float] | None:
+    spacing = ds.get("PixelSpacing")
+    if not spacing:
+        groups = ds.get("SharedFunctionalGroupsSequence")
+        measures = groups[0].get("PixelMeasuresSequence") if groups else None
+        spacing = measures[0].get("PixelSpacing") if measures else None
+    try:
+        return (float(spacing[0]), float(spacing[1])) if spacing else None
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _volume_requests(
+    plans: list[SeriesPlan], settings: ImagingSettings
+) -> tuple[
+    list[VolumeRequest], dict[str, tuple[bool, tuple[float, float] | None]], list[float], list[Exclusion]
+]:
+    """Each volume's windows, judged from its middle slice, and its field of view."""
+    requests: list[VolumeRequest] = []
+    facts: dict[str, tuple[bool, tuple[float, float] | None]] = {}
+    fields_of_view: list[float] = []
+    skipped: list[Exclusion] = []
+    for plan in plans:
+        middle = plan.frames[(len(plan.frames) - 1) // 2]
+        reader = SliceReader()
+        try:
+            ds = reader.header(middle)
+            values = reader.values(middle)
+        except ImageSkipped as exc:
+            skipped += [Exclusion(f.image.sop_instance_uid, str(exc)) for f in plan.frames]
+            continue
+        except Exception as exc:
+            reason = f"cannot decode pixels ({type(exc).__name__}: {str(exc)[:200]})"
+            skipped += [Exclusion(f.image.sop_instance_uid, reason) for f in plan.frames]
+            continue
+        windows = series_windows(
+            ds, values, settings.ct_window_by_body_part, CT_PRESETS, settings.ct_rgb_windows
+        )
+        spacing = _spacing(ds)
+        monochrome1 = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+        facts[plan.series_instance_uid] = (monochrome1, spacing)
+        if spacing is not None:
+            fields_of_view.append(max(values.shape[0] * spacing[0], values.shape[1] * spacing[1]))
+        requests.append(VolumeRequest(plan, tuple(windows)))
+    return requests, facts, fields_of_view, skipped
+
+
+def _render_slabs(
+    allocation: Allocation, facts: dict[str, tuple[bool, tuple[float, float] | None]]
+) -> tuple[dict[tuple[int, str], tuple[DisplayFrame, list[ChosenFrame]]], list[Exclusion]]:
+    """Every slab shown, read once and projected in each of its windows."""
+    wanted: dict[int, tuple[Slab, list[ImagePlan]]] = {}
+    for image in allocation.images:
+        for slab in image.slabs:
+            wanted.setdefault(id(slab), (slab, []))[1].append(image)
+    rendered: dict[tuple[int, str], tuple[DisplayFrame, list[ChosenFrame]]] = {}
+    skipped: list[Exclusion] = []
+    reader = SliceReader()
+    for key, (slab, images) in wanted.items():
+        values, used, unreadable = stack(slab, reader)
+        skipped += [Exclusion(member.image.sop_instance_uid, reason) for member, reason in unreadable]
+        if not used:
+            continue
+        monochrome1, spacing = facts[images[0].series_instance_uid]
+        middle = used[(len(used) - 1) // 2]
+        for image in images:
+            if image.window is not None and (key, image.window.name) not in rendered:
+                frame = render(values, image.window, monochrome1, middle.frame_index, spacing)
+                rendered[(key, image.window.name)] = (frame, used)
+    return rendered, skipped
+
+
+def _compose(
+    image: ImagePlan,
+    rendered: dict[tuple[int, str], tuple[DisplayFrame, list[ChosenFrame]]],
+    allocation: Allocation,
+    settings: ImagingSettings,
+) -> ComposedImage | None:
+    if image.window is None or allocation.layout is None:
+        return None
+    frames: list[tuple[ChosenFrame, DisplayFrame]] = []
+    slabs: list[SlabTile | None] = []
+    for slab in image.slabs:
+        found = rendered.get((id(slab), image.window.name))
+        if found is None:
+            continue
+        frame, used = found
+        shown = Slab(tuple(used), slab.spacing_mm)
+        tile = SlabTile(shown.members, shown.thickness_mm, image.window.projection, image.window)
+        label = f"{len(frames) + 1} {tile.position_words().replace(' to ', '..').replace(' mm', '')}"
+        frames.append(
+            (
+                ChosenFrame(
+                    shown.middle.image, shown.middle.frame_index, label, shown.middle.slice_position_mm
+                ),
+                frame,
+            )
+        )
+        slabs.append(tile)
+    if not frames:
+        return None
+    columns, _ = allocation.layout.grid_for(len(frames))
+    description = (
+        f"{image.modality} series {image.series_instance_uid}, {image.window.words}, "
+        f"{PROJECTION_WORDS[image.window.projection]} slabs, mosaic {image.part} of {image.parts}"
+    )
+    return compose_mosaic(frames, allocation.layout.tile_px, description, columns=columns, slabs=slabs)
 
 
 def prepare_study(
@@ -167,10 +333,16 @@ def prepare_study(
     only: set[str] | None = None,
 ) -> PreparedStudy:
     """Choose, render, compose and encode; every image left out is listed with its reason.
-    ``only``: the version's fixed instance set (the worker); None: every instance (preview)."""
-    for preset in settings.ct_window_by_body_part.values():
-        if preset not in CT_PRESETS:
-            raise ValueError(f'imaging.ct_window_by_body_part: "{preset}" is not one of {sorted(CT_PRESETS)}')
+    ``only``: the version's fixed instance set (the worker); None: every instance (preview).
+
+    Volumes: slabs that partition each series along its slice normal, each window its own
+    mosaics, as many as the budget (:func:`for_provider`) affords (:mod:`analysis.budget`)."""
+    for part, presets in settings.ct_window_by_body_part.items():
+        for preset in presets:
+            if preset not in CT_PRESETS:
+                raise ValueError(
+                    f'imaging.ct_window_by_body_part: "{preset}" ({part}) is not one of {sorted(CT_PRESETS)}'
+                )
     budget = ImageBudget(
         settings.max_images,
         settings.mosaic_grid**2,
@@ -178,19 +350,52 @@ def prepare_study(
         settings.unlabelled_burned_in,
     )
     plans, exclusions = plan_study(source_images(session, study_instance_uid, root, only), budget)
-    kept_plans: list[SeriesPlan] = []
+    volumes, facts, fields_of_view, skipped = _volume_requests(
+        [p for p in plans if p.kind == "volume"], settings
+    )
+    exclusions += skipped
+    layout = None
+    if volumes:
+        needed = needed_tile_px(
+            max(fields_of_view) if fields_of_view else None, settings.min_finding_mm, settings.min_finding_px
+        )
+        source_px = max(
+            max(v.plan.frames[0].image.rows or 0, v.plan.frames[0].image.columns or 0) for v in volumes
+        )
+        layout = choose_layout(
+            settings.token_formula,
+            needed if needed is not None else float(settings.tile_px),
+            settings.tile_px,
+            settings.mosaic_long_edge_px,
+            settings.mosaic_grid,
+            source_px,
+        )
+    allocation = allocate(
+        volumes,
+        [p for p in plans if p.kind == "single"],
+        layout,
+        max_images=settings.max_images,
+        max_tokens=settings.max_image_tokens or None,
+        max_slab_mm=settings.max_slab_mm,
+        formula=settings.token_formula,
+        long_edge_px=settings.long_edge_px,
+    )
+    exclusions += allocation.exclusions
+    rendered, skipped = _render_slabs(allocation, facts)
+    exclusions += skipped
+    kept_plans: list[ImagePlan] = []
     composed: list[ComposedImage] = []
     encoded: list[EncodedImage] = []
-    for plan in plans:
-        frames, skipped = _render(plan, settings)
-        exclusions += skipped
-        if not frames:
-            continue
-        if plan.kind == "volume":
-            image = compose_mosaic(
-                frames, settings.tile_px, f"{plan.modality} series {plan.series_instance_uid}"
-            )
+    for plan in allocation.images:
+        if plan.kind == "mosaic":
+            image = _compose(plan, rendered, allocation, settings)
+            if image is None:
+                continue
         else:
+            frames, skipped = _render_single(plan.series, settings)
+            exclusions += skipped
+            if not frames:
+                continue
             image = compose_single(
                 *frames[0],
                 settings.long_edge_px,
@@ -199,17 +404,26 @@ def prepare_study(
         try:
             data = encode(image, settings.image_format, settings.max_bytes_per_image, settings.jpeg_quality)
         except ImageSkipped as exc:
-            exclusions += [Exclusion(t.sop_instance_uid, str(exc)) for t in image.tiles]
+            exclusions += [Exclusion(uid, str(exc)) for t in image.tiles for uid in t.source_instances]
             continue
         if sum(len(e.data) for e in encoded) + len(data.data) > settings.max_bytes_per_request:
             reason = f"over imaging.max_bytes_per_request ({settings.max_bytes_per_request} bytes)"
-            exclusions += [Exclusion(t.sop_instance_uid, reason) for t in image.tiles]
+            exclusions += [Exclusion(uid, reason) for t in image.tiles for uid in t.source_instances]
             continue
         kept_plans.append(plan)
         composed.append(image)
         encoded.append(data)
     prompt = build_prompt(kept_plans, composed) if composed else ""
-    return PreparedStudy(study_instance_uid, kept_plans, composed, encoded, prompt, exclusions)
+    return PreparedStudy(
+        study_instance_uid,
+        kept_plans,
+        composed,
+        encoded,
+        prompt,
+        exclusions,
+        allocation.thickness_mm,
+        sum(p.tokens for p in kept_plans),
+    )
 
 
 def write_preview(prepared: PreparedStudy, out_dir: Path) -> list[Path]:

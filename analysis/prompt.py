@@ -6,10 +6,11 @@ Never names, IDs, dates, accession numbers, institutions, physicians or any free
 
 from __future__ import annotations
 
+from analysis.budget import ImagePlan
 from analysis.mosaic import ComposedImage
-from analysis.selection import SeriesPlan
+from analysis.windows import PROJECTION_WORDS
 
-PROMPT_VERSION = "ainode-prompt-2"
+PROMPT_VERSION = "ainode-prompt-3"
 
 _INSTRUCTIONS = (
     "You are assisting a radiologist by pre-reading a medical imaging study. Your output is "
@@ -19,33 +20,43 @@ _INSTRUCTIONS = (
 )
 
 
-def _describe(index: int, plan: SeriesPlan, image: ComposedImage) -> str:
-    first = plan.frames[0].image
+def _describe(index: int, plan: ImagePlan, image: ComposedImage) -> str:
+    first = plan.series.frames[0].image
     facts = [f"Image {index}: {plan.modality or 'unknown modality'}"]
     if first.body_part_examined:
         facts.append(f"body part {first.body_part_examined}")
     if first.view_position:
         facts.append(f"view {first.view_position}")
-    window = image.tiles[0].window
-    facts.append(f"displayed with window {window.explanation} (C {window.center:g}, W {window.width:g})")
-    if plan.kind == "volume":
-        positions = [f.slice_position_mm for f in plan.frames if f.slice_position_mm is not None]
-        span = (
-            f", from {min(positions):.1f} to {max(positions):.1f} mm along the slice normal"
-            if positions
-            else ""
+    slabs = [t.slab for t in image.tiles if t.slab is not None]
+    if plan.kind == "mosaic" and plan.window is not None and slabs:
+        thicknesses = [s.thickness_mm for s in slabs if s.thickness_mm is not None]
+        thickness = (
+            f"slabs of up to {max(thicknesses):.1f} mm" if thicknesses else "slabs of consecutive frames"
         )
         facts.append(
-            f"a mosaic of {len(plan.frames)} of the series' {plan.available} slices, evenly spaced"
-            f"{span}; each tile is labelled (S1 = first) in its top-left corner"
+            f"{plan.window.words}, {PROJECTION_WORDS[plan.window.projection]} {thickness}; "
+            f"mosaic {plan.part} of {plan.parts} of this series in this window; the slabs together cover "
+            f"every slice of the series ({plan.series.available}); {len(image.tiles)} tiles, numbered row by "
+            "row from the top left, each labelled with its number and its slab's slice centres (mm along "
+            "the slice normal)"
         )
-    elif plan.available > 1:
-        facts.append(f"frame {plan.frames[0].frame_index + 1} of {plan.available}")
+        tiles = "; ".join(
+            f"tile {n}: {slab.thickness_mm:.1f} mm, {slab.position_words()}"
+            if slab.thickness_mm is not None
+            else f"tile {n}: {slab.position_words()}"
+            for n, slab in enumerate(slabs, start=1)
+        )
+        facts.append(f"{image.width}x{image.height} pixels ({tiles})")
+        return ", ".join(facts) + "."
+    window = image.tiles[0].window
+    facts.append(f"displayed with window {window.explanation} (C {window.center:g}, W {window.width:g})")
+    if plan.series.available > 1:
+        facts.append(f"frame {plan.series.frames[0].frame_index + 1} of {plan.series.available}")
     facts.append(f"{image.width}x{image.height} pixels")
     return ", ".join(facts) + "."
 
 
-def build_prompt(plans: list[SeriesPlan], images: list[ComposedImage]) -> str:
+def build_prompt(plans: list[ImagePlan], images: list[ComposedImage]) -> str:
     if len(plans) != len(images):
         raise ValueError(f"{len(plans)} plans but {len(images)} images")
     lines = [_INSTRUCTIONS, "", f"The study is shown in {len(images)} image(s):"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from analysis.findings import Box, Finding, Findings
 from analysis.mosaic import ComposedImage
+from analysis.volume import locate
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ class SourceRegion:
 
 def map_box_to_source(box: Box, image: ComposedImage) -> SourceRegion | None:
     """The tile under the box's centre, the box clipped to that tile, in source pixels; None
-    when the centre falls on no tile (a gap of the mosaic)."""
+    when the centre falls on no tile (a gap of the mosaic). On a slab tile, the region is on the
+    slice the projected value inside the box came from (:func:`analysis.volume.locate`: for a
+    MIP, the slice of the brightest voxel in the box)."""
     x0, y0 = box.x_min * image.width, box.y_min * image.height
     x1, y1 = box.x_max * image.width, box.y_max * image.height
     found = image.to_source((x0 + x1) / 2, (y0 + y1) / 2)
@@ -47,15 +50,12 @@ def map_box_to_source(box: Box, image: ComposedImage) -> SourceRegion | None:
     cx1, cy1 = min(x1, tile.x0 + tile.width), min(y1, tile.y0 + tile.height)
     (c0, r0), (c1, r1) = tile.to_source(cx0, cy0), tile.to_source(cx1, cy1)
     limit_c, limit_r = tile.source_columns, tile.source_rows
-    return SourceRegion(
-        tile.sop_instance_uid,
-        tile.frame_index,
-        max(0.0, c0),
-        max(0.0, r0),
-        min(float(limit_c), c1),
-        min(float(limit_r), r1),
-        tile.pixel_spacing,
-    )
+    c0, r0, c1, r1 = max(0.0, c0), max(0.0, r0), min(float(limit_c), c1), min(float(limit_r), r1)
+    sop_instance_uid, frame_index = tile.sop_instance_uid, tile.frame_index
+    if tile.slab is not None:
+        source = locate(tile.slab.members, tile.slab.projection, tile.slab.window, (c0, r0, c1, r1))
+        sop_instance_uid, frame_index = source.image.sop_instance_uid, source.frame_index
+    return SourceRegion(sop_instance_uid, frame_index, c0, r0, c1, r1, tile.pixel_spacing)
 
 
 @dataclass(frozen=True)

@@ -2,20 +2,23 @@
 
 Primary images only: no localizers, no DERIVED\\SECONDARY captures, no SR, KOS, presentation
 states, RT objects or encapsulated documents (our own SRs included), and nothing whose header
-says BurnedInAnnotation YES unless configured. Volumes are sampled evenly *by position along the
-slice normal*, not by Instance Number, which scanners number in either direction or restart.
+says BurnedInAnnotation YES unless configured. A volume's slices (or a multi-frame's frames) are
+ordered *by position along the slice normal*, not by Instance Number, which scanners number in
+either direction or restart; :mod:`analysis.slabs` partitions them and :mod:`analysis.budget`
+decides how much of the study the cost budget shows.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom import dcmread
 
 from analysis.pixel_privacy import Policy, policy_for
 from storage.models import Instance
@@ -107,6 +110,7 @@ def _floats(text: str | None, count: int) -> tuple[float, ...] | None:
 class Exclusion:
     sop_instance_uid: str
     reason: str
+    window: str | None = None  # left out of this window only; shown in the series' others
 
 
 @dataclass(frozen=True)
@@ -169,19 +173,58 @@ def evenly(count: int, wanted: int) -> list[int]:
     return sorted({int(i) for i in np.rint(np.linspace(0, count - 1, wanted))})
 
 
-def _volume_frames(images: list[SourceImage], wanted: int) -> tuple[list[ChosenFrame], int]:
+def _normal(orientation: Sequence[float]) -> tuple[float, float, float]:
+    rx, ry, rz, cx, cy, cz = (float(v) for v in orientation)
+    return ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
+
+
+def frame_positions(path: Path, frames: int) -> list[float | None]:
+    """Each frame's position along the slice normal from an enhanced multi-frame header
+    (PS3.3 C.7.6.16: Plane Position and Plane Orientation functional groups); Nones when the
+    header does not say."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        if not per_frame or len(per_frame) != frames:
+            return [None] * frames
+
+        def orientation(group: Any) -> Any:
+            sequence = group.get("PlaneOrientationSequence") if group is not None else None
+            return sequence[0].ImageOrientationPatient if sequence else None
+
+        shared_orientation = orientation(shared[0]) if shared else None
+        positions: list[float | None] = []
+        for item in per_frame:
+            own = orientation(item) or shared_orientation
+            plane = item.get("PlanePositionSequence")
+            if own is None or not plane:
+                return [None] * frames
+            nx, ny, nz = _normal(own)
+            px, py, pz = (float(v) for v in plane[0].ImagePositionPatient)
+            positions.append(nx * px + ny * py + nz * pz)
+        return positions
+    except Exception:  # an unreadable header: frame order it is
+        return [None] * frames
+
+
+def _volume_frames(images: list[SourceImage]) -> tuple[list[ChosenFrame], int]:
+    """Every slice (or frame) of a volume, in position order, each labelled with its position."""
     if len(images) == 1 and images[0].number_of_frames > 1:  # enhanced / multi-frame volume
         image = images[0]
-        return [
-            ChosenFrame(image, i, f"F{i + 1}") for i in evenly(image.number_of_frames, wanted)
-        ], image.number_of_frames
+        positions = frame_positions(image.path, image.number_of_frames)
+        frames = [
+            ChosenFrame(image, i, f"F{i + 1}" + (f" z={z:.1f}" if z is not None else ""), z)
+            for i, z in enumerate(positions)
+        ]
+        if all(z is not None for z in positions):
+            frames.sort(key=lambda f: (f.slice_position_mm, f.frame_index))
+        return frames, image.number_of_frames
     ordered = sorted(images, key=lambda im: (im.along_normal() or 0.0, im.instance_number or 0))
-    positions = [im.along_normal() for im in ordered]
-    chosen = [
-        ChosenFrame(ordered[i], 0, f"S{n + 1} z={positions[i]:.1f}", positions[i])
-        for n, i in enumerate(evenly(len(ordered), wanted))
-        if positions[i] is not None
-    ]
+    chosen = []
+    for image in ordered:
+        z = image.along_normal()
+        chosen.append(ChosenFrame(image, 0, f"z={z:.1f}" if z is not None else "", z))
     return chosen, len(ordered)
 
 
@@ -194,7 +237,9 @@ def _is_volume(modality: str, images: list[SourceImage]) -> bool:
 
 
 def plan_study(images: list[SourceImage], budget: ImageBudget) -> tuple[list[SeriesPlan], list[Exclusion]]:
-    """Choose what the model sees within ``budget``; say why everything else is left out."""
+    """What could be shown: one plan per volume (every slice, by position) and one per other
+    image (its middle frame), volumes largest first; and why everything else is left out. How
+    much of it the cost budget shows is :func:`analysis.budget.allocate`'s."""
     exclusions: list[Exclusion] = []
     by_series: dict[str, list[SourceImage]] = defaultdict(list)
     for image in images:
@@ -216,21 +261,9 @@ def plan_study(images: list[SourceImage], budget: ImageBudget) -> tuple[list[Ser
 
     plans: list[SeriesPlan] = []
     for series, members in volumes:
-        if len(plans) == budget.max_images:
-            exclusions += [Exclusion(im.sop_instance_uid, "over the image budget") for im in members]
-            continue
-        frames, available = _volume_frames(members, budget.tiles_per_mosaic)
+        frames, available = _volume_frames(members)
         plans.append(SeriesPlan(series, members[0].modality, "volume", tuple(frames), available))
-        used = {f.image.sop_instance_uid for f in frames}
-        exclusions += [
-            Exclusion(im.sop_instance_uid, "not among the evenly spaced slices")
-            for im in members
-            if im.sop_instance_uid not in used
-        ]
     for image in singles:
-        if len(plans) == budget.max_images:
-            exclusions.append(Exclusion(image.sop_instance_uid, "over the image budget"))
-            continue
         middle = image.number_of_frames // 2  # a cine loop: its middle frame
         label = f"F{middle + 1}" if image.number_of_frames > 1 else "I1"
         plans.append(

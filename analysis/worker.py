@@ -252,7 +252,12 @@ class AnalysisWorker:
             return
         route = self._route(job.id)
         vision = self._client_for(route)
-        imaging = for_provider(self.settings.imaging, vision.preset)
+        imaging = for_provider(
+            self.settings.imaging,
+            vision.preset,
+            max_cost_usd=vision.settings.max_cost_usd_per_study,
+            max_output_tokens=vision.settings.max_output_tokens,
+        )
         clock = time.perf_counter
         t0 = clock()
         with self.sessions() as session:
@@ -295,7 +300,7 @@ class AnalysisWorker:
             crashpoints.reached("analysis.after_findings_commit")
         t_model = clock()
         analysed = self._headers(study, fixed)
-        shown = {t.sop_instance_uid for image in prepared.composed for t in image.tiles}
+        shown = prepared.shown_instances  # every slice of every slab: a region may land on any
         sources = {uid: header for uid, header in analysed.items() if uid in shown}
         predecessor = self._predecessor(study)
         context = ReportContext(

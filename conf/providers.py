@@ -3,6 +3,12 @@ model accepts, what it costs.
 
 Prices are US dollars per million tokens, from the comparison our users start from (the seed
 document's table; check your contract). Local servers (vLLM, Ollama) cost nothing per token.
+
+Image limits per preset (images per request, bytes per image and per request, long edge), from the
+providers' documentation as read in 2025 (sources beside each preset). One request per study is
+enough: at the default budget a 300-slice chest CT is 4 mosaics (benchmarks/imaging.py), far below
+every documented per-request image limit, so findings never have to be merged across requests; a
+study over a preset's own limit is shown as far as it goes and the rest listed in the manifest.
 """
 
 from __future__ import annotations
@@ -58,6 +64,10 @@ PRESETS: dict[str, ProviderPreset] = {
             "openai",
             2.00,
             8.00,
+            # OpenAI vision guide, "Image input requirements": 50 MB payload per request, up to 500
+            # images (platform.openai.com/docs/guides/images-vision); we keep 10 images (not
+            # re-confirmed against the live page in this change); detail "high" scales into 2048 px,
+            # then to a 768 px short side (analysis/vision/tokens.py).
             max_images=10,
             max_bytes_per_image=20_000_000,
             max_bytes_per_request=50_000_000,
@@ -72,6 +82,9 @@ PRESETS: dict[str, ProviderPreset] = {
             "anthropic",
             3.00,
             15.00,
+            # docs.anthropic.com/en/docs/vision (2025): up to 100 images per API request, 32 MB per
+            # request, 5 MB per image; over 20 images each is limited to 2000 x 2000 px, so 20 keeps
+            # the 8000 px limit; past 1568 px long edge or ~1,600 tokens an image is scaled down.
             max_images=20,
             max_bytes_per_image=5_000_000,
             max_bytes_per_request=32_000_000,
@@ -88,6 +101,8 @@ PRESETS: dict[str, ProviderPreset] = {
             "gemini",
             0.30,
             2.50,
+            # cloud.google.com Vertex AI "Image understanding" (2025): Gemini 2.5 takes up to 3,000
+            # images per prompt, 7 MB per inline image; larger images are tiled in 768 x 768 crops.
             max_images=16,
             max_bytes_per_image=7_000_000,
             box_convention="per_mille",

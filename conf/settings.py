@@ -141,24 +141,30 @@ class StudySettings(_Section):
     settle_seconds: float = Field(default=10.0, ge=0)
 
 
-# CT window preset by Body Part Examined; parts not listed get "mediastinum".
-DEFAULT_CT_WINDOW_BY_BODY_PART: dict[str, str] = {
-    "CHEST": "lung",
-    "LUNG": "lung",
-    "THORAX": "lung",
-    "HEAD": "brain",
-    "BRAIN": "brain",
-    "SKULL": "bone",
+# CT windows by Body Part Examined, first one first: each window is its own set of tiles (a chest
+# CT is read in lung and mediastinal windows, a head CT in brain and subdural windows). Parts not
+# listed: the anatomy is judged from the series (analysis.windows), else "mediastinum".
+DEFAULT_CT_WINDOW_BY_BODY_PART: dict[str, tuple[str, ...]] = {
+    "CHEST": ("lung", "mediastinum"),
+    "LUNG": ("lung", "mediastinum"),
+    "THORAX": ("lung", "mediastinum"),
+    "HEAD": ("brain", "subdural"),
+    "BRAIN": ("brain", "subdural"),
+    "SKULL": ("bone", "brain"),
+    "ABDOMEN": ("soft_tissue",),
+    "PELVIS": ("soft_tissue",),
+    "ABDOMENPELVIS": ("soft_tissue",),
 }
 
 
 class ImagingSettings(_Section):
     """What the model is shown. Providers may lower these (their image and byte limits)."""
 
-    max_images: int = Field(default=4, ge=1, le=64)
-    mosaic_grid: int = Field(default=4, ge=1, le=8)  # 4: mosaics of up to 4 x 4 slices
-    tile_px: int = Field(default=256, ge=64, le=1024)
-    long_edge_px: int = Field(default=1024, ge=64, le=8192)
+    max_images: int = Field(default=16, ge=1, le=64)  # per request; a mosaic counts as one
+    mosaic_grid: int = Field(default=8, ge=1, le=8)  # mosaics of up to 8 x 8 tiles
+    tile_px: int = Field(default=256, ge=64, le=1024)  # tile size when a frame has no pixel spacing
+    long_edge_px: int = Field(default=1024, ge=64, le=8192)  # single images are scaled down to this
+    mosaic_long_edge_px: int = Field(default=2048, ge=64, le=8192)  # mosaics are at most this wide and tall
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = Field(default=85, ge=30, le=95)
     max_bytes_per_image: int = Field(default=5_000_000, ge=1024)
@@ -170,9 +176,42 @@ class ImagingSettings(_Section):
     unlabelled_burned_in: dict[str, Literal["exclude", "mask", "allow"]] = Field(default_factory=dict)
     # The top band blacked out on masked images (and on US and secondary captures labelled NO).
     mask_top_fraction: float = Field(default=0.22, ge=0, le=0.5)
-    ct_window_by_body_part: dict[str, str] = Field(
+    ct_window_by_body_part: dict[str, tuple[str, ...]] = Field(
         default_factory=lambda: dict(DEFAULT_CT_WINDOW_BY_BODY_PART)
     )
+    # Volumes are shown as slabs that partition the series; no slab is thicker than this. A series
+    # too long for the budget at this thickness gets more mosaics, never thicker slabs.
+    max_slab_mm: float = Field(default=10.0, gt=0, le=50)
+    # Image tokens per study (0: only vision.max_cost_usd_per_study limits them), by the
+    # provider's own formula. The default covers a 300-slice chest CT in lung and mediastinal
+    # windows at <= 10 mm slabs for about $0.012 at GPT-4.1's input price.
+    max_image_tokens: int = Field(default=6000, ge=0)
+    # Tiles are never so small that a finding this size is fewer than min_finding_px pixels across
+    # in the image as the provider processes it (after its own rescaling).
+    min_finding_mm: float = Field(default=5.0, gt=0)
+    min_finding_px: float = Field(default=3.0, gt=0)
+    # CT as MedGemma was trained: one RGB image per slab carrying three windows (R -1024..1024 HU,
+    # G -135..215, B 0..80) instead of one set of tiles per window.
+    ct_rgb_windows: bool = False
+    # Set from the provider preset by analysis.prepare.for_provider: whose image token formula
+    # and rescaling the budget is computed with.
+    token_formula: Literal["openai", "anthropic", "gemini"] = "openai"
+
+    @field_validator("ct_window_by_body_part", mode="before")
+    @classmethod
+    def _windows(cls, value: Any) -> Any:
+        """One window per part (``CHEST = "lung"``, as before) or several (``["lung",
+        "mediastinum"]``, or ``"lung,mediastinum"`` from an environment variable)."""
+        if not isinstance(value, Mapping):
+            return value
+        out: dict[str, Any] = {}
+        for part, windows in value.items():
+            if isinstance(windows, str):
+                windows = [w.strip() for w in windows.split(",") if w.strip()]
+            if not windows:
+                raise ValueError(f'imaging.ct_window_by_body_part: "{part}" names no window')
+            out[str(part).upper()] = tuple(windows)
+        return out
 
 
 class VisionSettings(_Section):

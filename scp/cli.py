@@ -244,7 +244,12 @@ def _preview(settings: Settings, study_instance_uid: str, out: Path) -> int:
     from conf.providers import preset_for
 
     with open_database(settings.storage.database_url) as sessions, sessions() as session:
-        imaging = for_provider(settings.imaging, preset_for(settings.vision.provider))
+        imaging = for_provider(
+            settings.imaging,
+            preset_for(settings.vision.provider),
+            max_cost_usd=settings.vision.max_cost_usd_per_study,
+            max_output_tokens=settings.vision.max_output_tokens,
+        )
         prepared = prepare_study(session, study_instance_uid, settings.storage.root, imaging)
     if not prepared.encoded and not prepared.exclusions:
         print(f"ainode preview: no study {study_instance_uid} in the database", file=sys.stderr)

@@ -44,3 +44,35 @@ IMAGE_TOKEN_FORMULAS: dict[str, Callable[[int, int], int]] = {
     "anthropic": anthropic_image_tokens,
     "gemini": gemini_image_tokens,
 }
+
+
+def openai_processed_scale(width: int, height: int) -> float:
+    """How much OpenAI shrinks an image before the model sees it (``detail: high``): into
+    2048 x 2048, then the short side to 768. Upscaling adds no detail, so never above 1."""
+    _check(width, height)
+    fit = min(1.0, 2048 / max(width, height))
+    return fit * min(1.0, 768 / (min(width, height) * fit))
+
+
+# Anthropic's vision guide: "If your image's long edge is more than 1568 pixels, or your image is
+# more than ~1,600 tokens, it will first be scaled down" (docs.anthropic.com/en/docs/vision, read
+# 2025). 1,600 tokens at width x height / 750 is 1.2 megapixels.
+ANTHROPIC_MAX_PIXELS = 1600 * 750
+
+
+def anthropic_processed_scale(width: int, height: int) -> float:
+    _check(width, height)
+    return min(1.0, 1568 / max(width, height), math.sqrt(ANTHROPIC_MAX_PIXELS / (width * height)))
+
+
+def gemini_processed_scale(width: int, height: int) -> float:
+    """Gemini cuts larger images into 768 x 768 tiles at full resolution."""
+    _check(width, height)
+    return 1.0
+
+
+PROCESSED_SCALE: dict[str, Callable[[int, int], float]] = {
+    "openai": openai_processed_scale,
+    "anthropic": anthropic_processed_scale,
+    "gemini": gemini_processed_scale,
+}

@@ -10,8 +10,9 @@ from analysis.imaging import DisplayFrame, render_file
 from tests.data.generate import sample
 
 SAMPLES = {
-    "693_UNCI.dcm": "preset mediastinum",  # CT 512 x 512, native
-    "693_J2KR.dcm": "preset mediastinum",  # the same CT, JPEG 2000 lossless
+    # CT 512 x 512 of a head, native, without Body Part Examined: its own brain window says so.
+    "693_UNCI.dcm": "preset brain (head: the header's window is a brain window (C 40, W 100))",
+    "693_J2KR.dcm": "preset brain (head: the header's window is a brain window (C 40, W 100))",
     "CT_small.dcm": "preset mediastinum",
     "MR_small.dcm": "header",
     "MR_small_RLE.dcm": "header",

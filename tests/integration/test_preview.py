@@ -33,24 +33,38 @@ def test_preview_writes_images_prompt_and_manifest_without_identifying_text(
 
     out = tmp_path / "preview"
     result = node.cli("preview", study, "--out", str(out))
-    assert "2 image(s) for the model" in result.stdout
+    # The 40-slice head CT (its header's brain window says so) in brain and subdural windows, each
+    # two mosaics of 1.25 mm slabs (the default budget affords single-slice slabs here); CR. The
+    # ultrasound has no BurnedInAnnotation: left out by default (issue 13).
+    assert "5 image(s) for the model" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [image["kind"] for image in manifest["images"]] == ["volume", "single"]
+    assert [image["kind"] for image in manifest["images"]] == ["volume"] * 4 + ["single"]
     for image in manifest["images"]:
         data = (out / image["file"]).read_bytes()
         assert data[:3] == b"\xff\xd8\xff"  # JPEG
         assert hashlib.sha256(data).hexdigest() == image["sha256"] and len(data) == image["bytes"]
     ct = manifest["images"][0]
-    assert len(ct["tiles"]) == 16 and ct["tiles"][0]["window"]["explanation"] == "preset mediastinum"
+    assert ct["window"] == "brain window (C 40, W 80)" and ct["projection"] == "average intensity projection"
+    assert ct["tiles"][0]["window"]["explanation"].startswith("preset brain (head: the header's window")
+    for window in ("brain window (C 40, W 80)", "subdural window (C 75, W 215)"):
+        shown = [
+            uid
+            for image in manifest["images"]
+            if image.get("window") == window
+            for tile in image["tiles"]
+            for uid in tile["slab"]["sop_instance_uids"]
+        ]
+        assert len(shown) == len(set(shown)) == 40  # every slice once in each window
     reasons = {e["reason"] for e in manifest["excluded"]}
     assert reasons == {
         "localizer",
-        "not among the evenly spaced slices",
-        # No BurnedInAnnotation on the ultrasound: treated as YES by default (issue 13).
         "US without BurnedInAnnotation NO (may show patient data; imaging.unlabelled_burned_in)",
     }
     prompt = (out / "prompt.txt").read_text()
-    assert "a mosaic of 16 of the series' 40 slices" in prompt and "CR, body part CHEST" in prompt
+    assert (
+        "the slabs together cover every slice of the series (40)" in prompt
+        and "CR, body part CHEST" in prompt
+    )
     everything_sent = prompt + json.dumps(manifest)
     for token in identifying_tokens():
         assert token not in everything_sent, f"{token!r} leaked into what the model gets"

@@ -1,0 +1,98 @@
+"""Mosaic layout from the provider's cost and rescaling: the tile size and grid that show the
+most tiles per image token while a finding of ``min_finding_mm`` stays ``min_finding_px`` pixels
+across in the image *as the provider processes it* (OpenAI shrinks the short side to 768 px,
+Claude past 1568 px or 1.2 megapixels). Too small a tile would save tokens by hiding what the
+study is read for, so a long series gets more mosaics, never smaller tiles.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from analysis.vision.tokens import IMAGE_TOKEN_FORMULAS, PROCESSED_SCALE
+
+TILE_STEP_PX = 16
+
+
+@dataclass(frozen=True)
+class MosaicLayout:
+    columns: int
+    rows: int
+    tile_px: int
+    formula: str
+
+    @property
+    def tiles(self) -> int:
+        return self.columns * self.rows
+
+    def grid_for(self, count: int) -> tuple[int, int]:
+        """(columns, rows) of a mosaic holding ``count`` tiles: the layout's rows kept (the short
+        side the provider rescales by), fewer columns."""
+        if not 1 <= count <= self.tiles:
+            raise ValueError(f'Argument "count" must be 1 to {self.tiles}, got {count}')
+        rows = min(self.rows, count)
+        return math.ceil(count / rows), rows
+
+    def tokens_for(self, count: int) -> int:
+        """Image tokens of a mosaic of ``count`` tiles, by the provider's formula."""
+        columns, rows = self.grid_for(count)
+        return IMAGE_TOKEN_FORMULAS[self.formula](columns * self.tile_px, rows * self.tile_px)
+
+
+def needed_tile_px(
+    field_of_view_mm: float | None, min_finding_mm: float, min_finding_px: float
+) -> float | None:
+    """Processed pixels a tile needs so a ``min_finding_mm`` finding is ``min_finding_px`` across."""
+    if field_of_view_mm is None or field_of_view_mm <= 0:
+        return None
+    return field_of_view_mm * min_finding_px / min_finding_mm
+
+
+def choose_layout(
+    formula: str,
+    needed_px: float | None,
+    default_tile_px: int,
+    max_long_edge_px: int,
+    max_grid: int,
+    source_px: int,
+) -> MosaicLayout:
+    """The layout with the fewest image tokens per tile among those whose tiles keep
+    ``needed_px`` after the provider's rescaling (``needed_px`` None: tiles of
+    ``default_tile_px``). Ties go to more tiles per image (fewer images)."""
+    if formula not in IMAGE_TOKEN_FORMULAS:
+        raise ValueError(f'Argument "formula" must be one of {sorted(IMAGE_TOKEN_FORMULAS)}, got "{formula}"')
+    if max_long_edge_px < 16 or max_grid < 1:
+        raise ValueError(f"max_long_edge_px {max_long_edge_px} and max_grid {max_grid} must be positive")
+    tokens, scale = IMAGE_TOKEN_FORMULAS[formula], PROCESSED_SCALE[formula]
+    if needed_px is None:
+        sizes = [min(default_tile_px, max_long_edge_px)]
+    else:
+        # From the size needed up to the source's own (a bigger tile shows nothing more).
+        smallest = max(TILE_STEP_PX, math.ceil(needed_px / TILE_STEP_PX) * TILE_STEP_PX)
+        largest = max(smallest, min(max_long_edge_px, max(source_px, smallest)))
+        sizes = list(range(smallest, largest + 1, TILE_STEP_PX))
+    best: tuple[float, int, MosaicLayout] | None = None
+    fallback: tuple[float, MosaicLayout] | None = None
+    for tile in sizes:
+        for rows in range(1, max_grid + 1):
+            for columns in range(1, max_grid + 1):
+                width, height = columns * tile, rows * tile
+                if max(width, height) > max_long_edge_px:
+                    continue
+                layout = MosaicLayout(columns, rows, tile, formula)
+                shown = tile * scale(width, height)
+                if needed_px is not None and shown + 1e-9 < needed_px:
+                    if fallback is None or shown > fallback[0]:
+                        fallback = (shown, layout)
+                    continue
+                per_tile = tokens(width, height) / layout.tiles
+                key = (per_tile, -layout.tiles)
+                if best is None or key < (best[0], best[1]):
+                    best = (per_tile, -layout.tiles, layout)
+    if best is not None:
+        return best[2]
+    if fallback is not None:  # the provider cannot show a tile that large: the largest it can
+        return fallback[1]
+    size = min(default_tile_px, max_long_edge_px)
+    return MosaicLayout(1, 1, size, formula)

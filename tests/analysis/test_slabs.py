@@ -1,0 +1,237 @@
+"""Slabs (issue 12): the whole volume is shown, in the windows its anatomy is read in, within the
+cost budget; a box on a slab tile lands on the slice the finding is on."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from analysis.budget import VolumeRequest, allocate
+from analysis.findings import Box
+from analysis.imaging import CT_PRESETS
+from analysis.layout import MosaicLayout, choose_layout
+from analysis.regions import map_box_to_source
+from analysis.selection import ChosenFrame, ImageBudget, plan_study
+from analysis.slabs import partition
+from analysis.vision.tokens import PROCESSED_SCALE
+from analysis.volume import SliceReader, project
+from analysis.windows import WindowSpec, series_windows
+from conf import ImagingSettings
+from tests.analysis.test_selection import image
+from tests.data.ingest import prepared_study
+from tests.data.phantom import head_ct, write_volume
+
+LUNG = WindowSpec("lung", -600, 1500, "mip", "preset lung")
+MEDIASTINUM = WindowSpec("mediastinum", 40, 400, "average", "preset mediastinum")
+
+
+def _series(count: int, spacing: float = 1.25, gap: range = range(0), seed: int = 1) -> list[ChosenFrame]:
+    numbers = list(range(1, count + 1))
+    random.Random(seed).shuffle(numbers)
+    slices = [
+        image(f"1.{i}", position=(0.0, 0.0, -100.0 + spacing * i), instance_number=numbers[i])
+        for i in range(count)
+        if i not in gap
+    ]
+    random.Random(seed + 1).shuffle(slices)
+    (plan,), _ = plan_study(slices, ImageBudget())
+    return list(plan.frames)
+
+
+def test_slabs_partition_the_series_by_position_with_shuffled_numbers_and_a_gap() -> None:
+    frames = _series(120, gap=range(40, 52))  # 15 mm missing in the middle
+    slabs = partition(frames, 10.0)
+    members = [m.image.sop_instance_uid for slab in slabs for m in slab.members]
+    assert sorted(members) == sorted(f.image.sop_instance_uid for f in frames)  # each exactly once
+    assert len(members) == len(set(members)) == 108
+    positions = [m.slice_position_mm or 0.0 for slab in slabs for m in slab.members]
+    assert positions == sorted(positions)  # by position, whatever the instance numbers say
+    for slab in slabs:
+        assert slab.thickness_mm is not None and slab.thickness_mm <= 10.0
+        span = (slab.last.slice_position_mm or 0) - (slab.first.slice_position_mm or 0)
+        assert span < 10.0  # no slab reaches across the gap
+    assert max(len(s.members) for s in slabs) == 8  # 8 x 1.25 mm
+
+
+def test_slab_thickness_is_a_whole_number_of_slices_never_over_the_limit() -> None:
+    slabs = partition(_series(40, spacing=3.0), 10.0)
+    assert {len(s.members) for s in slabs} == {3} | ({40 % 3} if 40 % 3 else set())
+    assert max(s.thickness_mm or 0 for s in slabs) == pytest.approx(9.0)
+    with pytest.raises(ValueError, match='"thickness_mm" must be positive, got 0'):
+        partition(_series(4), 0)
+
+
+def test_mip_holds_the_maximum_and_average_the_mean() -> None:
+    rng = np.random.default_rng(3)
+    values = rng.normal(0, 100, (7, 16, 16)).astype(np.float32)
+    values[4, 3, 5] = 5000.0
+    mip = project(values, "mip")
+    assert mip[3, 5] == 5000.0
+    assert np.array_equal(mip, values.max(axis=0))
+    assert np.allclose(project(values, "average"), values.mean(axis=0), atol=1e-3)
+    assert np.array_equal(project(values, "minip"), values.min(axis=0))
+    with pytest.raises(ValueError, match='"projection" must be'):
+        project(values, "sum")
+
+
+def test_a_box_on_a_mip_tile_maps_to_the_slice_of_the_brightest_voxel(tmp_path: Path) -> None:
+    # 16 slices 1.25 mm apart: two 10 mm slabs. In the first slab, a bright dot on slice 5 inside
+    # the box and a brighter one on slice 2 outside it.
+    slices = [np.full((64, 64), -850.0, dtype=np.float32) for _ in range(16)]
+    slices[5][20:23, 20:23] = 100.0
+    slices[2][50:53, 50:53] = 400.0
+    numbers = list(range(1, 17))
+    random.Random(4).shuffle(numbers)
+    paths, _, _ = write_volume(
+        tmp_path / "in",
+        slices,
+        [1.25 * i for i in range(16)],
+        0.7,
+        body_part="CHEST",
+        instance_numbers=numbers,
+    )
+    # One tile per image and four images: the budget affords 10 mm slabs, no thinner.
+    prepared, _ = prepared_study(paths, tmp_path, ImagingSettings(mosaic_grid=1, max_images=4))
+    assert prepared.slab_thickness_mm == 10.0
+    lung = next(i for i, p in enumerate(prepared.plans) if p.window is not None and p.window.name == "lung")
+    composed = prepared.composed[lung]
+    tile = composed.tiles[0]
+    assert tile.slab is not None and tile.slab.projection == "mip" and len(tile.slab.members) == 8
+    # The box around the dot at source (21, 21), in the mosaic's fractions.
+    x0, y0 = tile.x0 + 17 * tile.scale, tile.y0 + 17 * tile.scale
+    x1, y1 = tile.x0 + 26 * tile.scale, tile.y0 + 26 * tile.scale
+    box = Box(
+        x_min=x0 / composed.width,
+        y_min=y0 / composed.height,
+        x_max=x1 / composed.width,
+        y_max=y1 / composed.height,
+    )
+    region = map_box_to_source(box, composed)
+    assert region is not None
+    by_uid = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p.name for p in paths}
+    assert by_uid[region.sop_instance_uid] == "00005.dcm"
+    # The dot outside the box is on another slice: the box decides, not the slab's maximum.
+    far = Box(
+        x_min=(tile.x0 + 47 * tile.scale) / composed.width,
+        y_min=(tile.y0 + 47 * tile.scale) / composed.height,
+        x_max=(tile.x0 + 56 * tile.scale) / composed.width,
+        y_max=(tile.y0 + 56 * tile.scale) / composed.height,
+    )
+    other = map_box_to_source(far, composed)
+    assert other is not None and by_uid[other.sop_instance_uid] == "00002.dcm"
+    # The manifest says what the tile is, and lists both slabs' slices as shown.
+    entry = prepared.manifest()["images"][lung]["tiles"][0]["slab"]
+    assert (entry["slices"], entry["thickness_mm"], entry["projection"]) == (
+        8,
+        10.0,
+        "maximum intensity projection",
+    )
+    assert entry["first"]["position_mm"] == 0.0 and entry["last"]["position_mm"] == 8.75
+    assert len(prepared.shown_instances) == 16
+
+
+def test_a_head_ct_without_body_part_gets_brain_windows(tmp_path: Path) -> None:
+    phantom = head_ct(tmp_path / "head", slices=12)
+    middle = phantom.paths[6]
+    ds = dcmread(middle)
+    assert "BodyPartExamined" not in ds and "SeriesDescription" not in ds and "WindowCenter" not in ds
+    reader = SliceReader()
+    frame = ChosenFrame(replace(image("x"), path=middle), 0, "")
+    values = reader.values(frame)
+    windows = series_windows(ds, values, ImagingSettings().ct_window_by_body_part, CT_PRESETS)
+    assert [w.name for w in windows] == ["brain", "subdural"]
+    assert "HU histogram" in windows[0].explanation
+    # A chest-sized trunk without a body part keeps the default.
+    trunk = np.full((256, 256), -1000.0, dtype=np.float32)
+    trunk[30:226, 10:246] = 40.0
+    trunk[60:200, 40:120] = -850.0
+    assert [w.name for w in series_windows(ds, trunk, {}, CT_PRESETS)] == ["mediastinum"]
+
+
+def test_a_head_ct_named_only_by_its_description_gets_brain_windows(tmp_path: Path) -> None:
+    phantom = head_ct(tmp_path / "head", slices=8, series_description="CT Kopf nativ 5mm")
+    ds = dcmread(phantom.paths[4])
+    flat = np.zeros((8, 8), dtype=np.float32)  # nothing to judge from the pixels
+    names = [w.name for w in series_windows(ds, flat, ImagingSettings().ct_window_by_body_part, CT_PRESETS)]
+    assert names == ["brain", "subdural"]
+
+
+LAYOUT = MosaicLayout(8, 3, 224, "openai")
+
+
+def _request(count: int) -> VolumeRequest:
+    (plan,), _ = plan_study(
+        [image(f"1.{i}", position=(0.0, 0.0, 1.25 * i)) for i in range(count)], ImageBudget()
+    )
+    return VolumeRequest(plan, (LUNG, MEDIASTINUM))
+
+
+def test_a_longer_series_gets_more_mosaics_never_thicker_slabs() -> None:
+    kwargs = {"max_images": 64, "max_slab_mm": 10.0, "formula": "openai", "long_edge_px": 1024}
+    short = allocate([_request(300)], [], LAYOUT, max_tokens=6000, **kwargs)  # type: ignore[arg-type]
+    long = allocate([_request(1200)], [], LAYOUT, max_tokens=30000, **kwargs)  # type: ignore[arg-type]
+    assert short.exclusions == [] and long.exclusions == []
+    for allocation in (short, long):
+        assert allocation.thickness_mm is not None and allocation.thickness_mm <= 10.0
+        assert max(s.thickness_mm or 0 for i in allocation.images for s in i.slabs) <= 10.0
+        assert allocation.tokens <= (6000 if allocation is short else 30000)
+    assert len(long.images) > len(short.images)
+    # Every slice of the long series in each window, exactly once.
+    for window in ("lung", "mediastinum"):
+        shown = [
+            m.image.sop_instance_uid
+            for i in long.images
+            if i.window and i.window.name == window
+            for s in i.slabs
+            for m in s.members
+        ]
+        assert len(shown) == len(set(shown)) == 1200
+    # A bigger budget buys thinner slabs, not a different coverage.
+    rich = allocate([_request(300)], [], LAYOUT, max_tokens=20000, **kwargs)  # type: ignore[arg-type]
+    assert rich.thickness_mm is not None and short.thickness_mm is not None
+    assert rich.thickness_mm < short.thickness_mm
+
+
+def test_a_study_too_large_for_the_budget_says_so_in_the_exclusions() -> None:
+    kwargs = {"max_images": 64, "max_slab_mm": 10.0, "formula": "openai", "long_edge_px": 1024}
+    tight = allocate([_request(1200)], [], LAYOUT, max_tokens=6000, **kwargs)  # type: ignore[arg-type]
+    assert tight.thickness_mm == 10.0  # never thicker than the limit to make it fit
+    assert tight.tokens <= 6000
+    reasons = {e.reason for e in tight.exclusions}
+    assert len(reasons) == 1 and reasons.pop().startswith(
+        "over the study's budget of 64 images and 6000 image tokens"
+    )
+    # The lung window (first) is shown as far as the budget goes; what is not shown in it is
+    # excluded outright, and every mediastinal slab not shown is excluded for that window.
+    lung_shown = {
+        m.image.sop_instance_uid for i in tight.images if i.window == LUNG for s in i.slabs for m in s.members
+    }
+    outright = {e.sop_instance_uid for e in tight.exclusions if e.window is None}
+    assert lung_shown and outright and not lung_shown & outright
+    assert len(lung_shown) + len(outright) == 1200
+    assert all(e.window == "mediastinum" for e in tight.exclusions if e.window is not None)
+
+
+def test_through_the_settings_a_too_large_study_lands_in_the_manifest(tmp_path: Path) -> None:
+    slices = [np.full((64, 64), 40.0, dtype=np.float32) for _ in range(40)]
+    paths, _, _ = write_volume(tmp_path / "in", slices, [1.25 * i for i in range(40)], 0.7, body_part="CHEST")
+    prepared, _ = prepared_study(paths, tmp_path, ImagingSettings(max_images=1))
+    manifest = prepared.manifest()
+    assert len(manifest["images"]) == 1 and manifest["images"][0]["window"].startswith("lung window")
+    assert {e["window"] for e in manifest["excluded"]} == {"mediastinum"}
+    assert len(manifest["excluded"]) == 40
+    assert all(e["reason"].startswith("over the study's budget of 1 images") for e in manifest["excluded"])
+
+
+@pytest.mark.parametrize("formula", ["openai", "anthropic", "gemini"])
+def test_tiles_keep_a_5_mm_finding_3_pixels_across_after_the_providers_rescaling(formula: str) -> None:
+    needed = 358.4 * 3 / 5  # a 512 x 0.7 mm field of view
+    layout = choose_layout(formula, needed, 256, 1568 if formula == "anthropic" else 2048, 8, 512)
+    width, height = layout.columns * layout.tile_px, layout.rows * layout.tile_px
+    assert layout.tile_px * PROCESSED_SCALE[formula](width, height) >= needed
+    assert layout.tiles >= 9  # and many tiles per image, not one slice per image
