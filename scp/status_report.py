@@ -2,69 +2,11 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from storage.overview import study_rows
 
-from storage.models import ApiCall, Job, Outbox, Study
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat(timespec="seconds") if value is not None else None
-
-
-def study_rows(session: Session) -> list[dict[str, Any]]:
-    jobs: dict[str, Job | None] = {}
-    for row in session.scalars(select(Job).order_by(Job.study_instance_uid, Job.study_version)):
-        jobs[row.study_instance_uid] = row  # the newest version's job wins
-    costs = dict(
-        session.execute(  # type: ignore[arg-type]
-            select(ApiCall.study_instance_uid, func.sum(ApiCall.cost_usd)).group_by(
-                ApiCall.study_instance_uid
-            )
-        ).all()
-    )
-    sends: dict[str, list[dict[str, object]]] = {}
-    for d, s, a, e, u, study_uid in session.execute(
-        select(
-            Outbox.destination,
-            Outbox.state,
-            Outbox.attempts,
-            Outbox.last_error,
-            Outbox.sr_sop_instance_uid,
-            Outbox.study_instance_uid,
-        ).order_by(Outbox.id)
-    ):
-        sends.setdefault(study_uid, []).append(
-            {"destination": d, "state": s, "attempts": a, "last_error": e, "sr_sop_instance_uid": u}
-        )
-    rows: list[dict[str, Any]] = []
-    for study in session.scalars(select(Study).order_by(Study.first_received_at)):
-        job = jobs.get(study.study_instance_uid)
-        current = job if job is not None and job.study_version == study.version else None
-        rows.append(
-            {
-                "study_instance_uid": study.study_instance_uid,
-                "state": study.state,
-                "version": study.version,
-                "instance_count": study.instance_count,
-                "series_count": study.series_count,
-                "calling_ae_title": study.calling_ae_title,
-                "first_received_at": _iso(study.first_received_at),
-                "last_received_at": _iso(study.last_received_at),
-                "settle_at": _iso(study.settle_at),
-                "attempts": current.attempts if current is not None else 0,
-                "last_error": study.last_error or (current.last_error if current is not None else None),
-                "sr_sop_instance_uid": study.sr_sop_instance_uid,
-                "deliveries": sends.get(study.study_instance_uid, []),
-                "cost_usd": (
-                    round(costs[study.study_instance_uid], 6) if study.study_instance_uid in costs else None
-                ),
-            }
-        )
-    return rows
+__all__ = ["format_table", "study_rows"]
 
 
 def _problem(row: dict[str, Any]) -> str | None:
