@@ -477,7 +477,6 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
             request,
             "login.html",
             {"next": next_path, "error": error, "visitor": None, "counts": None},
-            status_code=401 if error else 200,
         )
 
     async def logout(request: Request) -> Response:
