@@ -41,9 +41,17 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") if value is not None else None
 
 
-def _chunks(values: Sequence[T], size: int = IN_CHUNK) -> Iterator[Sequence[T]]:
+def _chunks(values: Sequence[T] | None, size: int = IN_CHUNK) -> Iterator[Sequence[T] | None]:
+    """``values`` in slices for ``IN (...)``; None (every study) once, for one query without IN."""
+    if values is None:
+        yield None
+        return
     for start in range(0, len(values), size):
         yield values[start : start + size]
+
+
+def _among(column: Any, chunk: Sequence[str] | None) -> Any:
+    return column.in_(chunk) if chunk is not None else column.is_not(None)
 
 
 @dataclass(frozen=True)
@@ -93,32 +101,34 @@ def count_studies(session: Session, where: StudyFilter = StudyFilter()) -> int:
     return int(session.scalar(where.apply(select(func.count()).select_from(Study))) or 0)
 
 
-def _current_jobs(session: Session, studies: Sequence[Study]) -> dict[str, Job]:
-    """The job of each study's current version (one query per chunk of studies)."""
+def _current_jobs(session: Session, studies: Sequence[Study], every: bool) -> dict[str, Any]:
+    """The job of each study's current version (one query per chunk of studies, or one for all)."""
     wanted = {(s.study_instance_uid, s.version) for s in studies}
-    jobs: dict[str, Job] = {}
-    for chunk in _chunks([s.study_instance_uid for s in studies]):
-        for job in session.scalars(
-            select(Job).where(Job.kind == JobKind.ANALYSE).where(Job.study_instance_uid.in_(chunk))
+    jobs: dict[str, Any] = {}
+    for chunk in _chunks(None if every else [s.study_instance_uid for s in studies]):
+        for job in session.execute(
+            select(
+                Job.study_instance_uid, Job.study_version, Job.attempts, Job.last_error, Job.updated_at
+            ).where(Job.kind == JobKind.ANALYSE, _among(Job.study_instance_uid, chunk))
         ):
             if (job.study_instance_uid, job.study_version) in wanted:
                 jobs[job.study_instance_uid] = job
     return jobs
 
 
-def _costs(session: Session, uids: Sequence[str]) -> dict[str, float]:
+def _costs(session: Session, uids: Sequence[str] | None) -> dict[str, float]:
     costs: dict[str, float] = {}
     for chunk in _chunks(uids):
         for uid, total in session.execute(
             select(ApiCall.study_instance_uid, func.sum(ApiCall.cost_usd))
-            .where(ApiCall.study_instance_uid.in_(chunk))
+            .where(_among(ApiCall.study_instance_uid, chunk))
             .group_by(ApiCall.study_instance_uid)
         ):
             costs[uid] = float(total or 0.0)
     return costs
 
 
-def _deliveries(session: Session, uids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+def _deliveries(session: Session, uids: Sequence[str] | None) -> dict[str, list[dict[str, Any]]]:
     sends: dict[str, list[dict[str, Any]]] = {}
     for chunk in _chunks(uids):
         for row in session.execute(
@@ -131,7 +141,7 @@ def _deliveries(session: Session, uids: Sequence[str]) -> dict[str, list[dict[st
                 Outbox.study_instance_uid,
                 Outbox.updated_at,
             )
-            .where(Outbox.study_instance_uid.in_(chunk))
+            .where(_among(Outbox.study_instance_uid, chunk))
             .order_by(Outbox.id)
         ):
             sends.setdefault(row.study_instance_uid, []).append(
@@ -153,7 +163,7 @@ def _header_facts(session: Session, uids: Sequence[str]) -> dict[str, dict[str, 
     for chunk in _chunks(uids):
         for uid, modality, body_part in session.execute(
             select(Instance.study_instance_uid, Instance.modality, Instance.body_part_examined)
-            .where(Instance.study_instance_uid.in_(chunk))
+            .where(_among(Instance.study_instance_uid, chunk))
             .distinct()
         ):
             entry = facts.setdefault(uid, {"modalities": [], "body_parts": []})
@@ -165,12 +175,15 @@ def _header_facts(session: Session, uids: Sequence[str]) -> dict[str, dict[str, 
 
 
 def _rows(
-    session: Session, studies: Sequence[Study], header_facts: bool, timestamps: bool
+    session: Session, studies: Sequence[Study], header_facts: bool, timestamps: bool, every: bool = False
 ) -> list[dict[str, Any]]:
+    """``every``: ``studies`` are all the studies: each related table is read in one query
+    without ``IN``, instead of slices of a page's UIDs."""
     uids = [s.study_instance_uid for s in studies]
-    jobs = _current_jobs(session, studies)
-    costs = _costs(session, uids)
-    sends = _deliveries(session, uids)
+    among = None if every else uids
+    jobs = _current_jobs(session, studies, every)
+    costs = _costs(session, among)
+    sends = _deliveries(session, among)
     facts = _header_facts(session, uids) if header_facts else {}
     rows: list[dict[str, Any]] = []
     for study in studies:
@@ -211,7 +224,7 @@ def _rows(
 def study_rows(session: Session) -> list[dict[str, Any]]:
     """``ainode status``: every study, oldest first, with its deliveries (DESIGN.md §3)."""
     studies = list(session.scalars(select(Study).order_by(Study.first_received_at)))
-    return _rows(session, studies, header_facts=False, timestamps=False)
+    return _rows(session, studies, header_facts=False, timestamps=False, every=True)
 
 
 def study_page(
@@ -302,7 +315,9 @@ class StudyDetail:
         for delivery in self.deliveries:
             if delivery.sr_sop_instance_uid not in built:
                 built.add(delivery.sr_sop_instance_uid)
-                kind = "SR" if delivery.sr_path.startswith("sr/") else "companion"
+                kind = {"sr": "SR", "summary": "summary image"}.get(
+                    delivery.sr_path.split("/", 1)[0], delivery.sr_path.split("/", 1)[0]
+                )
                 events.append(
                     {
                         "at": delivery.created_at,

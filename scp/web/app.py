@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import math
 import platform
+import time
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -45,6 +46,7 @@ from storage.studies import complete_study, requeue_study
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
+CHOICES_SECONDS = 60.0
 OPEN_PATHS = ("/healthz", "/metrics", "/static/", "/login")
 SECURITY_HEADERS = {
     # Scripts only from this server (htmx and console.js are files here), never inline; inline
@@ -218,6 +220,17 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
 
         return run_in_threadpool(run)
 
+    cached_choices: dict[str, Any] = {"at": 0.0, "value": None}
+
+    async def choices() -> dict[str, list[str]]:
+        """The filters' values (distinct modalities and AE titles: a scan of the instances),
+        read again at most every CHOICES_SECONDS."""
+        if cached_choices["value"] is None or time.monotonic() - cached_choices["at"] > CHOICES_SECONDS:
+            cached_choices["value"] = await read(overview.filter_choices)
+            cached_choices["at"] = time.monotonic()
+        value: dict[str, list[str]] = cached_choices["value"]
+        return value
+
     def visitor_of(request: Request) -> Visitor:
         found: Visitor = request.state.visitor
         return found
@@ -286,7 +299,7 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         }
         if "hx-request" in request.headers and request.query_params.get("part") == "rows":
             return templates.TemplateResponse(request, "_studies_table.html", context)
-        context["choices"] = await read(overview.filter_choices)
+        context["choices"] = await choices()
         return await page(request, "studies.html", context)
 
     async def study(request: Request) -> Response:
