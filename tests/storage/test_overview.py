@@ -125,7 +125,7 @@ def test_a_page_costs_the_same_queries_for_5_rows_as_for_50(
     ]  # newest first
     first = big[0]
     assert (
-        first["modalities"] == ["MR"]
+        first["modalities"] == ["CT"]
         and first["cost_usd"] == 0.01
         and first["deliveries"][0]["state"] == "sent"
     )
