@@ -291,8 +291,56 @@ class WorkerSettings(_Section):
 
 
 class HttpSettings(_Section):
+    """The HTTP server: ``/healthz``, ``/metrics`` and the web console (``/``).
+
+    With no ``users`` and no token the console answers only to loopback; with either, it asks
+    for a login on every interface. ``users`` maps a name to a password hash made by
+    ``ainode hash-password`` (never a password); ``token_env`` names the environment variable
+    holding a login token (read once, in :func:`load_settings`, like the API key).
+    ``tls_cert``/``tls_key``: serve the whole HTTP server over TLS (then session cookies are
+    ``Secure``)."""
+
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    users: dict[str, str] = Field(default_factory=dict)
+    token_env: str | None = None
+    token: SecretStr | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    session_hours: float = Field(default=12.0, gt=0)
+
+    @field_validator("users")
+    @classmethod
+    def _hashes(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, hashed in value.items():
+            if not hashed.startswith("scrypt$") or hashed.count("$") != 5:
+                raise ValueError(
+                    f'http.users "{name}" must be a hash made by `ainode hash-password` (scrypt$...), '
+                    "never a password"
+                )
+        return value
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token(cls, value: Any) -> Any:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(raw, str):
+            return raw.strip() or None
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("http.tls_cert and http.tls_key go together: set both or neither")
+        return self
+
+    @property
+    def login_required(self) -> bool:
+        return bool(self.users) or self.token is not None
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None and self.tls_key is not None
 
 
 class DestinationSettings(_Section):
@@ -495,11 +543,20 @@ def resolve_paths(settings: Settings, base: Path) -> Settings:
                 update={"root": _absolute(storage.root, base), "database_url": database_url}
             ),
             "node": node.model_copy(update=tls),
+            "http": settings.http.model_copy(
+                update={
+                    name: _absolute(value, base)
+                    for name in ("tls_cert", "tls_key")
+                    if (value := getattr(settings.http, name)) is not None
+                }
+            ),
         }
     )
 
 
-_SECRET_KEYS = frozenset({"api_key", "database_url", "stow_url"})  # a URL may hold a password
+_SECRET_KEYS = frozenset(
+    {"api_key", "database_url", "stow_url", "token", "users"}
+)  # a URL may hold a password
 
 
 def _env_variable(loc: tuple[str | int, ...], environ: Mapping[str, str]) -> str | None:
@@ -561,6 +618,12 @@ def load_settings(path: Path | None = None) -> Settings:
     key_env = (vision.get("api_key_env") if table else None) or os.environ.get("AINODE_VISION__API_KEY_ENV")
     if table and key_env and os.environ.get(key_env) and not os.environ.get("AINODE_VISION__API_KEY"):
         data["vision"] = {**vision, "api_key": os.environ[key_env]}
+    http = data.get("http", {})
+    token_env = (http.get("token_env") if isinstance(http, dict) else None) or os.environ.get(
+        "AINODE_HTTP__TOKEN_ENV"
+    )
+    if isinstance(http, dict) and token_env and os.environ.get(token_env):
+        data["http"] = {**http, "token": os.environ[token_env]}
     data = _with_route_keys(data, os.environ)
     try:
         settings = Settings(**data)

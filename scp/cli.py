@@ -15,19 +15,19 @@ from typing import Any
 
 from conf import ConfigError, Settings, load_settings
 from scp.errors import PeerError
-from scp.http_status import StatusServer
 from scp.logs import setup_logging
 from scp.peers import parse_peer
 from scp.receivers import ReceiverWatch, check_port_free, fork_receivers, receiver_count
 from scp.scu import dicom_files, dicom_headers, echo, send
 from scp.sender import SrSender
 from scp.server import StorageSCP
-from scp.status_report import disclosure_query, disclosure_record, format_table, study_rows
+from scp.status_report import format_table, study_rows
 from storage import crashpoints
 from storage.db import open_database, transaction
 from storage.errors import DatabaseNotUsable
 from storage.files import InstanceStore
 from storage.models import utc_now
+from storage.overview import disclosure_query, disclosure_record
 from storage.studies import complete_study, requeue_study
 
 log = logging.getLogger("ainode")
@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     preview = sub.add_parser("preview", help="write the exact images and prompt the model would get")
     preview.add_argument("study_instance_uid")
     preview.add_argument("--out", type=Path, required=True, help="folder to write into")
+    sub.add_parser(
+        "hash-password",
+        help="read a console password (prompt or stdin) and print its hash for [http] users",
+    )
     simulate = sub.add_parser(
         "simulate-vision", help="a stand-in vision API (OpenAI and Anthropic protocols), SIMULATED findings"
     )
@@ -202,7 +206,7 @@ def _run_roles(settings: Settings, command: str) -> int:
         sender = SrSender(settings, sessions) if command in ("serve", "worker") else None
         # In serve the SCP's loop settles studies and reaps leases; a lone worker must do it itself.
         worker = _make_worker(settings, sessions, settles=command == "worker") if analyses else None
-        http = StatusServer(settings, sessions) if command == "serve" else None
+        http = _web_server(settings, sessions) if command == "serve" else None
 
         def _on_receiver_exit(code: int) -> None:
             nonlocal exit_code
@@ -220,6 +224,13 @@ def _run_roles(settings: Settings, command: str) -> int:
                 role.stop()
         watch.stop(timeout=35)
         return exit_code
+
+
+def _web_server(settings: Settings, sessions: Any) -> Any:
+    """The HTTP server: /healthz, /metrics and the console (imported only where it runs)."""
+    from scp.web.server import WebServer
+
+    return WebServer(settings, sessions)
 
 
 def _fork_receivers(settings: Settings, sessions: Any) -> list[int]:
@@ -312,6 +323,21 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hash_password() -> int:
+    """A password for ``[http] users``, read without echo (or from stdin), printed as its hash:
+    never on the command line, where ``ps`` and shell history would keep it."""
+    import getpass
+
+    from scp.web.auth import hash_password
+
+    password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+    if not password:
+        print("ainode hash-password: empty password", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_format)
@@ -323,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "simulate-vision":  # needs no configuration: it stands in for a provider
         return _simulate(args)
+    if args.command == "hash-password":  # needs no configuration either
+        return _hash_password()
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

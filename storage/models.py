@@ -105,7 +105,13 @@ class Study(Base):
     # Set when retention deleted the instance files (storage.retention_days after delivery).
     files_purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
-    __table_args__ = (Index("ix_studies_state_settle_at", "state", "settle_at"),)
+    __table_args__ = (
+        Index("ix_studies_state_settle_at", "state", "settle_at"),
+        # The console's studies page: newest first, alone or within a state or a calling AE.
+        Index("ix_studies_first_received_at", "first_received_at"),
+        Index("ix_studies_state_first_received_at", "state", "first_received_at"),
+        Index("ix_studies_calling_ae_first_received_at", "calling_ae_title", "first_received_at"),
+    )
 
 
 class Instance(Base):
@@ -172,6 +178,7 @@ class Outbox(Base):
     __table_args__ = (
         UniqueConstraint("destination", "sr_sop_instance_uid", name="uq_outbox_destination_sr"),
         Index("ix_outbox_claim", "destination", "state", "next_attempt_at"),
+        Index("ix_outbox_state", "state"),  # the console's deliveries page: everything not sent
     )
 
 
@@ -192,7 +199,7 @@ class ApiCall(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    called_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    called_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
     # What the request disclosed (the audit trail): where it went, the SHA-256 of each image
     # (space-separated, in the order sent), of the prompt and of the whole body, its size, when.
     endpoint_host: Mapped[str | None] = mapped_column(String(255), nullable=True)
@@ -264,3 +271,16 @@ class Installation(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     uid_namespace: Mapped[str] = mapped_column(String(36))
+
+
+class ConsoleAction(Base):
+    """An action taken from the web console (retry, complete, cancel, redeliver): who, when, what."""
+
+    __tablename__ = "console_actions"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    who: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(32))
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True, index=True)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -170,6 +170,8 @@ class Node:
                 env={**os.environ, **(env or {})},
             )
         wait_for_port(self.port, proc=self.proc)
+        if command == "serve":  # its HTTP server (console, /healthz) starts after the DICOM port
+            wait_for_port(self.http_port, proc=self.proc)
         return self
 
     def stop(self) -> None:

@@ -17,6 +17,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.nodes import DCMTK_ENV, free_port, stop_process, wait_for_port
@@ -69,7 +70,14 @@ def test_the_wheel_holds_every_module_and_data_file_of_the_source_tree(wheel: Pa
     with zipfile.ZipFile(wheel) as archive:
         shipped = {name for name in archive.namelist() if not name.split("/")[0].endswith(".dist-info")}
     expected = _source_files()
-    assert {"analysis/vision/client.py", "conf/ainode.toml", "storage/migrations/script.py.mako"} <= expected
+    assert {
+        "analysis/vision/client.py",
+        "conf/ainode.toml",
+        "storage/migrations/script.py.mako",
+        "scp/web/templates/study.html",
+        "scp/web/static/htmx.min.js",
+        "scp/web/static/console.css",
+    } <= expected
     assert expected - shipped == set()
 
 
@@ -138,6 +146,12 @@ def test_the_installed_wheel_runs_serve_worker_and_the_simulator_outside_the_che
         )
         assert echo.returncode == 0, echo.stderr
         assert worker.poll() is None, (outside / "worker.log").read_text()
+        # The console renders from the wheel's own templates and serves its vendored htmx.
+        wait_for_port(http_port, proc=node)
+        page = httpx.get(f"http://127.0.0.1:{http_port}/studies", timeout=30)
+        assert page.status_code == 200 and "No study matches." in page.text
+        script = httpx.get(f"http://127.0.0.1:{http_port}/static/htmx.min.js", timeout=30)
+        assert script.status_code == 200 and script.content.startswith(b"var htmx=")
     finally:
         for proc in (node, worker, simulator):
             stop_process(proc)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from tests.integration.loop import (
@@ -42,15 +43,20 @@ def test_orthanc_study_comes_back_with_one_sr(make_node: NodeFactory, tmp_path: 
             metrics = client.get("/metrics").text
             health = client.get("/healthz")
     assert len(record.read_text().splitlines()) == 1  # one model call for the study
-    for line in (
-        'ainode_studies{state="done"} 1',
-        "ainode_instances_received_total 42",
-        'ainode_api_calls_total{provider="simulator",status="200"} 1',
-        "ainode_queue_depth 0",
-        'ainode_sr_deliveries{destination="pacs",state="sent"} 2',  # the SR and the summary image
-        "ainode_api_latency_ms_count 1",
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+    }
+    for name, labels, value in (
+        ("ainode_studies", {"state": "done"}, 1),
+        ("ainode_instances_received_total", {}, 42),
+        ("ainode_api_calls_total", {"provider": "simulator", "status": "200"}, 1),
+        ("ainode_queue_depth", {}, 0),
+        ("ainode_sr_deliveries", {"destination": "pacs", "state": "sent"}, 2),  # the SR and the summary
+        ("ainode_api_latency_ms_count", {}, 1),
     ):
-        assert line in metrics.splitlines(), line
+        assert samples[(name, tuple(sorted(labels.items())))] == value, name
     assert health.status_code == 200 and health.json()["destinations"] == {"pacs": "reachable"}
     with httpx.Client(base_url=f"http://127.0.0.1:{node.http_port}", timeout=30) as client:
         down = client.get("/healthz")  # Orthanc has stopped

@@ -1,8 +1,8 @@
 """api_calls: what each request disclosed (issue 13's audit trail): the endpoint's host, the
 SHA-256 of each image, of the prompt and of the whole request body, its size, and when it left
 
-Revision ID: 0011
-Revises: 0010
+Revision ID: 0012
+Revises: 0011
 Create Date: 2026-11-29
 """
 
@@ -11,8 +11,8 @@ from alembic import op
 
 from storage.models import UTCDateTime
 
-revision = "0011"
-down_revision = "0010"
+revision = "0012"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,520 @@
+"""The node's HTTP application: ``/healthz``, ``/metrics`` and the operator's console.
+
+Server-rendered (Starlette, Jinja2) with htmx, vendored under ``static/`` (hospitals are
+offline), for the parts that refresh themselves. The console reads through ``storage.overview``,
+the same functions ``ainode status`` prints, and acts through the same functions as ``ainode
+retry`` and ``ainode complete``; every action is recorded with who and when.
+
+Access (scp.web.auth): with no users, loopback only; with users or a token, a login on every
+interface. ``/healthz`` and ``/metrics`` carry no patient data and answer everyone who can reach
+the port, as before (monitoring scrapes them without a login).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import platform
+import time
+from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from conf import Settings
+from scp.web import documents
+from scp.web.auth import COOKIE, CSRF_FIELD, CSRF_HEADER, Gate, Visitor
+from scp.web.metrics import CONTENT_TYPE, health, metrics_registry, metrics_text
+from storage import overview
+from storage.actions import cancel_study, record_action, redeliver
+from storage.db import transaction
+from storage.models import StudyState, utc_now
+from storage.studies import complete_study, requeue_study
+
+HERE = Path(__file__).parent
+PAGE_SIZE = 50
+CHOICES_SECONDS = 60.0
+OPEN_PATHS = ("/healthz", "/metrics", "/static/", "/login")
+SECURITY_HEADERS = {
+    # Scripts only from this server (htmx and console.js are files here), never inline; inline
+    # style attributes (bar widths) are allowed.
+    "content-security-policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+    "x-frame-options": "DENY",
+}
+STATE_COLOURS = {
+    StudyState.RECEIVING: "blue",
+    StudyState.QUEUED: "grey",
+    StudyState.WAITING: "amber",
+    StudyState.ANALYSING: "purple",
+    StudyState.SENDING: "teal",
+    StudyState.DONE: "green",
+    StudyState.FAILED: "red",
+    StudyState.SKIPPED: "grey",
+    "pending": "amber",
+    "sending": "teal",
+    "sent": "green",
+    "dead": "red",
+}
+KEY_LIBRARIES = (
+    "ainode",
+    "pynetdicom",
+    "pydicom",
+    "highdicom",
+    "sqlalchemy",
+    "alembic",
+    "pydantic",
+    "numpy",
+    "pillow",
+    "httpx",
+    "starlette",
+    "uvicorn",
+    "jinja2",
+    "prometheus-client",
+)
+
+
+def _version_of(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _ago(moment: dt.datetime | None, now: dt.datetime | None = None) -> str:
+    if moment is None:
+        return ""
+    seconds = max(0.0, ((now or utc_now()) - moment).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _when(moment: dt.datetime | str | None) -> str:
+    if moment is None:
+        return ""
+    if isinstance(moment, str):
+        moment = dt.datetime.fromisoformat(moment)
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _short(uid: str | None, keep: int = 8) -> str:
+    if not uid:
+        return ""
+    return uid if len(uid) <= 2 * keep + 1 else f"{uid[:keep]}…{uid[-keep:]}"
+
+
+def hidden_settings(settings: Settings) -> dict[str, Any]:
+    """The effective configuration with every secret replaced (never the API key, a token, a
+    password hash or a password in a URL)."""
+    data: dict[str, Any] = json.loads(settings.model_dump_json())
+    vision = data.get("vision", {})
+    vision["api_key"] = "(set)" if settings.vision.api_key is not None else "(not set)"
+    http = data.get("http", {})
+    http["token"] = "(set)" if settings.http.token is not None else "(not set)"
+    http["users"] = {name: "(password hash)" for name in settings.http.users}
+    storage = data.get("storage", {})
+    from sqlalchemy.engine import make_url
+
+    storage["database_url"] = make_url(settings.storage.database_url).render_as_string(hide_password=True)
+    for destination in data.get("destinations", []):
+        if destination.get("stow_url"):
+            import httpx
+
+            destination["stow_url"] = str(
+                httpx.URL(destination["stow_url"]).copy_with(username=None, password=None)
+            )
+    return data
+
+
+class AccessMiddleware(BaseHTTPMiddleware):
+    """Loopback-only without users, a login with them, the CSRF token on every action."""
+
+    def __init__(self, app: Any, gate: Gate, templates: Jinja2Templates) -> None:
+        super().__init__(app)
+        self.gate = gate
+        self.templates = templates
+
+    async def dispatch(
+        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        path = request.url.path
+        if path in ("/healthz", "/metrics", "/favicon.ico") or path.startswith("/static/"):
+            return _secure(await call_next(request))
+        peer = request.client.host if request.client else None
+        if not self.gate.peer_allowed(peer):
+            return _secure(
+                self.templates.TemplateResponse(
+                    request,
+                    "refused.html",
+                    {"peer": peer, "visitor": None, "login_required": False, "counts": None},
+                    status_code=403,
+                )
+            )
+        visitor = self.gate.visitor(request.cookies.get(COOKIE))
+        new_cookie = None
+        if visitor is None and path != "/login":
+            if self.gate.login_required:
+                if request.method != "GET" or "hx-request" in request.headers:
+                    return _secure(Response("login required\n", status_code=401, media_type="text/plain"))
+                return _secure(RedirectResponse(f"/login?{urlencode({'next': path})}", status_code=303))
+            new_cookie = self.gate.cookie_for(None)  # loopback: an anonymous session for its CSRF token
+            visitor = self.gate.visitor(new_cookie)
+        request.state.visitor = visitor
+        if request.method == "POST" and path != "/login":
+            sent = request.headers.get(CSRF_HEADER)
+            if sent is None and request.headers.get("content-type", "").startswith(
+                ("application/x-www-form-urlencoded", "multipart/form-data")
+            ):
+                await request.body()  # cached, so the endpoint reads the same form again
+                sent = str((await request.form()).get(CSRF_FIELD, ""))
+            if visitor is None or not sent or sent != visitor.csrf:
+                return _secure(
+                    Response("missing or wrong CSRF token\n", status_code=403, media_type="text/plain")
+                )
+        response = await call_next(request)
+        if new_cookie is not None:
+            response.set_cookie(COOKIE, new_cookie, **self.gate.cookie_flags())  # type: ignore[arg-type]
+        return _secure(response)
+
+
+def _secure(response: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | None = None) -> Starlette:
+    gate = gate if gate is not None else Gate(settings)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    env = templates.env
+    env.filters["ago"] = _ago
+    env.filters["when"] = _when
+    env.filters["short"] = _short
+    env.globals["colour"] = lambda state: STATE_COLOURS.get(state, "grey")
+    env.globals["login_required"] = gate.login_required
+    registry = metrics_registry(sessions)
+    sent_images = documents.SentImages(settings)
+    root = settings.storage.root
+
+    def read(fn: Callable[[Session], Any]) -> Awaitable[Any]:
+        def run() -> Any:
+            with sessions() as session:
+                return fn(session)
+
+        return run_in_threadpool(run)
+
+    cached_choices: dict[str, Any] = {"at": 0.0, "value": None}
+
+    async def choices() -> dict[str, list[str]]:
+        """The filters' values (distinct modalities and AE titles: a scan of the instances),
+        read again at most every CHOICES_SECONDS."""
+        if cached_choices["value"] is None or time.monotonic() - cached_choices["at"] > CHOICES_SECONDS:
+            cached_choices["value"] = await read(overview.filter_choices)
+            cached_choices["at"] = time.monotonic()
+        value: dict[str, list[str]] = cached_choices["value"]
+        return value
+
+    def visitor_of(request: Request) -> Visitor:
+        found: Visitor = request.state.visitor
+        return found
+
+    async def page(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> Response:
+        counts = await read(overview.stuck_or_failing)
+        return templates.TemplateResponse(
+            request,
+            name,
+            {"visitor": visitor_of(request), "counts": counts, "csrf_field": CSRF_FIELD, **context},
+            status_code=status_code,
+        )
+
+    async def healthz(request: Request) -> Response:
+        healthy, report = await run_in_threadpool(health, settings, sessions)
+        return JSONResponse(report, status_code=200 if healthy else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(await run_in_threadpool(metrics_text, registry), media_type=CONTENT_TYPE)
+
+    async def home(request: Request) -> Response:
+        return RedirectResponse("/studies", status_code=303)
+
+    def _filters(request: Request) -> tuple[overview.StudyFilter, int, dict[str, str]]:
+        q = request.query_params
+        chosen = {k: q.get(k, "").strip() for k in ("state", "modality", "ae", "date", "uid")}
+        day = None
+        if chosen["date"]:
+            try:
+                day = dt.datetime.strptime(chosen["date"], "%Y-%m-%d").replace(tzinfo=dt.UTC)
+            except ValueError:
+                chosen["date"] = ""
+        state = chosen["state"] if chosen["state"] in set(StudyState) else None
+        where = overview.StudyFilter(
+            state=state,
+            modality=chosen["modality"] or None,
+            calling_ae_title=chosen["ae"] or None,
+            received_from=day,
+            received_before=day + dt.timedelta(days=1) if day else None,
+            uid=chosen["uid"] or None,
+        )
+        try:
+            number = max(1, int(q.get("page", "1")))
+        except ValueError:
+            number = 1
+        return where, number, chosen
+
+    async def studies(request: Request) -> Response:
+        where, number, chosen = _filters(request)
+
+        def load(session: Session) -> dict[str, Any]:
+            total = overview.count_studies(session, where)
+            pages = max(1, math.ceil(total / PAGE_SIZE))
+            current = min(number, pages)
+            rows = overview.study_page(session, where, PAGE_SIZE, (current - 1) * PAGE_SIZE)
+            return {"rows": rows, "total": total, "pages": pages, "page": current}
+
+        data = await read(load)
+        query = {k: v for k, v in chosen.items() if v}
+        context = {
+            **data,
+            "chosen": chosen,
+            "query": urlencode(query),
+            "page_query": lambda n: urlencode({**query, "page": n}),
+            "now": utc_now(),
+        }
+        if "hx-request" in request.headers and request.query_params.get("part") == "rows":
+            return templates.TemplateResponse(request, "_studies_table.html", context)
+        context["choices"] = await choices()
+        return await page(request, "studies.html", context)
+
+    async def study(request: Request) -> Response:
+        uid = request.path_params["uid"]
+        detail = await read(lambda s: overview.study_detail(s, uid))
+        if detail is None:
+            return await page(request, "missing.html", {"uid": uid}, status_code=404)
+        visitor = visitor_of(request)
+        patient = None
+        if visitor.user is not None and detail.a_file and detail.study.files_purged_at is None:
+            try:
+                patient = await run_in_threadpool(documents.patient_header, root / detail.a_file)
+            except OSError:
+                patient = None
+        job = detail.current_job
+        findings = json.loads(job.findings_json) if job is not None and job.findings_json else None
+        sr_path = (
+            documents.newest_file(root, "sr", uid, detail.study.sr_sop_instance_uid)
+            if detail.study.sr_sop_instance_uid
+            else None
+        )
+        tree = await run_in_threadpool(documents.sr_tree, sr_path) if sr_path is not None else None
+        summary = documents.newest_file(root, "summary", uid)
+        versions = sorted({j.study_version for j in detail.jobs})
+        return await page(
+            request,
+            "study.html",
+            {
+                "d": detail,
+                "study": detail.study,
+                "job": job,
+                "findings": findings,
+                "tree": tree,
+                "summary": summary is not None,
+                "patient": patient,
+                "versions": versions,
+                "timeline": detail.timeline(),
+                "message": request.query_params.get("message"),
+                "now": utc_now(),
+            },
+        )
+
+    async def sent(request: Request) -> Response:
+        uid = request.path_params["uid"]
+        number = int(request.path_params["version"])
+        made = await read(lambda s: sent_images.get(s, uid, number))
+        return templates.TemplateResponse(
+            request, "_sent.html", {"uid": uid, "version": number, "sent": made}
+        )
+
+    async def sent_image(request: Request) -> Response:
+        uid = request.path_params["uid"]
+        number = int(request.path_params["version"])
+        index = int(request.path_params["index"])
+        made = await read(lambda s: sent_images.get(s, uid, number))
+        if made is None or not 1 <= index <= len(made.images):
+            return Response("no such image\n", status_code=404, media_type="text/plain")
+        image = made.images[index - 1]
+        return Response(
+            image.data, media_type=image.media_type, headers={"cache-control": "private, max-age=300"}
+        )
+
+    async def sent_manifest(request: Request) -> Response:
+        uid = request.path_params["uid"]
+        number = int(request.path_params["version"])
+        made = await read(lambda s: sent_images.get(s, uid, number))
+        if made is None:
+            return Response("no such version\n", status_code=404, media_type="text/plain")
+        return JSONResponse({**made.manifest, "prompt": made.prompt, "provider": made.provider})
+
+    async def summary_png(request: Request) -> Response:
+        path = documents.newest_file(root, "summary", request.path_params["uid"])
+        if path is None:
+            return Response("no summary image\n", status_code=404, media_type="text/plain")
+        return Response(await run_in_threadpool(documents.summary_png, path), media_type="image/png")
+
+    async def act(request: Request) -> Response:
+        uid = request.path_params["uid"]
+        action = request.path_params["action"]
+        who = visitor_of(request).who
+        now = utc_now()
+
+        def run() -> str:
+            with transaction(sessions) as session:
+                if action == "retry":
+                    outcome = f"queued again as version {requeue_study(session, uid, now, settings.routes)}"
+                elif action == "complete":
+                    outcome = f"complete now: {complete_study(session, uid, now, settings.routes)}"
+                elif action == "cancel":
+                    outcome = cancel_study(session, uid, who, now)
+                else:
+                    raise LookupError(f"no action {action}")
+                record_action(session, who, action, uid, outcome, now)
+                return outcome
+
+        try:
+            outcome = await run_in_threadpool(run)
+        except LookupError as exc:
+            return Response(f"{exc}\n", status_code=404, media_type="text/plain")
+        return RedirectResponse(f"/studies/{uid}?{urlencode({'message': outcome})}", status_code=303)
+
+    async def redeliver_many(request: Request) -> Response:
+        form = await request.form()
+        ids = [int(str(v)) for v in form.getlist("id") if str(v).isdigit()]
+        back = str(form.get("back", "/deliveries"))
+        back = back if back.startswith("/") and not back.startswith("//") else "/deliveries"
+        who = visitor_of(request).who
+        now = utc_now()
+
+        def run() -> int:
+            done = 0
+            with transaction(sessions) as session:
+                for outbox_id in ids:
+                    study_uid = redeliver(session, outbox_id, now)
+                    if study_uid is not None:
+                        done += 1
+                        record_action(session, who, "redeliver", study_uid, f"delivery {outbox_id}", now)
+            return done
+
+        done = await run_in_threadpool(run)
+        sep = "&" if "?" in back else "?"
+        return RedirectResponse(
+            f"{back}{sep}{urlencode({'message': f'{done} delivery(ies) queued again'})}", 303
+        )
+
+    async def deliveries(request: Request) -> Response:
+        state = request.query_params.get("state") or None
+        state = state if state in overview.UNSENT_STATES else None
+
+        def load(session: Session) -> dict[str, Any]:
+            return {
+                "items": overview.unsent_deliveries(session, state),
+                "by_destination": overview.delivery_counts(session),
+            }
+
+        data = await read(load)
+        return await page(
+            request,
+            "deliveries.html",
+            {**data, "state": state or "", "message": request.query_params.get("message"), "now": utc_now()},
+        )
+
+    async def costs(request: Request) -> Response:
+        try:
+            days = min(366, max(1, int(request.query_params.get("days", "30"))))
+        except ValueError:
+            days = 30
+        since = utc_now() - dt.timedelta(days=days)
+        data = await read(lambda s: overview.costs(s, since))
+        return await page(
+            request,
+            "costs.html",
+            {"c": data, "days": days, "budget": settings.vision.max_cost_usd_per_study},
+        )
+
+    async def health_page(request: Request) -> Response:
+        healthy, report = await run_in_threadpool(health, settings, sessions)
+        return await page(
+            request,
+            "health.html",
+            {
+                "healthy": healthy,
+                "report": report,
+                "config": json.dumps(hidden_settings(settings), indent=2),
+                "versions": [(name, _version_of(name)) for name in KEY_LIBRARIES]
+                + [("python", platform.python_version())],
+                "tls": settings.http.tls_enabled,
+            },
+        )
+
+    async def login(request: Request) -> Response:
+        next_path = request.query_params.get("next", "/studies")
+        next_path = next_path if next_path.startswith("/") and not next_path.startswith("//") else "/studies"
+        error = None
+        if request.method == "POST":
+            form = await request.form()
+            user = await run_in_threadpool(
+                gate.check_login, str(form.get("user", "")), str(form.get("password", ""))
+            )
+            if user is not None:
+                response = RedirectResponse(next_path, status_code=303)
+                response.set_cookie(COOKIE, gate.cookie_for(user), **gate.cookie_flags())  # type: ignore[arg-type]
+                return response
+            error = "Wrong name or password."
+        if not gate.login_required:
+            return RedirectResponse("/studies", status_code=303)
+        return templates.TemplateResponse(
+            request,
+            "login.html",
+            {"next": next_path, "error": error, "visitor": None, "counts": None},
+        )
+
+    async def logout(request: Request) -> Response:
+        response = RedirectResponse("/login" if gate.login_required else "/studies", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/metrics", metrics),
+        Route("/", home),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
+        Route("/studies", studies),
+        Route("/studies/{uid}", study),
+        Route("/studies/{uid}/sent/{version:int}", sent),
+        Route("/studies/{uid}/sent/{version:int}/manifest.json", sent_manifest),
+        Route("/studies/{uid}/sent/{version:int}/{index:int}", sent_image),
+        Route("/studies/{uid}/summary.png", summary_png),
+        Route("/studies/{uid}/{action}", act, methods=["POST"]),
+        Route("/deliveries", deliveries),
+        Route("/deliveries/redeliver", redeliver_many, methods=["POST"]),
+        Route("/costs", costs),
+        Route("/health", health_page),
+        Route("/login", login, methods=["GET", "POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(AccessMiddleware, gate=gate, templates=templates)])

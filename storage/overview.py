@@ -1,0 +1,516 @@
+"""What the node holds, for people: the one query layer behind ``ainode status`` and the web
+console (one query layer, two faces).
+
+Every function here only reads (a plain session: on SQLite a deferred ``BEGIN`` that never takes
+the write lock, so a console left open on a busy page never holds up a C-STORE commit), and
+reads a page of studies in a fixed number of queries whatever its length: the page's studies
+first (indexed, newest first), then the jobs, costs, deliveries and modalities of exactly those
+studies, each in one query (never one query per study).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, func, or_, select
+from sqlalchemy.orm import Session
+
+from storage.models import (
+    ApiCall,
+    ConsoleAction,
+    DeliveryState,
+    Instance,
+    Job,
+    JobKind,
+    Outbox,
+    Study,
+    StudyState,
+    VersionInstance,
+)
+
+T = TypeVar("T")
+# Well under SQLite's limit on bound parameters (32766 since 3.32, 999 before).
+IN_CHUNK = 500
+UNSENT_STATES = (DeliveryState.PENDING, DeliveryState.SENDING, DeliveryState.DEAD)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value is not None else None
+
+
+def _chunks(values: Sequence[T] | None, size: int = IN_CHUNK) -> Iterator[Sequence[T] | None]:
+    """``values`` in slices for ``IN (...)``; None (every study) once, for one query without IN."""
+    if values is None:
+        yield None
+        return
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _among(column: Any, chunk: Sequence[str] | None) -> Any:
+    return column.in_(chunk) if chunk is not None else column.is_not(None)
+
+
+@dataclass(frozen=True)
+class StudyFilter:
+    """The studies page's filters; every one optional. ``uid``: a Study Instance UID or its
+    beginning; ``received_from``/``received_before``: first received in [from, before)."""
+
+    state: str | None = None
+    modality: str | None = None
+    calling_ae_title: str | None = None
+    received_from: dt.datetime | None = None
+    received_before: dt.datetime | None = None
+    uid: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state is not None and self.state not in set(StudyState):
+            raise ValueError(f'Argument "state" must be one of {sorted(StudyState)}, got {self.state!r}')
+
+    def apply(self, statement: Select[Any]) -> Select[Any]:
+        if self.state:
+            statement = statement.where(Study.state == self.state)
+        if self.calling_ae_title:
+            statement = statement.where(Study.calling_ae_title == self.calling_ae_title)
+        if self.received_from is not None:
+            statement = statement.where(Study.first_received_at >= self.received_from)
+        if self.received_before is not None:
+            statement = statement.where(Study.first_received_at < self.received_before)
+        if self.uid:
+            # A range on the primary key, not LIKE (case-insensitive in SQLite, so no index):
+            # UIDs are digits and dots, all below "~".
+            statement = statement.where(Study.study_instance_uid >= self.uid).where(
+                Study.study_instance_uid < self.uid + "~"
+            )
+        if self.modality:
+            # EXISTS on the instances' study index: walking the newest-first index, a page
+            # stops after its last match.
+            statement = statement.where(
+                select(Instance.id)
+                .where(Instance.study_instance_uid == Study.study_instance_uid)
+                .where(Instance.modality == self.modality)
+                .exists()
+            )
+        return statement
+
+
+def count_studies(session: Session, where: StudyFilter = StudyFilter()) -> int:
+    return int(session.scalar(where.apply(select(func.count()).select_from(Study))) or 0)
+
+
+def _current_jobs(session: Session, studies: Sequence[Study], every: bool) -> dict[str, Any]:
+    """The job of each study's current version (one query per chunk of studies, or one for all)."""
+    wanted = {(s.study_instance_uid, s.version) for s in studies}
+    jobs: dict[str, Any] = {}
+    for chunk in _chunks(None if every else [s.study_instance_uid for s in studies]):
+        for job in session.execute(
+            select(
+                Job.study_instance_uid, Job.study_version, Job.attempts, Job.last_error, Job.updated_at
+            ).where(Job.kind == JobKind.ANALYSE, _among(Job.study_instance_uid, chunk))
+        ):
+            if (job.study_instance_uid, job.study_version) in wanted:
+                jobs[job.study_instance_uid] = job
+    return jobs
+
+
+def _costs(session: Session, uids: Sequence[str] | None) -> dict[str, float]:
+    costs: dict[str, float] = {}
+    for chunk in _chunks(uids):
+        for uid, total in session.execute(
+            select(ApiCall.study_instance_uid, func.sum(ApiCall.cost_usd))
+            .where(_among(ApiCall.study_instance_uid, chunk))
+            .group_by(ApiCall.study_instance_uid)
+        ):
+            costs[uid] = float(total or 0.0)
+    return costs
+
+
+def _deliveries(session: Session, uids: Sequence[str] | None) -> dict[str, list[dict[str, Any]]]:
+    sends: dict[str, list[dict[str, Any]]] = {}
+    for chunk in _chunks(uids):
+        for row in session.execute(
+            select(
+                Outbox.destination,
+                Outbox.state,
+                Outbox.attempts,
+                Outbox.last_error,
+                Outbox.sr_sop_instance_uid,
+                Outbox.study_instance_uid,
+                Outbox.updated_at,
+            )
+            .where(_among(Outbox.study_instance_uid, chunk))
+            .order_by(Outbox.id)
+        ):
+            sends.setdefault(row.study_instance_uid, []).append(
+                {
+                    "destination": row.destination,
+                    "state": row.state,
+                    "attempts": row.attempts,
+                    "last_error": row.last_error,
+                    "sr_sop_instance_uid": row.sr_sop_instance_uid,
+                    "updated_at": row.updated_at,
+                }
+            )
+    return sends
+
+
+def _header_facts(session: Session, uids: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+    """Each study's modalities and body parts (distinct, from the header index)."""
+    facts: dict[str, dict[str, list[str]]] = {}
+    for chunk in _chunks(uids):
+        for uid, modality, body_part in session.execute(
+            select(Instance.study_instance_uid, Instance.modality, Instance.body_part_examined)
+            .where(_among(Instance.study_instance_uid, chunk))
+            .distinct()
+        ):
+            entry = facts.setdefault(uid, {"modalities": [], "body_parts": []})
+            if modality and modality not in entry["modalities"]:
+                entry["modalities"].append(modality)
+            if body_part and body_part not in entry["body_parts"]:
+                entry["body_parts"].append(body_part)
+    return facts
+
+
+def _rows(
+    session: Session, studies: Sequence[Study], header_facts: bool, timestamps: bool, every: bool = False
+) -> list[dict[str, Any]]:
+    """``every``: ``studies`` are all the studies: each related table is read in one query
+    without ``IN``, instead of slices of a page's UIDs."""
+    uids = [s.study_instance_uid for s in studies]
+    among = None if every else uids
+    jobs = _current_jobs(session, studies, every)
+    costs = _costs(session, among)
+    sends = _deliveries(session, among)
+    facts = _header_facts(session, uids) if header_facts else {}
+    rows: list[dict[str, Any]] = []
+    for study in studies:
+        uid = study.study_instance_uid
+        job = jobs.get(uid)
+        deliveries = sends.get(uid, [])
+        row: dict[str, Any] = {
+            "study_instance_uid": uid,
+            "state": study.state,
+            "version": study.version,
+            "instance_count": study.instance_count,
+            "series_count": study.series_count,
+            "calling_ae_title": study.calling_ae_title,
+            "first_received_at": _iso(study.first_received_at),
+            "last_received_at": _iso(study.last_received_at),
+            "settle_at": _iso(study.settle_at),
+            "attempts": job.attempts if job is not None else 0,
+            "last_error": study.last_error or (job.last_error if job is not None else None),
+            "sr_sop_instance_uid": study.sr_sop_instance_uid,
+            "deliveries": [{k: v for k, v in d.items() if k != "updated_at"} for d in deliveries],
+            "cost_usd": round(costs[uid], 6) if uid in costs else None,
+        }
+        if header_facts:
+            row.update(facts.get(uid, {"modalities": [], "body_parts": []}))
+        if timestamps:
+            # When the study last moved: its state carries no timestamp of its own, so the newest
+            # of what moves it (an instance, its job, a delivery).
+            moments = [study.last_received_at]
+            if job is not None:
+                moments.append(job.updated_at)
+            moments += [d["updated_at"] for d in deliveries]
+            row["state_since"] = max(moments)
+            row["first_received"] = study.first_received_at
+        rows.append(row)
+    return rows
+
+
+def disclosure_query(study_instance_uid: str | None = None) -> Select[ApiCall]:
+    """Every request that left for a vision API (with what it disclosed), oldest first."""
+    query = select(ApiCall).where(ApiCall.request_sha256.is_not(None)).order_by(ApiCall.id)
+    return (
+        query if study_instance_uid is None else query.where(ApiCall.study_instance_uid == study_instance_uid)
+    )
+
+
+def disclosure_record(call: ApiCall) -> dict[str, object]:
+    """One request as the audit trail shows it (the same fields as the audit log's lines)."""
+    return {
+        "study_instance_uid": call.study_instance_uid,
+        "sent_at": call.sent_at.isoformat(timespec="milliseconds") if call.sent_at else None,
+        "provider": call.provider,
+        "endpoint_host": call.endpoint_host,
+        "model": call.model,
+        "image_sha256": (call.image_sha256 or "").split(),
+        "prompt_sha256": call.prompt_sha256,
+        "request_sha256": call.request_sha256,
+        "request_bytes": call.request_bytes,
+        "status": call.status,
+    }
+
+
+def study_rows(session: Session) -> list[dict[str, Any]]:
+    """``ainode status``: every study, oldest first, with its deliveries and what each request
+    to a vision API disclosed (DESIGN.md §3; issue 13's audit trail)."""
+    studies = list(session.scalars(select(Study).order_by(Study.first_received_at)))
+    rows = _rows(session, studies, header_facts=False, timestamps=False, every=True)
+    disclosed: dict[str, list[dict[str, object]]] = {}
+    for call in session.scalars(disclosure_query()):
+        disclosed.setdefault(call.study_instance_uid, []).append(disclosure_record(call))
+    for row in rows:
+        row["disclosures"] = disclosed.get(row["study_instance_uid"], [])
+    return rows
+
+
+def study_page(
+    session: Session, where: StudyFilter = StudyFilter(), limit: int = 50, offset: int = 0
+) -> list[dict[str, Any]]:
+    """One page of studies, newest first, with modalities, body parts and the time of their last
+    move (the console's studies page)."""
+    if limit < 1:
+        raise ValueError(f'Argument "limit" must be at least 1, got {limit}')
+    if offset < 0:
+        raise ValueError(f'Argument "offset" must not be negative, got {offset}')
+    statement = where.apply(select(Study)).order_by(
+        Study.first_received_at.desc(), Study.study_instance_uid.desc()
+    )
+    studies = list(session.scalars(statement.limit(limit).offset(offset)))
+    return _rows(session, studies, header_facts=True, timestamps=True)
+
+
+def filter_choices(session: Session) -> dict[str, list[str]]:
+    """The values the studies page's filters offer: states, modalities, calling AE titles."""
+    aes = session.scalars(select(Study.calling_ae_title).distinct().order_by(Study.calling_ae_title))
+    modalities = session.scalars(
+        select(Instance.modality).where(Instance.modality.is_not(None)).distinct().order_by(Instance.modality)
+    )
+    return {
+        "states": [str(s) for s in StudyState],
+        "modalities": [m for m in modalities if m],
+        "calling_ae_titles": [a for a in aes if a],
+    }
+
+
+@dataclass(frozen=True)
+class StudyDetail:
+    study: Study
+    jobs: list[Job]
+    version_sizes: dict[int, int]
+    series: list[dict[str, Any]]
+    api_calls: list[ApiCall]
+    deliveries: list[Outbox]
+    actions: list[ConsoleAction]
+    a_file: str | None  # one instance file (relative to the storage root), for the patient header
+
+    @property
+    def current_job(self) -> Job | None:
+        return next((j for j in self.jobs if j.study_version == self.study.version), None)
+
+    def timeline(self) -> list[dict[str, Any]]:
+        """Every recorded moment of the study, oldest first."""
+        study = self.study
+        events: list[dict[str, Any]] = [
+            {"at": study.first_received_at, "what": "first instance received", "detail": ""},
+            {
+                "at": study.last_received_at,
+                "what": "last instance received",
+                "detail": f"{study.instance_count} instances, {study.series_count} series",
+            },
+        ]
+        for job in self.jobs:
+            size = self.version_sizes.get(job.study_version)
+            events.append(
+                {
+                    "at": job.created_at,
+                    "what": f"version {job.study_version} settled and queued",
+                    "detail": (f"{size} instances" if size is not None else "")
+                    + (f", route {job.route}" if job.route else ""),
+                }
+            )
+            events.append(
+                {
+                    "at": job.updated_at,
+                    "what": f"version {job.study_version} analysis {job.state}",
+                    "detail": f"claimed {job.attempts} time(s)"
+                    + (f"; {job.last_error}" if job.last_error else ""),
+                }
+            )
+        for call in self.api_calls:
+            events.append(
+                {
+                    "at": call.called_at,
+                    "what": f"model call {call.provider} / {call.model}",
+                    "detail": f"status {call.status if call.status is not None else 'none'}, "
+                    f"{call.latency_ms:.0f} ms, {call.images} image(s), {call.prompt_tokens} + "
+                    f"{call.completion_tokens} tokens, ${call.cost_usd:.4f}"
+                    + (f"; {call.error}" if call.error else ""),
+                }
+            )
+        built: set[str] = set()
+        for delivery in self.deliveries:
+            if delivery.sr_sop_instance_uid not in built:
+                built.add(delivery.sr_sop_instance_uid)
+                kind = {"sr": "SR", "summary": "summary image"}.get(
+                    delivery.sr_path.split("/", 1)[0], delivery.sr_path.split("/", 1)[0]
+                )
+                events.append(
+                    {
+                        "at": delivery.created_at,
+                        "what": f"version {delivery.study_version} {kind} built",
+                        "detail": delivery.sr_sop_instance_uid,
+                    }
+                )
+            events.append(
+                {
+                    "at": delivery.sent_at or delivery.updated_at,
+                    "what": f"delivery to {delivery.destination}: {delivery.state}",
+                    "detail": f"{delivery.attempts} attempt(s)"
+                    + (f", status 0x{delivery.last_status:04X}" if delivery.last_status is not None else "")
+                    + (f"; {delivery.last_error}" if delivery.last_error else ""),
+                }
+            )
+        for action in self.actions:
+            events.append(
+                {"at": action.at, "what": f"{action.action} by {action.who}", "detail": action.detail or ""}
+            )
+        events.sort(key=lambda e: e["at"])
+        return events
+
+
+def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | None:
+    study = session.get(Study, study_instance_uid)
+    if study is None:
+        return None
+    uid = study_instance_uid
+    jobs = list(
+        session.scalars(select(Job).where(Job.kind == JobKind.ANALYSE, Job.study_instance_uid == uid))
+    )
+    sizes = dict(
+        session.execute(  # type: ignore[arg-type]
+            select(VersionInstance.study_version, func.count())
+            .where(VersionInstance.study_instance_uid == uid)
+            .group_by(VersionInstance.study_version)
+        ).all()
+    )
+    series = [
+        {"series_instance_uid": s, "modality": m, "body_part": b, "instances": n}
+        for s, m, b, n in session.execute(
+            select(
+                Instance.series_instance_uid,
+                func.max(Instance.modality),
+                func.max(Instance.body_part_examined),
+                func.count(),
+            )
+            .where(Instance.study_instance_uid == uid)
+            .group_by(Instance.series_instance_uid)
+            .order_by(Instance.series_instance_uid)
+        )
+    ]
+    calls = list(
+        session.scalars(select(ApiCall).where(ApiCall.study_instance_uid == uid).order_by(ApiCall.id))
+    )
+    deliveries = list(
+        session.scalars(select(Outbox).where(Outbox.study_instance_uid == uid).order_by(Outbox.id))
+    )
+    actions = list(
+        session.scalars(
+            select(ConsoleAction).where(ConsoleAction.study_instance_uid == uid).order_by(ConsoleAction.id)
+        )
+    )
+    a_file = session.scalar(select(Instance.path).where(Instance.study_instance_uid == uid).limit(1))
+    return StudyDetail(
+        study, sorted(jobs, key=lambda j: j.study_version), sizes, series, calls, deliveries, actions, a_file
+    )
+
+
+def unsent_deliveries(
+    session: Session, state: str | None = None, limit: int = 500, offset: int = 0
+) -> list[Outbox]:
+    """Everything not yet delivered (pending, being sent, dead-lettered), oldest first."""
+    states = [state] if state else list(UNSENT_STATES)
+    return list(
+        session.scalars(
+            select(Outbox).where(Outbox.state.in_(states)).order_by(Outbox.id).limit(limit).offset(offset)
+        )
+    )
+
+
+def delivery_counts(session: Session) -> list[dict[str, Any]]:
+    """Deliveries by destination and state (every state, sent included)."""
+    return [
+        {"destination": d, "state": s, "count": n}
+        for d, s, n in session.execute(
+            select(Outbox.destination, Outbox.state, func.count())
+            .group_by(Outbox.destination, Outbox.state)
+            .order_by(Outbox.destination, Outbox.state)
+        )
+    ]
+
+
+def _day(column: Any, dialect: str) -> Any:
+    return func.date(column) if dialect == "sqlite" else func.to_char(column, "YYYY-MM-DD")
+
+
+def costs(session: Session, since: dt.datetime, top: int = 20) -> dict[str, Any]:
+    """Spend per day, per provider and model, and the most expensive studies, since ``since``."""
+    dialect = session.get_bind().dialect.name
+    day = _day(ApiCall.called_at, dialect)
+    recent = ApiCall.called_at >= since
+    per_day = [
+        {"day": str(d), "calls": n, "cost_usd": float(c or 0.0)}
+        for d, n, c in session.execute(
+            select(day, func.count(), func.sum(ApiCall.cost_usd)).where(recent).group_by(day).order_by(day)
+        )
+    ]
+    per_model = [
+        {
+            "provider": p,
+            "model": m,
+            "calls": n,
+            "prompt_tokens": int(pt or 0),
+            "completion_tokens": int(ct or 0),
+            "cost_usd": float(c or 0.0),
+        }
+        for p, m, n, pt, ct, c in session.execute(
+            select(
+                ApiCall.provider,
+                ApiCall.model,
+                func.count(),
+                func.sum(ApiCall.prompt_tokens),
+                func.sum(ApiCall.completion_tokens),
+                func.sum(ApiCall.cost_usd),
+            )
+            .where(recent)
+            .group_by(ApiCall.provider, ApiCall.model)
+            .order_by(func.sum(ApiCall.cost_usd).desc())
+        )
+    ]
+    total = func.sum(ApiCall.cost_usd)
+    per_study = [
+        {"study_instance_uid": u, "calls": n, "cost_usd": float(c or 0.0)}
+        for u, n, c in session.execute(
+            select(ApiCall.study_instance_uid, func.count(), total)
+            .where(recent)
+            .group_by(ApiCall.study_instance_uid)
+            .order_by(total.desc())
+            .limit(top)
+        )
+    ]
+    studies = int(
+        session.scalar(select(func.count(func.distinct(ApiCall.study_instance_uid))).where(recent)) or 0
+    )
+    return {
+        "per_day": per_day,
+        "per_model": per_model,
+        "per_study": per_study,
+        "total_usd": sum(d["cost_usd"] for d in per_day),
+        "studies": studies,
+    }
+
+
+def stuck_or_failing(session: Session) -> dict[str, int]:
+    """Counts for the console's header: studies failed, deliveries dead-lettered or pending."""
+    failed = session.scalar(select(func.count()).select_from(Study).where(Study.state == StudyState.FAILED))
+    dead = session.scalar(select(func.count()).select_from(Outbox).where(Outbox.state == DeliveryState.DEAD))
+    pending = session.scalar(
+        select(func.count())
+        .select_from(Outbox)
+        .where(or_(Outbox.state == DeliveryState.PENDING, Outbox.state == DeliveryState.SENDING))
+    )
+    return {"failed": int(failed or 0), "dead": int(dead or 0), "pending": int(pending or 0)}

@@ -1,0 +1,80 @@
+"""The console's access rule, password hashes and session cookies (scp.web.auth)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conf import Settings
+from scp.web.auth import Gate, hash_password, is_loopback, verify_password
+
+
+def _settings(**http: object) -> Settings:
+    return Settings(http=http)  # type: ignore[arg-type]
+
+
+def test_a_hash_verifies_its_password_only() -> None:
+    hashed = hash_password("correct horse")
+    assert hashed.startswith("scrypt$") and "correct" not in hashed
+    assert verify_password("correct horse", hashed)
+    assert not verify_password("correct hors", hashed)
+    assert not verify_password("correct horse", "scrypt$garbage")
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.77.0.1", False),
+        ("192.168.1.5", False),
+        ("::ffff:10.0.0.1", False),
+        ("localhost", False),  # a name is not an address: never trusted
+        (None, False),
+    ],
+)
+def test_only_loopback_addresses_count_as_loopback(host: str | None, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_without_users_only_loopback_peers_are_let_in() -> None:
+    gate = Gate(_settings())
+    assert gate.peer_allowed("127.0.0.1") and not gate.peer_allowed("10.0.0.9")
+
+
+def test_with_users_anyone_may_try_to_log_in_and_only_the_right_password_works() -> None:
+    gate = Gate(_settings(users={"admin": hash_password("pw")}))
+    assert gate.peer_allowed("10.0.0.9")
+    assert gate.check_login("admin", "pw") == "admin"
+    assert gate.check_login("admin", "nope") is None
+    assert gate.check_login("nobody", "pw") is None
+
+
+def test_a_token_logs_in() -> None:
+    gate = Gate(_settings(token="tok-123"))
+    assert gate.login_required
+    assert gate.check_login("", "tok-123") == "token"
+    assert gate.check_login("", "tok-12") is None
+
+
+def test_a_session_cookie_cannot_be_forged_reused_elsewhere_or_kept_past_its_time() -> None:
+    gate = Gate(_settings(users={"admin": hash_password("pw")}, session_hours=1))
+    cookie = gate.cookie_for("admin", now=1000.0)
+    visitor = gate.visitor(cookie, now=1001.0)
+    assert visitor is not None and visitor.user == "admin" and len(visitor.csrf) > 20
+    assert gate.visitor(cookie, now=1000.0 + 3601) is None  # expired
+    body, signature = cookie.rsplit(".", 1)
+    assert gate.visitor(f"{body}x.{signature}", now=1001.0) is None  # tampered
+    assert Gate(gate.settings).visitor(cookie, now=1001.0) is None  # another key: a restarted node
+    assert gate.visitor(gate.cookie_for(None, now=1000.0), now=1001.0) is None  # anonymous is no login
+
+
+def test_users_must_be_hashes_never_passwords() -> None:
+    with pytest.raises(ValueError, match=r"http.users \"admin\" must be a hash"):
+        _settings(users={"admin": "hunter2"})
+
+
+def test_tls_needs_both_files() -> None:
+    with pytest.raises(ValueError, match=r"tls_cert and http\.tls_key go together"):
+        _settings(tls_cert="/etc/x.crt")
