@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from pathlib import Path
 
@@ -12,13 +13,15 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from analysis.findings import Findings
+from analysis.mosaic import ComposedImage
 from analysis.prepare import PreparedStudy
-from analysis.report import SR_SERIES_DESCRIPTION, ReportContext, build_sr
+from analysis.report import OHIF_RECTANGLE_TRACKING, SR_SERIES_DESCRIPTION, ReportContext, build_sr
 from analysis.uids import UidMaker
 from analysis.vision.reading import read_findings
 from analysis.vision.simulator import simulated_findings
 from tests.data.generate import write_series
 from tests.data.ingest import prepared_study
+from tests.data.ohif import ohif_measurements, tracking_offered
 from tests.data.validators import sr_errors
 
 INSTALLATION = UidMaker(uuid.UUID("6f1c1e0a-3a51-4c59-9d39-1f6a5d0c2b7e"))  # one test installation
@@ -114,7 +117,9 @@ def test_a_region_carries_the_models_certainty_never_a_length_that_looks_measure
     )
     children = list(group.ContentSequence)
     identifiers = [c for c in children if c.ConceptNameCodeSequence[0].CodeValue == "112039"]
-    assert [i.TextValue for i in identifiers] == ["SIMULATED AI: nodule, right upper lobe"]
+    assert [i.TextValue for i in identifiers] == [
+        f"{OHIF_RECTANGLE_TRACKING} SIMULATED AI: nodule, right upper lobe"
+    ]
     nums = [c for c in children if c.ValueType == "NUM"]
     assert [n.ConceptNameCodeSequence[0].CodeMeaning for n in nums] == ["Certainty of Finding"]
     first_num = nums[0]
@@ -201,12 +206,19 @@ def test_an_sr_from_degraded_findings_in_any_script_passes_all_three_validators(
     reply = {
         "summary": "SIMULATED: a\\b \x1b[31m red \x07",
         "findings": [
-            {"description": japanese, "body_site": "右肺上葉の後区域、胸膜直下"},
+            # coded terms (the model's words as Code Meanings) come with a region: findings
+            # placed on no image are said in words only
+            {
+                "description": japanese,
+                "body_site": "右肺上葉の後区域、胸膜直下",
+                "image_index": 1,
+                "box": box,
+            },
             {
                 "description": "opacity \\ effusion\x0c",
                 "body_site": "lobe\\left\x01",
                 "recommendation": "x\\y\x02",
-                "image_index": 9,
+                "image_index": 1,
                 "box": box,
                 "confidence": 7,
             },
@@ -275,13 +287,13 @@ def test_negated_and_uncertain_findings_are_never_coded_as_present(tmp_path: Pat
     coded = _codes(written)
     assert ("SCT", "36118008") not in coded and ("SCT", "60046008") not in coded  # neither is present
     labels = [str(i.TextValue) for i in _walk(written) if i.ConceptNameCodeSequence[0].CodeValue == "112039"]
-    assert labels == [  # the model's words, hedged when it was not sure; cut at 64 characters
-        "AI: Possible small pleural effusion, left\\base blunt (uncertain)",
-        "AI: 2 cm spiculated mass, suspicious for malignancy, right upper",
+    assert labels == [  # a tool OHIF can load, the model's words, hedged; cut at 64 characters
+        f"{OHIF_RECTANGLE_TRACKING} AI: Possible small pleural effusion, left\\base blunt (uncertain)",
+        f"{OHIF_RECTANGLE_TRACKING} AI: 2 cm spiculated mass, suspicious for malignancy, right upper",
     ]
     texts = [str(i.TextValue) for i in _walk(written) if i.ValueType == "TEXT"]
     assert "Not seen (AI): No pneumothorax or pleural effusion is seen." in texts  # a negative, in words
-    assert "2 cm spiculated mass, suspicious for malignancy" in texts  # the model's words, whole
+    assert "AI: 2 cm spiculated mass, suspicious for malignancy, right upper lobe (unverified)" in texts
     assert any(text.startswith("Impression:") and len(text) == len(summary.strip()) for text in texts)
     groups = [
         i
@@ -289,3 +301,92 @@ def test_negated_and_uncertain_findings_are_never_coded_as_present(tmp_path: Pat
         if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "125007"
     ]
     assert len(groups) == 2  # the absent finding has no measurement group
+
+
+def _box_on(image: ComposedImage, tile: int, left: float, top: float) -> dict[str, float]:
+    """A box (fractions of ``image``) inside its tile ``tile``, so it lands on that slice."""
+    t = image.tiles[tile]
+    x0, y0 = t.x0 + left * t.width, t.y0 + top * t.height
+    x1, y1 = x0 + 0.15 * t.width, y0 + 0.15 * t.height
+    return {
+        "x_min": x0 / image.width,
+        "y_min": y0 / image.height,
+        "x_max": x1 / image.width,
+        "y_max": y1 / image.height,
+    }
+
+
+# A number with a unit of length, area or volume: what reads as a lesion measured on the image.
+MEASURED = re.compile(r"\d\s*(mm|cm|mm2|cm2|mm3|cm3|ml|mL|\[?mm\^?2)\b|Length|Area|Diameter|Long Axis|Volume")
+
+
+def test_ohif_prints_the_findings_words_beside_each_region_and_can_track_them(tmp_path: Path) -> None:
+    """Read as OHIF 3.13.2 reads it (tests/data/ohif.py; benchmarks/ohif_view.py shows the real
+    viewer): beside each region, the model's words, said to be the AI's and unverified, and no
+    number that reads as measured; every group can be loaded into the measurement panel as the
+    rectangle it is, keeping that label, so the regions never vanish when tracking is accepted;
+    and no group lacks a region (OHIF then shows nothing of the SR at all)."""
+    study_prep, sources, study = prepared(tmp_path, "693_UNCI.dcm", 20)
+    image = study_prep.composed[0]
+    base = {"image_index": 1, "confidence": 0.8}
+    reply = {
+        "summary": "Nodule and a possible effusion.",
+        "findings": [
+            {
+                **base,
+                "description": "Solid nodule, smooth margins",
+                "assertion": "present",
+                "finding_code": "27925004",
+                "body_site": "right upper lobe",
+                "box": _box_on(image, 1, 0.2, 0.3),
+            },
+            {
+                **base,
+                "description": "Possible left pleural effusion",
+                "assertion": "uncertain",
+                "finding_code": "60046008",
+                "box": _box_on(image, 3, 0.6, 0.6),
+            },
+            {
+                **base,
+                "description": "Spiculated mass suspicious for malignancy",
+                "assertion": "present",
+                "body_site": "left lower lobe",
+                "box": _box_on(image, 5, 0.3, 0.2),
+            },
+            {
+                "description": "Mild cardiomegaly",
+                "assertion": "present",
+                "finding_code": "8186001",
+                "confidence": 0.6,
+            },
+            {"description": "No pneumothorax", "assertion": "absent", "finding_code": "36118008"},
+        ],
+    }
+    findings = read_findings(reply, [(i.width, i.height) for i in study_prep.encoded], "fraction")
+    sr = build_sr(findings, study_prep.composed, sources, context(study, simulated=False))
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    measurements = ohif_measurements(dcmread(path))
+
+    assert not [m.tracking_identifier for m in measurements if m.breaks_the_viewer]
+    expected = {
+        "Solid nodule, smooth margins": "AI: Solid nodule, smooth margins, right upper lobe (unverified)",
+        "Possible left pleural effusion": "AI: Possible left pleural effusion (uncertain, unverified)",
+        "Spiculated mass suspicious for malignancy": (
+            "AI: Spiculated mass suspicious for malignancy, left lower lobe (unverified)"
+        ),
+    }
+    assert len(measurements) == len(expected)  # one per region; words only for the rest
+    for measurement, (words, label) in zip(measurements, expected.items(), strict=True):
+        assert f"{label}: " in measurement.labels, measurement.labels
+        printed = " / ".join(measurement.labels).replace(words, "")  # the model may say "8 mm"
+        assert not MEASURED.search(printed), measurement.labels
+        assert [line for line in measurement.labels if line != f"{label}: "] == [
+            "Certainty of Finding: 80.00 %"
+        ]
+        assert measurement.adapter() == "RectangleROI"
+        assert measurement.rebuilt_label() == label  # kept when tracking is accepted: nothing vanishes
+    assert tracking_offered(measurements)  # no "not compatible with this application" badge
+    texts = [str(i.TextValue) for i in _walk(sr) if i.ValueType == "TEXT"]
+    assert "AI: Mild cardiomegaly (unverified); certainty 60 %; no region on an image" in texts
