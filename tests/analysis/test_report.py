@@ -19,6 +19,7 @@ from analysis.report import OHIF_RECTANGLE_TRACKING, SR_SERIES_DESCRIPTION, Repo
 from analysis.uids import UidMaker
 from analysis.vision.reading import read_findings
 from analysis.vision.simulator import simulated_findings
+from conf import ImagingSettings
 from tests.data.generate import write_series
 from tests.data.ingest import prepared_study
 from tests.data.ohif import ohif_measurements, tracking_offered
@@ -31,7 +32,8 @@ STARTED = dt.datetime(2026, 11, 25, 9, 30, 15, tzinfo=dt.UTC)
 def prepared(tmp_path: Path, source: str, count: int) -> tuple[PreparedStudy, dict[str, Dataset], str]:
     study = generate_uid()
     files = write_series(tmp_path / "src", count, source=source, study_instance_uid=study)
-    result, _ = prepared_study(files, tmp_path)
+    # An ultrasound without BurnedInAnnotation is held back unless the site masks it (issue 13).
+    result, _ = prepared_study(files, tmp_path, ImagingSettings(unlabelled_burned_in={"US": "mask"}))
     headers = {str(h.SOPInstanceUID): h for h in (dcmread(f, stop_before_pixels=True) for f in files)}
     shown = {t.sop_instance_uid for image in result.composed for t in image.tiles}
     return result, {uid: headers[uid] for uid in shown}, study
