@@ -339,7 +339,13 @@ class StudyDetail:
                     "detail": f"status {call.status if call.status is not None else 'none'}, "
                     f"{call.latency_ms:.0f} ms, {call.images} image(s), {call.prompt_tokens} + "
                     f"{call.completion_tokens} tokens, ${call.cost_usd:.4f}"
-                    + (f"; {call.error}" if call.error else ""),
+                    + (f"; {call.error}" if call.error else "")
+                    + (
+                        f"; sent {call.request_bytes} bytes to {call.endpoint_host}, "
+                        f"SHA-256 {call.request_sha256[:16]}…"
+                        if call.request_sha256 and call.request_bytes is not None
+                        else ""
+                    ),
                 }
             )
         built: set[str] = set()

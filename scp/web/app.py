@@ -42,6 +42,7 @@ from storage import overview
 from storage.actions import cancel_study, record_action, redeliver
 from storage.db import transaction
 from storage.models import StudyState, utc_now
+from storage.overview import disclosure_query
 from storage.studies import complete_study, requeue_study
 
 HERE = Path(__file__).parent
@@ -346,8 +347,15 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         uid = request.path_params["uid"]
         number = int(request.path_params["version"])
         made = await read(lambda s: sent_images.get(s, uid, number))
+        # The audit trail's image hashes (issue 13): a thumbnail says whether a recorded request
+        # carried exactly these bytes.
+        recorded = await read(
+            lambda s: {
+                sha for call in s.scalars(disclosure_query(uid)) for sha in (call.image_sha256 or "").split()
+            }
+        )
         return templates.TemplateResponse(
-            request, "_sent.html", {"uid": uid, "version": number, "sent": made}
+            request, "_sent.html", {"uid": uid, "version": number, "sent": made, "recorded": recorded}
         )
 
     async def sent_image(request: Request) -> Response:

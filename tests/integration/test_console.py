@@ -110,6 +110,8 @@ def test_the_console_shows_what_was_sent_and_retry_makes_a_new_sr_in_orthanc(
             assert thumbs.nth(index).get_attribute("data-sha256") == shown[-1]
         (sent,) = _sent_hashes(record)
         assert shown == sent and len(sent) >= 1  # the bytes the model received, in its order
+        expect(page.locator("span.recorded")).to_have_count(len(sent))  # each in the audit trail
+        expect(timeline).to_contain_text("bytes to 127.0.0.1, SHA-256")
         html = page.content()
         for token in identifying_tokens():  # nobody logged in: no patient identifiers
             assert token not in html, token
