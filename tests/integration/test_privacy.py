@@ -28,7 +28,7 @@ def test_no_identifying_header_reaches_the_vision_api(tmp_path: Path) -> None:
     ]
     identify(files)
     prepared, _ = prepared_study(files, tmp_path)
-    assert len(prepared.encoded) == 3
+    assert len(prepared.encoded) == 4  # the head CT in brain and subdural windows, CR, US
 
     record = tmp_path / "requests.jsonl"
     with simulator(tmp_path, "--record", str(record)) as base_url:
