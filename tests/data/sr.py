@@ -32,12 +32,9 @@ def complete_with_simulated_findings(
         with sessions() as session:
             prepared = prepare_study(session, study, root, ImagingSettings())
             sources: dict[str, Dataset] = {}
-            for image in prepared.composed:
-                for tile in image.tiles:
-                    path = next(
-                        p for p in (root / "instances" / study).rglob(f"{tile.sop_instance_uid}.*.dcm")
-                    )
-                    sources[tile.sop_instance_uid] = dcmread(path, stop_before_pixels=True)
+            for uid in prepared.shown_instances:  # a region may land on any slice of a slab
+                path = next(p for p in (root / "instances" / study).rglob(f"{uid}.*.dcm"))
+                sources[uid] = dcmread(path, stop_before_pixels=True)
             namespace = installation_namespace(session)  # the node's own, as the worker reads it
         findings = Findings.model_validate(simulated_findings(images=len(prepared.encoded)))
         context = ReportContext(

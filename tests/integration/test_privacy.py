@@ -34,7 +34,7 @@ def test_no_identifying_header_reaches_the_vision_api(tmp_path: Path) -> None:
     identify(files)
     # The ultrasound has no BurnedInAnnotation: sent only because this site masks US.
     prepared, _ = prepared_study(files, tmp_path, ImagingSettings(unlabelled_burned_in={"US": "mask"}))
-    assert len(prepared.encoded) == 4  # the CT in lung and mediastinal windows, the CR, the US
+    assert len(prepared.encoded) == 4  # the head CT in brain and subdural windows, CR, US
 
     record = tmp_path / "requests.jsonl"
     with simulator(tmp_path, "--record", str(record)) as base_url:
