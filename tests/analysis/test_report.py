@@ -35,8 +35,8 @@ def prepared(tmp_path: Path, source: str, count: int) -> tuple[PreparedStudy, di
     # An ultrasound without BurnedInAnnotation is held back unless the site masks it (issue 13).
     result, _ = prepared_study(files, tmp_path, ImagingSettings(unlabelled_burned_in={"US": "mask"}))
     headers = {str(h.SOPInstanceUID): h for h in (dcmread(f, stop_before_pixels=True) for f in files)}
-    shown = {t.sop_instance_uid for image in result.composed for t in image.tiles}
-    return result, {uid: headers[uid] for uid in shown}, study
+    # Every slice a slab tile shows: a region may land on any of them (the worker's sources).
+    return result, {uid: headers[uid] for uid in result.shown_instances}, study
 
 
 def findings(with_box: bool, text: str = "nodule, spiculated", site: str = "right upper lobe") -> Findings:
