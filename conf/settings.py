@@ -34,7 +34,7 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from conf.providers import preset_for
+from conf.providers import PRESETS, preset_for
 from conf.routing import Route
 
 _UID_ROOT = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -428,8 +428,11 @@ class Settings(BaseSettings):
             unknown = sorted(set(route.destinations) - known)
             if unknown:
                 raise ValueError(f'routes "{route.name}": destinations {unknown} are not in [[destinations]]')
-            if route.provider is not None:
-                preset_for(route.provider)
+            if route.provider is not None and route.provider not in PRESETS:
+                raise ValueError(
+                    f'routes "{route.name}": provider must be one of {sorted(PRESETS)}, '
+                    f'got "{route.provider}"'
+                )
         return self
 
     def route_base_url(self, route: Route) -> str:

@@ -269,3 +269,11 @@ def test_a_route_to_another_host_of_the_same_provider_is_never_lent_the_default_
         assert same.route_key_problem is None
         lent = same.route_api_key(same.routes[0])
         assert lent is not None and lent.get_secret_value() == "sk-openai-default-key"
+
+
+def test_a_misspelt_route_provider_is_named_as_the_routes_not_the_defaults(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(_route_config(tmp_path, 'provider = "anthropc"'))
+    message = str(raised.value)
+    assert 'routes "ct-claude": provider must be one of' in message and 'got "anthropc"' in message
+    assert "vision.provider" not in message
