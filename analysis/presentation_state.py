@@ -31,7 +31,8 @@ MAX_LABEL = 96  # a label beside a region must stay readable on the image
 
 
 def _label(item: PlacedFinding, simulated: bool) -> str:
-    words = " ".join(item.finding.description.split())
+    # highdicom refuses a backslash in the label (an ST); the model may write one ("right\\upper").
+    words = " ".join(item.finding.description.replace("\\", "/").split())
     hedge = "" if item.finding.assertion is Assertion.PRESENT else ", uncertain"
     label = f"{item.number}. {'SIMULATED ' if simulated else ''}AI{hedge} (unverified): {words}"
     return label if len(label) <= MAX_LABEL else label[: MAX_LABEL - 1] + "…"
@@ -132,5 +133,6 @@ def build_presentation_state(
     mark_processing_algorithm(state)
     carry_deidentification(state, referenced)
     state.SeriesDescription = SERIES_DESCRIPTION
+    state.SpecificCharacterSet = "ISO_IR 192"  # the model's words, in any script (as the SR)
     state.Laterality = referenced[0].get("Laterality")  # Type 2C: the source's, or empty
     return state
