@@ -59,7 +59,15 @@ def build_presentation_state(
     """The GSPS for one study version, or None when no finding has a region. ``sources``: the
     headers (no pixels) of the images shown, by SOP Instance UID; ``windows``: (center, width)
     the model was shown each image in, used only for images whose header has no window."""
-    regions = [item for item in placed if item.region is not None]
+    # A grayscale presentation state may reference only grayscale images (one sample per pixel):
+    # a region on a colour image (an ultrasound, a secondary capture) is left to the SR, the KOS
+    # and the summary image, instead of taking every other region's state down with it.
+    regions = [
+        item
+        for item in placed
+        if item.region is not None
+        and int(sources[item.region.sop_instance_uid].get("SamplesPerPixel", 1) or 1) == 1
+    ]
     if not regions:
         return None
     layer = hd.pr.GraphicLayer(layer_name=LAYER, order=1, description="AI regions, unverified")

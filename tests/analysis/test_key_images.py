@@ -194,3 +194,32 @@ def test_the_models_words_in_any_script_survive_in_both_and_stay_valid(
                 for t in a.TextObjectSequence
             )
         assert (one_line if name == "kos" else one_line.replace("\\", "/")) in text
+
+
+def test_a_region_on_a_colour_image_leaves_the_others_drawn(study: Study, tmp_path: Path) -> None:
+    """A grayscale presentation state cannot reference an RGB image (an ultrasound, a screen
+    capture): the regions on grayscale images are still drawn, the colour one is left out (the
+    SR, KOS and summary image carry it), and a study with only colour regions gets no GSPS."""
+    findings, composed, sources = study
+    placed = [p for p in place_findings(findings, composed) if p.region is not None]
+    assert len({p.region.sop_instance_uid for p in placed if p.region is not None}) == 2
+    colour_uid = placed[0].region.sop_instance_uid if placed[0].region is not None else ""
+    coloured = {}
+    for uid, header in sources.items():
+        copy = Dataset(header)
+        copy.file_meta = header.file_meta
+        if uid == colour_uid:
+            copy.PhotometricInterpretation, copy.SamplesPerPixel, copy.PlanarConfiguration = "RGB", 3, 0
+            copy.BitsAllocated, copy.BitsStored, copy.HighBit = 8, 8, 7
+        coloured[uid] = copy
+    state = build_presentation_state(placed, coloured, {}, UIDS, 1, "m", "p")
+    assert state is not None
+    path = tmp_path / "gsps.dcm"
+    state.save_as(path, enforce_file_format=True)
+    assert _dciodvfy_errors(path) == []
+    referenced = {
+        str(a.ReferencedImageSequence[0].ReferencedSOPInstanceUID)
+        for a in dcmread(path).GraphicAnnotationSequence
+    }
+    assert referenced == {p.region.sop_instance_uid for p in placed[1:] if p.region is not None}
+    assert build_presentation_state(placed[:1], coloured, {}, UIDS, 1, "m", "p") is None
