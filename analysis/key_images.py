@@ -74,4 +74,5 @@ def build_key_images(
     mark_processing_algorithm(document)
     carry_deidentification(document, referenced)
     document.SeriesDescription = SERIES_DESCRIPTION
+    document.SpecificCharacterSet = "ISO_IR 192"  # the model's words, in any script (as the SR)
     return document

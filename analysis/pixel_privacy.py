@@ -31,23 +31,58 @@ AT_RISK_MODALITIES = frozenset({"US", "SC", "XA", "RF", "ES", "OT", "DOC", "SM",
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
 
+# Image storage SOP classes of those modalities (PS3.4 B.5): the SOP class says what the pixels
+# are even when the header's Modality is missing or names something else.
+_AT_RISK_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.6.1": "US",  # Ultrasound Image
+    "1.2.840.10008.5.1.4.1.1.6": "US",  # Ultrasound Image (retired)
+    "1.2.840.10008.5.1.4.1.1.3.1": "US",  # Ultrasound Multi-frame Image
+    "1.2.840.10008.5.1.4.1.1.3": "US",  # Ultrasound Multi-frame Image (retired)
+    "1.2.840.10008.5.1.4.1.1.6.2": "US",  # Enhanced US Volume
+    "1.2.840.10008.5.1.4.1.1.12.1": "XA",  # X-Ray Angiographic Image
+    "1.2.840.10008.5.1.4.1.1.12.1.1": "XA",  # Enhanced XA Image
+    "1.2.840.10008.5.1.4.1.1.12.2": "RF",  # X-Ray Radiofluoroscopic Image
+    "1.2.840.10008.5.1.4.1.1.12.2.1": "RF",  # Enhanced XRF Image
+    "1.2.840.10008.5.1.4.1.1.77.1.1": "ES",  # VL Endoscopic Image
+    "1.2.840.10008.5.1.4.1.1.77.1.1.1": "ES",  # Video Endoscopic Image
+    "1.2.840.10008.5.1.4.1.1.77.1.2": "GM",  # VL Microscopic Image
+    "1.2.840.10008.5.1.4.1.1.77.1.2.1": "GM",  # Video Microscopic Image
+    "1.2.840.10008.5.1.4.1.1.77.1.3": "SM",  # VL Slide-Coordinates Microscopic Image
+    "1.2.840.10008.5.1.4.1.1.77.1.4": "XC",  # VL Photographic Image
+    "1.2.840.10008.5.1.4.1.1.77.1.4.1": "XC",  # Video Photographic Image
+    "1.2.840.10008.5.1.4.1.1.77.1.6": "SM",  # VL Whole Slide Microscopy Image
+}
+
+
 def is_secondary_capture(sop_class_uid: str) -> bool:
     return sop_class_uid.startswith(SECONDARY_CAPTURE_PREFIX)
 
 
+def risk_modality(modality: str, sop_class_uid: str) -> str | None:
+    """The at-risk modality whose policy applies to an image, or None when it seldom carries
+    text: the header's Modality when it is one; else the one its SOP class implies (an
+    ultrasound whose Modality is missing or says CT is still an ultrasound); SC for any secondary
+    capture."""
+    if modality.upper() in AT_RISK_MODALITIES:
+        return modality.upper()
+    if sop_class_uid in _AT_RISK_SOP_CLASSES:
+        return _AT_RISK_SOP_CLASSES[sop_class_uid]
+    return "SC" if is_secondary_capture(sop_class_uid) else None
+
+
 def at_risk(modality: str, sop_class_uid: str) -> bool:
-    return modality.upper() in AT_RISK_MODALITIES or is_secondary_capture(sop_class_uid)
+    return risk_modality(modality, sop_class_uid) is not None
 
 
 def policy_for(
     modality: str, sop_class_uid: str, burned_in_annotation: str, policies: Mapping[str, Policy]
 ) -> Policy:
     """What to do with an image's pixels: ``allow`` when its header says NO or its modality
-    seldom carries text; else the configured policy for its modality (SC for any secondary
-    capture), ``exclude`` when none is configured."""
-    if burned_in_annotation.upper() == "NO" or not at_risk(modality, sop_class_uid):
+    seldom carries text; else the configured policy for its modality (:func:`risk_modality`),
+    ``exclude`` when none is configured."""
+    key = risk_modality(modality, sop_class_uid)
+    if burned_in_annotation.upper() == "NO" or key is None:
         return "allow"
-    key = modality.upper() if modality.upper() in AT_RISK_MODALITIES else "SC"
     return policies.get(key, "exclude")
 
 

@@ -19,7 +19,15 @@ from analysis.errors import ImageSkipped
 from analysis.imaging import CT_PRESETS, DisplayFrame, render_file
 from analysis.layout import choose_layout, needed_tile_px
 from analysis.mosaic import ComposedImage, SlabTile, compose_mosaic, compose_single
-from analysis.pixel_privacy import MaskPlan, apply_mask, at_risk, is_secondary_capture, mask_plan, policy_for
+from analysis.pixel_privacy import (
+    MaskPlan,
+    apply_mask,
+    at_risk,
+    is_secondary_capture,
+    mask_plan,
+    policy_for,
+    risk_modality,
+)
 from analysis.prompt import PROMPT_VERSION, build_prompt
 from analysis.selection import ChosenFrame, Exclusion, ImageBudget, SeriesPlan, SourceImage, plan_study
 from analysis.slabs import Slab
@@ -185,7 +193,7 @@ def _mask(frame: DisplayFrame, image: SourceImage, settings: ImagingSettings) ->
         return frame  # configured: this site's devices burn in nothing
     if (
         image.burned_in_annotation == "NO"
-        and image.modality != "US"
+        and risk_modality(image.modality, image.sop_class_uid) != "US"
         and not is_secondary_capture(image.sop_class_uid)
     ):
         return frame  # labelled clean; only ultrasound and secondary captures keep the top band

@@ -31,7 +31,8 @@ MAX_LABEL = 96  # a label beside a region must stay readable on the image
 
 
 def _label(item: PlacedFinding, simulated: bool) -> str:
-    words = " ".join(item.finding.description.split())
+    # highdicom refuses a backslash in the label (an ST); the model may write one ("right\\upper").
+    words = " ".join(item.finding.description.replace("\\", "/").split())
     hedge = "" if item.finding.assertion is Assertion.PRESENT else ", uncertain"
     label = f"{item.number}. {'SIMULATED ' if simulated else ''}AI{hedge} (unverified): {words}"
     return label if len(label) <= MAX_LABEL else label[: MAX_LABEL - 1] + "…"
@@ -58,7 +59,15 @@ def build_presentation_state(
     """The GSPS for one study version, or None when no finding has a region. ``sources``: the
     headers (no pixels) of the images shown, by SOP Instance UID; ``windows``: (center, width)
     the model was shown each image in, used only for images whose header has no window."""
-    regions = [item for item in placed if item.region is not None]
+    # A grayscale presentation state may reference only grayscale images (one sample per pixel):
+    # a region on a colour image (an ultrasound, a secondary capture) is left to the SR, the KOS
+    # and the summary image, instead of taking every other region's state down with it.
+    regions = [
+        item
+        for item in placed
+        if item.region is not None
+        and int(sources[item.region.sop_instance_uid].get("SamplesPerPixel", 1) or 1) == 1
+    ]
     if not regions:
         return None
     layer = hd.pr.GraphicLayer(layer_name=LAYER, order=1, description="AI regions, unverified")
@@ -132,5 +141,6 @@ def build_presentation_state(
     mark_processing_algorithm(state)
     carry_deidentification(state, referenced)
     state.SeriesDescription = SERIES_DESCRIPTION
+    state.SpecificCharacterSet = "ISO_IR 192"  # the model's words, in any script (as the SR)
     state.Laterality = referenced[0].get("Laterality")  # Type 2C: the source's, or empty
     return state

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 
-from analysis.pixel_privacy import Policy, policy_for
+from analysis.pixel_privacy import Policy, at_risk, policy_for, risk_modality
 from storage.models import Instance
 
 VOLUME_MODALITIES = frozenset({"CT", "MR", "PT", "NM"})
@@ -160,8 +160,8 @@ def exclusion_reason(image: SourceImage, budget: ImageBudget) -> str | None:
     )
     if policy == "exclude":
         return (
-            f"{image.modality or 'secondary capture'} without BurnedInAnnotation NO (may show patient data; "
-            "imaging.unlabelled_burned_in)"
+            f"{risk_modality(image.modality, image.sop_class_uid)} without BurnedInAnnotation NO (may show "
+            "patient data; imaging.unlabelled_burned_in)"
         )
     return None
 
@@ -242,15 +242,20 @@ def plan_study(images: list[SourceImage], budget: ImageBudget) -> tuple[list[Ser
     much of it the cost budget shows is :func:`analysis.budget.allocate`'s."""
     exclusions: list[Exclusion] = []
     by_series: dict[str, list[SourceImage]] = defaultdict(list)
+    alone: list[SourceImage] = []
     for image in images:
         reason = exclusion_reason(image, budget)
-        if reason is None:
-            by_series[image.series_instance_uid].append(image)
-        else:
+        if reason is not None:
             exclusions.append(Exclusion(image.sop_instance_uid, reason))
+        elif at_risk(image.modality, image.sop_class_uid):
+            alone.append(image)  # shown alone, where its burned-in text is masked (analysis.prepare._mask)
+        else:
+            by_series[image.series_instance_uid].append(image)
 
     volumes: list[tuple[str, list[SourceImage]]] = []
-    singles: list[SourceImage] = []
+    singles: list[SourceImage] = sorted(
+        alone, key=lambda im: (im.series_instance_uid, im.instance_number or 0)
+    )
     for series, members in by_series.items():
         modality = members[0].modality
         if _is_volume(modality, members):

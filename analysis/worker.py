@@ -208,10 +208,11 @@ class AnalysisWorker:
         provider = route.provider or vision.provider
         same = provider == vision.provider
         model = route.model or (vision.model if same else None)
-        base_url = route.base_url or (vision.base_url if same else None)
-        # The route's own key; the default's only for the default's provider (a key is never sent
-        # to another vendor: Settings.route_key_problem stops a node whose route lacks one).
-        api_key = route.api_key if route.api_key is not None else (vision.api_key if same else None)
+        base_url = self.settings.route_base_url(route)
+        # The route's own key; the default's only for the default's provider at the default's
+        # endpoint (a key is never sent to another vendor or host: Settings.route_key_problem
+        # stops a node whose route lacks one).
+        api_key = self.settings.route_api_key(route)
         key = (provider, model, base_url, route.api_key_env if route.api_key is not None else None)
         with self._clients_lock:
             if key not in self._clients:

@@ -34,7 +34,7 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from conf.providers import preset_for
+from conf.providers import PRESETS, preset_for
 from conf.routing import Route
 
 _UID_ROOT = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -428,14 +428,39 @@ class Settings(BaseSettings):
             unknown = sorted(set(route.destinations) - known)
             if unknown:
                 raise ValueError(f'routes "{route.name}": destinations {unknown} are not in [[destinations]]')
-            if route.provider is not None:
-                preset_for(route.provider)
+            if route.provider is not None and route.provider not in PRESETS:
+                raise ValueError(
+                    f'routes "{route.name}": provider must be one of {sorted(PRESETS)}, '
+                    f'got "{route.provider}"'
+                )
         return self
+
+    def route_base_url(self, route: Route) -> str:
+        """The endpoint a route's requests go to: its own base_url, else the default's for the
+        default's provider, else its provider's preset."""
+        provider = route.provider or self.vision.provider
+        default = self.vision.base_url if provider == self.vision.provider else None
+        return route.base_url or default or preset_for(provider).base_url
+
+    def route_api_key(self, route: Route) -> SecretStr | None:
+        """The key a route's requests carry: its own; the default's only when the route goes to
+        the default's provider at the default's endpoint (a key is never sent to another vendor,
+        nor to another host under the same provider's name)."""
+        if route.api_key is not None:
+            return route.api_key
+        return self.vision.api_key if self._default_endpoint(route) else None
+
+    def _default_endpoint(self, route: Route) -> bool:
+        """Whether a route's requests go where the default's do: same provider, same endpoint."""
+        default_url = self.vision.base_url or preset_for(self.vision.provider).base_url
+        same_provider = (route.provider or self.vision.provider) == self.vision.provider
+        return same_provider and _same_endpoint(self.route_base_url(route), default_url)
 
     @property
     def route_key_problem(self) -> str | None:
-        """Why a route cannot be analysed, or None: one that names another provider needing a key
-        has no key of its own (it is never sent the default provider's), or its variable is unset."""
+        """Why a route cannot be analysed, or None: one that goes to another provider or another
+        endpoint needing a key has no key of its own (it is never sent the default provider's), or
+        its variable is unset."""
         for route in self.routes:
             if route.action != "analyse":
                 continue
@@ -446,6 +471,12 @@ class Settings(BaseSettings):
                 return (
                     f'routes "{route.name}": provider {provider} needs its own API key, never the default '
                     f"provider's; name the variable that holds it in routes.api_key_env"
+                )
+            if preset_for(provider).needs_key and route.api_key is None and not self._default_endpoint(route):
+                return (
+                    f'routes "{route.name}": base_url {self.route_base_url(route)} is not the default '
+                    "endpoint, whose API key it is never sent; name the variable that holds its own in "
+                    "routes.api_key_env"
                 )
         return None
 
@@ -585,6 +616,16 @@ def _describe_error(error: Any, environ: Mapping[str, str]) -> str:
     if variable is not None:
         details.append(f"from environment variable {variable}")
     return f"{where}: {error['msg']}" + (f" ({'; '.join(details)})" if details else "")
+
+
+def _same_endpoint(a: str, b: str) -> bool:
+    """Whether two base URLs name the same endpoint (scheme and host case, a trailing slash and
+    the scheme's default port aside)."""
+    try:
+        x, y = httpx.URL(a.strip()), httpx.URL(b.strip())
+    except httpx.InvalidURL:
+        return False
+    return (x.scheme, x.host, x.port, x.path.rstrip("/")) == (y.scheme, y.host, y.port, y.path.rstrip("/"))
 
 
 def _with_route_keys(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ and prompt sent carry none; only their hashes are kept here)."""
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
@@ -71,7 +72,7 @@ class Disclosure:
 
 class DisclosureLog:
     """Appends each disclosure as one line and fsyncs it; thread-safe, and safe across
-    processes (O_APPEND writes of one line each)."""
+    processes (O_APPEND writes of one line each, under an exclusive flock)."""
 
     def __init__(self, root: Path) -> None:
         self.path = root / AUDIT_FOLDER / DISCLOSURES_FILE
@@ -82,8 +83,15 @@ class DisclosureLog:
         try:
             with self._lock:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
                 try:
+                    # One writer at a time across processes (a node's serve and worker), and a
+                    # record never glued to the fragment a full disk left of the one before
+                    # (a short write: that request was not sent).
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    size = os.fstat(fd).st_size
+                    if size and os.pread(fd, 1, size - 1) != b"\n":
+                        line = b"\n" + line
                     written = os.write(fd, line)
                     if written != len(line):
                         raise OSError(f"short write to {self.path}: {written} of {len(line)} bytes")

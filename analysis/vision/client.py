@@ -310,7 +310,11 @@ class VisionClient:
                 with self.in_flight:
                     # Count the request when it really leaves, not while it waits for a slot.
                     self.limiter.acquire(estimate + max_tokens)
-                    disclosed = self._disclose(study, images, prompt, url, payload)
+                    try:
+                        disclosed = self._disclose(study, images, prompt, url, payload)
+                    except VisionRetryable:
+                        self.breaker.abandoned()  # not sent: no verdict on the provider
+                        raise
                     started = time.perf_counter()
                     response = self._post(url, payload, headers)
                 status = response.status_code

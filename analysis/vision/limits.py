@@ -153,6 +153,12 @@ class CircuitBreaker:
         with self.lock:
             self.failures, self.open_until, self.trial_running = 0, None, False
 
+    def abandoned(self) -> None:
+        """The call let through was never made (its disclosure could not be recorded): it says
+        nothing of the provider; a half-open trial is over, so the next call may be the trial."""
+        with self.lock:
+            self.trial_running = False
+
     def failed(self, reason: str = "") -> None:
         with self.lock:
             self.failures += 1

@@ -4,6 +4,7 @@ labelled AI and unverified, and each is valid in dciodvfy (the KOS also in dsrdu
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import uuid
 from pathlib import Path
@@ -158,3 +159,67 @@ def test_nothing_placed_means_no_key_images_and_no_presentation_state(
     assert placed == []
     assert build_key_images(placed, sources, UIDS, 1, "m", "p") is None
     assert build_presentation_state(placed, sources, {}, UIDS, 1, "m", "p") is None
+
+
+def test_the_models_words_in_any_script_survive_in_both_and_stay_valid(
+    study: Study,
+    tmp_path: Path,
+) -> None:
+    """Non-Latin text, a backslash and a newline in a finding: the KOS description and the GSPS
+    labels carry the words as the model wrote them (no replacement characters; a label's backslash,
+    which its VR's builder refuses, as a slash), declared in UTF-8, and both are made and stay
+    valid in dciodvfy."""
+    findings, composed, sources = study
+    words = "Nodule 结节 / узел, right\\upper lobe\nnext line é"
+    placed = [
+        dataclasses.replace(p, finding=p.finding.model_copy(update={"description": words}))
+        for p in place_findings(findings, composed)
+    ]
+    kos = build_key_images(placed, sources, UIDS, 1, "m", "p")
+    gsps = build_presentation_state(placed, sources, {}, UIDS, 1, "m", "p")
+    assert kos is not None and gsps is not None
+    one_line = " ".join(words.split())
+    for name, document in (("kos", kos), ("gsps", gsps)):
+        path = tmp_path / f"{name}.dcm"
+        document.save_as(path, enforce_file_format=True)  # warnings are errors here: no "?" for 结节
+        assert _dciodvfy_errors(path) == []
+        written = dcmread(path)
+        assert written.SpecificCharacterSet == "ISO_IR 192"
+        if name == "kos":
+            (text,) = [item.TextValue for item in written.ContentSequence if item.ValueType == "TEXT"]
+        else:
+            text = "\n".join(
+                str(t.UnformattedTextValue)
+                for a in written.GraphicAnnotationSequence
+                for t in a.TextObjectSequence
+            )
+        assert (one_line if name == "kos" else one_line.replace("\\", "/")) in text
+
+
+def test_a_region_on_a_colour_image_leaves_the_others_drawn(study: Study, tmp_path: Path) -> None:
+    """A grayscale presentation state cannot reference an RGB image (an ultrasound, a screen
+    capture): the regions on grayscale images are still drawn, the colour one is left out (the
+    SR, KOS and summary image carry it), and a study with only colour regions gets no GSPS."""
+    findings, composed, sources = study
+    placed = [p for p in place_findings(findings, composed) if p.region is not None]
+    assert len({p.region.sop_instance_uid for p in placed if p.region is not None}) == 2
+    colour_uid = placed[0].region.sop_instance_uid if placed[0].region is not None else ""
+    coloured = {}
+    for uid, header in sources.items():
+        copy = Dataset(header)
+        copy.file_meta = header.file_meta
+        if uid == colour_uid:
+            copy.PhotometricInterpretation, copy.SamplesPerPixel, copy.PlanarConfiguration = "RGB", 3, 0
+            copy.BitsAllocated, copy.BitsStored, copy.HighBit = 8, 8, 7
+        coloured[uid] = copy
+    state = build_presentation_state(placed, coloured, {}, UIDS, 1, "m", "p")
+    assert state is not None
+    path = tmp_path / "gsps.dcm"
+    state.save_as(path, enforce_file_format=True)
+    assert _dciodvfy_errors(path) == []
+    referenced = {
+        str(a.ReferencedImageSequence[0].ReferencedSOPInstanceUID)
+        for a in dcmread(path).GraphicAnnotationSequence
+    }
+    assert referenced == {p.region.sop_instance_uid for p in placed[1:] if p.region is not None}
+    assert build_presentation_state(placed[:1], coloured, {}, UIDS, 1, "m", "p") is None

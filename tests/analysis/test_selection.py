@@ -145,3 +145,47 @@ def test_images_that_may_show_burned_in_text_are_left_out_unless_configured() ->
     )
     plans, excluded = plan_study([us, xa], ImageBudget(unlabelled_burned_in={"US": "mask", "XA": "allow"}))
     assert sorted(p.series_instance_uid for p in plans) == ["1", "3"] and excluded == []
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "modality", "key"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.6.1", "", "US"),  # an ultrasound without Modality
+        ("1.2.840.10008.5.1.4.1.1.3.1", "CT", "US"),  # a multi-frame ultrasound that says CT
+        ("1.2.840.10008.5.1.4.1.1.12.1", "", "XA"),
+        ("1.2.840.10008.5.1.4.1.1.77.1.1", "MR", "ES"),
+        ("1.2.840.10008.5.1.4.1.1.7", "", "SC"),
+    ],
+)
+def test_an_image_whose_sop_class_carries_burned_in_text_is_judged_by_it_not_by_its_modality(
+    sop_class: str, modality: str, key: str
+) -> None:
+    """The SOP class says what the pixels are: an ultrasound whose Modality is missing or wrong
+    is still held back (issue 13), under its own modality's policy."""
+    us = image("u", series="1", sop_class_uid=sop_class, modality=modality, position=None, orientation=None)
+    plans, excluded = plan_study([us], ImageBudget())
+    assert plans == [] and [e.reason for e in excluded] == [
+        f"{key} without BurnedInAnnotation NO (may show patient data; imaging.unlabelled_burned_in)"
+    ]
+    plans, excluded = plan_study([us], ImageBudget(unlabelled_burned_in={key: "mask"}))
+    assert len(plans) == 1 and excluded == []
+    labelled = replace(us, burned_in_annotation="NO")
+    assert len(plan_study([labelled], ImageBudget())[0]) == 1
+
+
+def test_images_that_may_carry_burned_in_text_never_go_into_a_slab() -> None:
+    """A multi-frame ultrasound whose header says CT, or a secondary capture in a CT series, is
+    shown alone (where it is masked), never projected into a slab that bypasses the mask."""
+    cine = image("u", series="1", sop_class_uid="1.2.840.10008.5.1.4.1.1.3.1", number_of_frames=40)
+    slices = [image(f"c{i}", series="2", position=(0.0, 0.0, float(i))) for i in range(6)]
+    capture = image("s", series="2", sop_class_uid="1.2.840.10008.5.1.4.1.1.7", position=(0.0, 0.0, 9.0))
+    plans, excluded = plan_study(
+        [cine, *slices, capture], ImageBudget(unlabelled_burned_in={"US": "mask", "SC": "mask"})
+    )
+    assert excluded == []
+    assert sorted((p.kind, p.frames[0].image.sop_instance_uid) for p in plans if p.kind == "single") == [
+        ("single", "s"),
+        ("single", "u"),
+    ]
+    (volume,) = [p for p in plans if p.kind == "volume"]  # the CT slices stay a volume
+    assert [f.image.sop_instance_uid for f in volume.frames] == [f"c{i}" for i in range(6)]

@@ -238,3 +238,42 @@ def test_a_node_with_an_unkeyed_route_refuses_to_start_in_one_line(tmp_path: Pat
             f'ainode {command}: routes "ct-claude": provider anthropic needs its own API key, never the '
             "default provider's; name the variable that holds it in routes.api_key_env"
         ]
+
+
+def test_a_route_to_another_host_of_the_same_provider_is_never_lent_the_default_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default key belongs to the default endpoint: a route that only changes base_url (a
+    gateway, a look-alike host, a local server under the default's provider name) must not be
+    sent it, and a node whose such route has no key of its own refuses to start."""
+    monkeypatch.setenv("AINODE_VISION__API_KEY", "sk-openai-default-key")
+    monkeypatch.delenv("ROUTE_GATEWAY_KEY", raising=False)
+    elsewhere = load_settings(_route_config(tmp_path, 'base_url = "https://api.openai.example.net/v1"'))
+    assert elsewhere.route_api_key(elsewhere.routes[0]) is None
+    problem = elsewhere.route_key_problem
+    assert problem is not None and "ct-claude" in problem and "routes.api_key_env" in problem
+    assert "sk-openai-default-key" not in problem
+    # Its own key, when it names one.
+    monkeypatch.setenv("ROUTE_GATEWAY_KEY", "sk-gateway-key")
+    keyed = load_settings(
+        _route_config(
+            tmp_path, 'base_url = "https://api.openai.example.net/v1"\napi_key_env = "ROUTE_GATEWAY_KEY"'
+        )
+    )
+    assert keyed.route_key_problem is None
+    key = keyed.route_api_key(keyed.routes[0])
+    assert key is not None and key.get_secret_value() == "sk-gateway-key"
+    # The default's own endpoint (written out, or with a trailing slash) keeps the default's key.
+    for url in ("https://api.openai.com/v1", "https://api.openai.com/v1/"):
+        same = load_settings(_route_config(tmp_path, f'base_url = "{url}"\nmodel = "gpt-4.1-mini"'))
+        assert same.route_key_problem is None
+        lent = same.route_api_key(same.routes[0])
+        assert lent is not None and lent.get_secret_value() == "sk-openai-default-key"
+
+
+def test_a_misspelt_route_provider_is_named_as_the_routes_not_the_defaults(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(_route_config(tmp_path, 'provider = "anthropc"'))
+    message = str(raised.value)
+    assert 'routes "ct-claude": provider must be one of' in message and 'got "anthropc"' in message
+    assert "vision.provider" not in message

@@ -357,3 +357,26 @@ def test_a_reply_too_deeply_nested_to_parse_during_the_half_open_trial_does_not_
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_disclosure_that_cannot_be_recorded_during_the_half_open_trial_does_not_jam_the_circuit(
+    tmp_path: Path,
+) -> None:
+    """The half-open trial is let through, then the audit line cannot be written (a full disk):
+    nothing is sent, which says nothing of the provider, and the trial is over, so once there is
+    room again the circuit tries the provider instead of staying open until a restart."""
+    from storage.disclosures import DisclosureLog
+
+    blocked = tmp_path / "root"
+    blocked.mkdir()
+    (blocked / "audit").write_text("a file where the audit folder should be")
+    vision = client(
+        "http://127.0.0.1:9/v1", max_retries=0, circuit_failure_threshold=1, circuit_cooldown_seconds=0.1
+    )
+    vision.disclosures = DisclosureLog(blocked)
+    vision.breaker.failed("HTTP 500")  # the provider was failing: the circuit opens
+    time.sleep(0.15)
+    assert vision.breaker.state == "half-open"
+    with pytest.raises(VisionRetryable, match="cannot record the disclosure"):
+        vision.analyse("1.2", one_image(), "Describe.")  # the trial, never sent
+    assert vision.breaker.allow(), "the circuit is jammed open: no trial call is ever let through"
