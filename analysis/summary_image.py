@@ -66,6 +66,30 @@ def _legend_line(number: int, finding: Finding) -> str:
     return f"{number}. {finding.description}{where}" + (f" - {', '.join(facts)}" if facts else "")
 
 
+def view_of(present: Sequence[Finding], shown: ComposedImage, key: int) -> tuple[int, int, int, int]:
+    """The part of the key image the summary shows (x0, y0, x1, y1 in its pixels): the tiles of a
+    mosaic that hold its regions, enlarged, so a region on one small tile of a 6 x 5 mosaic is
+    readable on a reading monitor; the whole image when no region sits on a tile."""
+    rects: list[tuple[int, int, int, int]] = []
+    for finding in present:
+        if finding.box is None or finding.image_index != key:
+            continue
+        cx = (finding.box.x_min + finding.box.x_max) / 2 * shown.width
+        cy = (finding.box.y_min + finding.box.y_max) / 2 * shown.height
+        found = shown.to_source(cx, cy)
+        if found is not None:
+            tile = found[0]
+            rects.append((tile.x0, tile.y0, tile.x0 + tile.width, tile.y0 + tile.height))
+    if not rects or len(shown.tiles) <= 1:
+        return 0, 0, shown.width, shown.height
+    return (
+        min(r[0] for r in rects),
+        min(r[1] for r in rects),
+        max(r[2] for r in rects),
+        max(r[3] for r in rects),
+    )
+
+
 def render(
     findings: Findings, composed: Sequence[ComposedImage], simulated: bool = False
 ) -> NDArray[np.uint8]:
@@ -80,18 +104,24 @@ def render(
 
     key = _key_image(findings, composed)
     shown = composed[key - 1]
-    gray = Image.fromarray(shown.pixels).convert("RGB")
-    scale = min(PANEL / shown.width, PANEL / shown.height)
-    size = (max(1, round(shown.width * scale)), max(1, round(shown.height * scale)))
+    present = [f for f in findings.findings if f.assertion is not Assertion.ABSENT]
+    vx0, vy0, vx1, vy1 = view_of(present, shown, key)
+    gray = Image.fromarray(shown.pixels).convert("RGB").crop((vx0, vy0, vx1, vy1))
+    scale = min(PANEL / (vx1 - vx0), PANEL / (vy1 - vy0))
+    size = (max(1, round((vx1 - vx0) * scale)), max(1, round((vy1 - vy0) * scale)))
     left, top = (PANEL - size[0]) // 2, BANNER + (PANEL - size[1]) // 2
     canvas.paste(gray.resize(size, Image.Resampling.LANCZOS), (left, top))
-    present = [f for f in findings.findings if f.assertion is not Assertion.ABSENT]
     for number, finding in enumerate(present, start=1):
         if finding.box is None or finding.image_index != key:
             continue
         box = finding.box
-        x0, y0 = left + box.x_min * size[0], top + box.y_min * size[1]
-        x1, y1 = left + box.x_max * size[0], top + box.y_max * size[1]
+        x0 = left + (box.x_min * shown.width - vx0) * scale
+        y0 = top + (box.y_min * shown.height - vy0) * scale
+        x1 = left + (box.x_max * shown.width - vx0) * scale
+        y1 = top + (box.y_max * shown.height - vy0) * scale
+        # Within the picture shown: a box may reach past the tiles that hold its centre.
+        x0, x1 = max(x0, left), min(x1, left + size[0] - 1)
+        y0, y1 = max(y0, top), min(y1, top + size[1] - 1)
         draw.rectangle((x0, y0, x1, y1), outline=OUTLINE, width=3)
         label_y = y0 - 30 if y0 - 30 > BANNER else y1 + 4
         draw.rectangle((x0, label_y, x0 + 26, label_y + 26), fill=OUTLINE)

@@ -11,7 +11,16 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 
-from analysis.summary_image import BANNER, OUTLINE, PANEL, RED, SERIES_DESCRIPTION, build_summary, render
+from analysis.summary_image import (
+    BANNER,
+    OUTLINE,
+    PANEL,
+    RED,
+    SERIES_DESCRIPTION,
+    build_summary,
+    render,
+    view_of,
+)
 from analysis.uids import UidMaker
 from analysis.vision.reading import read_findings
 from tests.analysis.test_report import prepared
@@ -54,14 +63,22 @@ def test_the_summary_image_outlines_each_region_and_is_a_valid_secondary_capture
     assert tuple(pixels[BANNER // 4, 8]) == RED  # the banner
     banner_text = pixels[:BANNER, :, :]
     assert (banner_text == 255).all(axis=2).sum() > 500  # white letters on it
-    # The first region's outline runs along its left edge, where the model put it.
+    # The first region's outline runs along its left edge, where the model put it, on the part
+    # of the image shown: the mosaic's tile that holds the regions, enlarged.
     shown = study_prep.composed[0]
-    scale = min(PANEL / shown.width, PANEL / shown.height)
-    left = (PANEL - round(shown.width * scale)) // 2
-    top = BANNER + (PANEL - round(shown.height * scale)) // 2
-    x = round(left + 0.30 * shown.width * scale)
-    column = pixels[top + round(0.32 * shown.height * scale) : top + round(0.40 * shown.height * scale), x]
-    assert (column == OUTLINE).all(axis=1).mean() > 0.9
+    present = [f for f in findings.findings if f.assertion != "absent"]
+    vx0, vy0, vx1, vy1 = view_of(present, shown, 1)
+    if len(shown.tiles) > 1:
+        assert (vx1 - vx0, vy1 - vy0) != (shown.width, shown.height)  # a mosaic is shown zoomed in
+    scale = min(PANEL / (vx1 - vx0), PANEL / (vy1 - vy0))
+    left = (PANEL - round((vx1 - vx0) * scale)) // 2
+    top = BANNER + (PANEL - round((vy1 - vy0) * scale)) // 2
+    x = round(left + (0.30 * shown.width - vx0) * scale)
+    rows = slice(
+        top + round((0.32 * shown.height - vy0) * scale), top + round((0.40 * shown.height - vy0) * scale)
+    )
+    column = pixels[rows, x]
+    assert len(column) > 5 and (column == OUTLINE).all(axis=1).mean() > 0.9
     legend = pixels[BANNER:, PANEL:, :]
     assert (legend.max(axis=2) > 128).sum() > 5000  # the legend holds text
 
