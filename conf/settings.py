@@ -643,6 +643,29 @@ def _with_route_keys(data: dict[str, Any], environ: Mapping[str, str]) -> dict[s
     return {**data, "routes": keyed}
 
 
+def _refuse_keys_in_the_file(config_path: Path, data: dict[str, Any]) -> None:
+    """A key never lives in the configuration file (it is copied, backed up, sent to support):
+    only in the environment, by the variable the file names."""
+    vision = data.get("vision")
+    places = ["vision"] if isinstance(vision, dict) and "api_key" in vision else []
+    routes = data.get("routes")
+    if isinstance(routes, list):
+        places += [
+            f'routes "{route.get("name", index)}"'
+            for index, route in enumerate(routes)
+            if isinstance(route, dict) and "api_key" in route
+        ]
+    http = data.get("http")
+    if isinstance(http, dict) and "token" in http:
+        places.append("http (token)")
+    if places:
+        raise ConfigError(
+            f"{config_path}: an API key or token is written in the file ({', '.join(places)}); remove it "
+            "and name the environment variable that holds it (api_key_env, token_env), or set "
+            "AINODE_VISION__API_KEY"
+        )
+
+
 def load_settings(path: Path | None = None) -> Settings:
     """Read and validate the configuration; raise :class:`ConfigError` with a one-line reason."""
     config_path = path if path is not None else default_config_path()
@@ -654,6 +677,7 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError(f"configuration file {str(config_path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {str(config_path)!r} is not valid TOML: {exc}") from None
+    _refuse_keys_in_the_file(config_path, data)
     vision = data.get("vision", {})
     table = isinstance(vision, dict)  # `vision = 5`: validation below says what is wrong
     key_env = (vision.get("api_key_env") if table else None) or os.environ.get("AINODE_VISION__API_KEY_ENV")

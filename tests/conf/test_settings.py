@@ -277,3 +277,19 @@ def test_a_misspelt_route_provider_is_named_as_the_routes_not_the_defaults(tmp_p
     message = str(raised.value)
     assert 'routes "ct-claude": provider must be one of' in message and 'got "anthropc"' in message
     assert "vision.provider" not in message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[vision]\nprovider = "openai"\napi_key = "sk-written-in-the-file"\n',
+        '[[routes]]\nname = "r"\nprovider = "anthropic"\napi_key = "sk-written-in-the-file"\n',
+        '[http]\ntoken = "sk-written-in-the-file"\n',
+    ],
+)
+def test_a_key_written_in_the_file_is_refused_without_echoing_it(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "ainode.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="is written in the file") as refused:
+        load_settings(path)
+    assert "sk-written-in-the-file" not in str(refused.value)
