@@ -48,6 +48,9 @@ from storage.studies import complete_study, requeue_study
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
 CHOICES_SECONDS = 60.0
+# The largest study version or delivery id a database integer column holds: a bigger number in
+# a URL or a form names nothing (SQLite and PostgreSQL refuse to bind it: a 500, not a 404).
+MAX_ROW_NUMBER = 2**31 - 1
 OPEN_PATHS = ("/healthz", "/metrics", "/static/", "/login")
 SECURITY_HEADERS = {
     # Scripts only from this server (htmx and console.js are files here), never inline; inline
@@ -343,9 +346,18 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
             },
         )
 
+    def version_of(request: Request) -> int | None:
+        number = int(request.path_params["version"])
+        return number if number <= MAX_ROW_NUMBER else None
+
+    def no_version() -> Response:
+        return Response("no such version\n", status_code=404, media_type="text/plain")
+
     async def sent(request: Request) -> Response:
         uid = request.path_params["uid"]
-        number = int(request.path_params["version"])
+        number = version_of(request)
+        if number is None:
+            return no_version()
         made = await read(lambda s: sent_images.get(s, uid, number))
         # The audit trail's image hashes (issue 13): a thumbnail says whether a recorded request
         # carried exactly these bytes.
@@ -360,7 +372,9 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
 
     async def sent_image(request: Request) -> Response:
         uid = request.path_params["uid"]
-        number = int(request.path_params["version"])
+        number = version_of(request)
+        if number is None:
+            return no_version()
         index = int(request.path_params["index"])
         made = await read(lambda s: sent_images.get(s, uid, number))
         if made is None or not 1 <= index <= len(made.images):
@@ -372,10 +386,10 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
 
     async def sent_manifest(request: Request) -> Response:
         uid = request.path_params["uid"]
-        number = int(request.path_params["version"])
-        made = await read(lambda s: sent_images.get(s, uid, number))
+        number = version_of(request)
+        made = await read(lambda s: sent_images.get(s, uid, number)) if number is not None else None
         if made is None:
-            return Response("no such version\n", status_code=404, media_type="text/plain")
+            return no_version()
         return JSONResponse({**made.manifest, "prompt": made.prompt, "provider": made.provider})
 
     async def summary_png(request: Request) -> Response:

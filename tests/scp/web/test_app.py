@@ -1,0 +1,104 @@
+"""The console's routes attacked through Starlette's test client: sessions after logout, login
+guessing, and path or form values no page makes (a 4xx, never a 500)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from conf import Settings
+from scp.web.app import make_app
+from storage.db import make_engine, make_session_factory, migrate, transaction
+from storage.models import Study, utc_now
+
+UID = "1.2.826.0.1.3680043.8.498.1"
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(f"sqlite:///{tmp_path}/queue.db")
+    migrate(engine)
+    factory = make_session_factory(engine)
+    now = utc_now()
+    with transaction(factory) as session:
+        session.execute(
+            insert(Study).values(
+                study_instance_uid=UID,
+                state="done",
+                first_received_at=now,
+                last_received_at=now,
+                settle_at=now,
+                instance_count=1,
+                series_count=1,
+            )
+        )
+    yield factory
+    engine.dispose()
+
+
+class Browser:
+    """A visitor from one peer address with its cookie jar (Starlette's test client warns)."""
+
+    def __init__(self, app: Any, peer: str = "127.0.0.1") -> None:
+        self.app = app
+        self.peer = peer
+        self.cookies = httpx.Cookies()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(
+                app=self.app, client=(self.peer, 50000), raise_app_exceptions=False
+            )
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://testserver", cookies=self.cookies
+            ) as client:
+                response = await client.request(method, path, **kwargs)
+                self.cookies = httpx.Cookies(client.cookies)
+                return response
+
+        return asyncio.run(go())
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", path, **kwargs)
+
+
+def _app(tmp_path: Path, sessions: sessionmaker[Session], **http: object) -> Any:
+    settings = Settings(storage={"root": str(tmp_path / "root")}, http=http)  # type: ignore[arg-type]
+    return make_app(settings, sessions)
+
+
+def _client(tmp_path: Path, sessions: sessionmaker[Session], **http: object) -> Browser:
+    return Browser(_app(tmp_path, sessions, **http))
+
+
+def _csrf(client: Browser) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', client.get(f"/studies/{UID}").text)
+    assert found is not None
+    return found.group(1)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/studies/{UID}/sent/{'9' * 30}",
+        f"/studies/{UID}/sent/{'9' * 30}/manifest.json",
+        f"/studies/{UID}/sent/{'9' * 30}/1",
+        f"/studies/{UID}/sent/1/{'9' * 30}",
+    ],
+)
+def test_a_version_or_image_number_too_big_for_the_database_is_not_found(
+    tmp_path: Path, sessions: sessionmaker[Session], path: str
+) -> None:
+    response = _client(tmp_path, sessions).get(path)
+    assert response.status_code == 404, response.text
