@@ -198,6 +198,16 @@ class AccessMiddleware(BaseHTTPMiddleware):
         return _secure(response)
 
 
+def row_number(text: str) -> int | None:
+    """A version, image or delivery number from a URL or a form, or None when it can name
+    nothing: only ASCII digits ("²" is a digit to ``isdigit``, not to ``int``; Starlette's
+    ``int`` convertor answers 500 to 5,000 of them) and within a database integer."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 10):
+        return None
+    number = int(text)
+    return number if number <= MAX_ROW_NUMBER else None
+
+
 def _secure(response: Response) -> Response:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
@@ -347,8 +357,7 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         )
 
     def version_of(request: Request) -> int | None:
-        number = int(request.path_params["version"])
-        return number if number <= MAX_ROW_NUMBER else None
+        return row_number(request.path_params["version"])
 
     def no_version() -> Response:
         return Response("no such version\n", status_code=404, media_type="text/plain")
@@ -375,9 +384,9 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         number = version_of(request)
         if number is None:
             return no_version()
-        index = int(request.path_params["index"])
+        index = row_number(request.path_params["index"])
         made = await read(lambda s: sent_images.get(s, uid, number))
-        if made is None or not 1 <= index <= len(made.images):
+        if made is None or index is None or not 1 <= index <= len(made.images):
             return Response("no such image\n", status_code=404, media_type="text/plain")
         image = made.images[index - 1]
         return Response(
@@ -425,7 +434,7 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
 
     async def redeliver_many(request: Request) -> Response:
         form = await request.form()
-        ids = [int(str(v)) for v in form.getlist("id") if str(v).isdigit()]
+        ids = [int(text) for text in (str(v) for v in form.getlist("id")) if row_number(text) is not None]
         back = str(form.get("back", "/deliveries"))
         back = back if back.startswith("/") and not back.startswith("//") else "/deliveries"
         who = visitor_of(request).who
@@ -526,9 +535,9 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         Route("/favicon.ico", lambda request: Response(status_code=204)),
         Route("/studies", studies),
         Route("/studies/{uid}", study),
-        Route("/studies/{uid}/sent/{version:int}", sent),
-        Route("/studies/{uid}/sent/{version:int}/manifest.json", sent_manifest),
-        Route("/studies/{uid}/sent/{version:int}/{index:int}", sent_image),
+        Route("/studies/{uid}/sent/{version}", sent),
+        Route("/studies/{uid}/sent/{version}/manifest.json", sent_manifest),
+        Route("/studies/{uid}/sent/{version}/{index}", sent_image),
         Route("/studies/{uid}/summary.png", summary_png),
         Route("/studies/{uid}/{action}", act, methods=["POST"]),
         Route("/deliveries", deliveries),

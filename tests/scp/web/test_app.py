@@ -95,10 +95,24 @@ def _csrf(client: Browser) -> str:
         f"/studies/{UID}/sent/{'9' * 30}/manifest.json",
         f"/studies/{UID}/sent/{'9' * 30}/1",
         f"/studies/{UID}/sent/1/{'9' * 30}",
+        f"/studies/{UID}/sent/{'9' * 5000}/1",
+        f"/studies/{UID}/sent/x",
+        f"/studies/{UID}/sent/1/-1",
     ],
+    ids=lambda path: path[len(UID) + 15 :][:40],
 )
 def test_a_version_or_image_number_too_big_for_the_database_is_not_found(
     tmp_path: Path, sessions: sessionmaker[Session], path: str
 ) -> None:
     response = _client(tmp_path, sessions).get(path)
     assert response.status_code == 404, response.text
+
+
+@pytest.mark.parametrize("value", ["²", "9" * 30, "9" * 5000, "٣"])
+def test_bulk_redeliver_ignores_ids_that_name_no_delivery(
+    tmp_path: Path, sessions: sessionmaker[Session], value: str
+) -> None:
+    client = _client(tmp_path, sessions)
+    response = client.post("/deliveries/redeliver", data={"id": [value, "1"], "csrf": _csrf(client)})
+    assert response.status_code == 303, response.text
+    assert "0+delivery" in response.headers["location"]
