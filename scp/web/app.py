@@ -524,6 +524,7 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         )
 
     async def logout(request: Request) -> Response:
+        gate.revoke(request.cookies.get(COOKIE))
         response = RedirectResponse("/login" if gate.login_required else "/studies", status_code=303)
         response.delete_cookie(COOKIE, path="/")
         return response

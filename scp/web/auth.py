@@ -3,9 +3,10 @@
 
 Passwords are kept as scrypt hashes (``ainode hash-password``, standard library only). A login
 is a signed cookie (HMAC-SHA256 with a key made at start: a restart logs everyone out) holding
-the user, its expiry and the session's CSRF token; every action (POST) must carry that token in
-its form or in the ``X-CSRF-Token`` header, with or without users: a page on another site can
-make the operator's browser post to 127.0.0.1 too.
+the user, its expiry and the session's CSRF token (random, so it also names the session: logging
+out revokes it until it would have expired, and a copy of the cookie is worth nothing after);
+every action (POST) must carry that token in its form or in the ``X-CSRF-Token`` header, with
+or without users: a page on another site can make the operator's browser post to 127.0.0.1 too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hmac
 import ipaddress
 import json
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -96,6 +98,10 @@ class Gate:
     def __init__(self, settings: Settings, key: bytes | None = None) -> None:
         self.settings = settings
         self.key = key if key is not None else secrets.token_bytes(32)
+        # Sessions logged out before their time (their CSRF token, which names them, and when
+        # they would have expired): in memory, like the key, which a restart replaces anyway.
+        self._revoked: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     @property
     def login_required(self) -> bool:
@@ -140,10 +146,33 @@ class Gate:
         data = json.loads(payload)
         if float(data["e"]) < (now if now is not None else time.time()):
             return None
+        with self._lock:
+            if str(data["c"]) in self._revoked:
+                return None
         user = data["u"]
         if self.login_required and user is None:
             return None  # an anonymous loopback session is no login once users are configured
         return Visitor(user, str(data["c"]))
+
+    def revoke(self, cookie: str | None, now: float | None = None) -> None:
+        """Log a session out: its cookie, even a copy kept elsewhere, is refused from now on."""
+        moment = now if now is not None else time.time()
+        if not cookie or "." not in cookie:
+            return
+        body, signature = cookie.rsplit(".", 1)
+        try:
+            payload = _unb64(body)
+        except ValueError:
+            return
+        if not hmac.compare_digest(self._sign(payload), signature):
+            return  # only a cookie this node signed can fill the list
+        data = json.loads(payload)
+        with self._lock:
+            for token, until in list(self._revoked.items()):
+                if until < moment:
+                    del self._revoked[token]  # expired anyway: no longer worth remembering
+            if float(data["e"]) >= moment:
+                self._revoked[str(data["c"])] = float(data["e"])
 
     def cookie_flags(self) -> dict[str, object]:
         return {

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conf import Settings
 from scp.web.app import make_app
+from scp.web.auth import COOKIE, hash_password
 from storage.db import make_engine, make_session_factory, migrate, transaction
 from storage.models import Study, utc_now
 
@@ -116,3 +117,18 @@ def test_bulk_redeliver_ignores_ids_that_name_no_delivery(
     response = client.post("/deliveries/redeliver", data={"id": [value, "1"], "csrf": _csrf(client)})
     assert response.status_code == 303, response.text
     assert "0+delivery" in response.headers["location"]
+
+
+def test_a_session_cookie_is_dead_after_logout_even_when_replayed_from_elsewhere(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    app = _app(tmp_path, sessions, users={"admin": hash_password("pw")})
+    operator = Browser(app, peer="10.0.0.7")
+    assert operator.post("/login", data={"user": "admin", "password": "pw"}).status_code == 303
+    cookie = operator.cookies[COOKIE]
+    assert operator.get(f"/studies/{UID}").status_code == 200
+    assert operator.post("/logout", data={"csrf": _csrf(operator)}).status_code == 303
+    thief = Browser(app, peer="10.0.0.66")
+    thief.cookies.set(COOKIE, cookie)
+    assert thief.get(f"/studies/{UID}").status_code == 303  # to the login page
+    assert thief.post(f"/studies/{UID}/retry", data={"csrf": "x"}).status_code == 401

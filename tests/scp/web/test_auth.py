@@ -78,3 +78,16 @@ def test_users_must_be_hashes_never_passwords() -> None:
 def test_tls_needs_both_files() -> None:
     with pytest.raises(ValueError, match=r"tls_cert and http\.tls_key go together"):
         _settings(tls_cert="/etc/x.crt")
+
+
+def test_a_logged_out_session_is_refused_and_forgotten_once_it_would_have_expired() -> None:
+    gate = Gate(_settings(users={"admin": hash_password("pw")}, session_hours=1))
+    cookie, other = gate.cookie_for("admin", now=1000.0), gate.cookie_for("admin", now=1000.0)
+    gate.revoke(cookie, now=1001.0)
+    assert gate.visitor(cookie, now=1002.0) is None
+    assert gate.visitor(other, now=1002.0) is not None  # only that session
+    gate.revoke(Gate(gate.settings).cookie_for("admin", now=1000.0), now=1001.0)  # not signed here
+    gate.revoke("garbage", now=1001.0)
+    assert len(gate._revoked) == 1
+    gate.revoke(other, now=1000.0 + 3601)  # both expired by then: nothing to remember
+    assert gate._revoked == {}
