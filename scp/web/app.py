@@ -505,22 +505,34 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         next_path = request.query_params.get("next", "/studies")
         next_path = next_path if next_path.startswith("/") and not next_path.startswith("//") else "/studies"
         error = None
+        status_code = 200
+        headers = {}
         if request.method == "POST":
-            form = await request.form()
-            user = await run_in_threadpool(
-                gate.check_login, str(form.get("user", "")), str(form.get("password", ""))
-            )
-            if user is not None:
-                response = RedirectResponse(next_path, status_code=303)
-                response.set_cookie(COOKIE, gate.cookie_for(user), **gate.cookie_flags())  # type: ignore[arg-type]
-                return response
-            error = "Wrong name or password."
+            peer = request.client.host if request.client else None
+            wait = gate.begin_login(peer)
+            if wait > 0:
+                status_code = 429
+                headers["retry-after"] = str(math.ceil(wait))
+                error = f"Too many failed logins from this address: try again in {math.ceil(wait)} s."
+            else:
+                form = await request.form()
+                user = await run_in_threadpool(
+                    gate.check_login, str(form.get("user", "")), str(form.get("password", ""))
+                )
+                if user is not None:
+                    gate.login_succeeded(peer)
+                    response = RedirectResponse(next_path, status_code=303)
+                    response.set_cookie(COOKIE, gate.cookie_for(user), **gate.cookie_flags())  # type: ignore[arg-type]
+                    return response
+                error = "Wrong name or password."
         if not gate.login_required:
             return RedirectResponse("/studies", status_code=303)
         return templates.TemplateResponse(
             request,
             "login.html",
             {"next": next_path, "error": error, "visitor": None, "counts": None},
+            status_code=status_code,
+            headers=headers,
         )
 
     async def logout(request: Request) -> Response:

@@ -28,6 +28,13 @@ CSRF_HEADER = "x-csrf-token"
 CSRF_FIELD = "csrf"
 TOKEN_USER = "token"  # the name shown (and recorded) for a login with the token
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+# Password guessing: a few failed logins from one address are free (a typo, a forgotten
+# caps lock), then each further attempt waits twice as long as the one before (1 s, 2 s, 4 s
+# ... at most LOGIN_MAX_WAIT_SECONDS) after the last failure; failures older than the window
+# are forgotten. Only that address is held up, so nobody can lock the operators out.
+LOGIN_FREE_FAILURES = 5
+LOGIN_WINDOW_SECONDS = 900.0
+LOGIN_MAX_WAIT_SECONDS = 300.0
 
 
 def _b64(data: bytes) -> str:
@@ -101,6 +108,7 @@ class Gate:
         # Sessions logged out before their time (their CSRF token, which names them, and when
         # they would have expired): in memory, like the key, which a restart replaces anyway.
         self._revoked: dict[str, float] = {}
+        self._failures: dict[str, list[float]] = {}  # peer address: when its attempts failed
         self._lock = threading.Lock()
 
     @property
@@ -110,6 +118,31 @@ class Gate:
     def peer_allowed(self, peer_host: str | None) -> bool:
         """Without users only loopback may use the console; with users anyone may try to log in."""
         return self.login_required or is_loopback(peer_host)
+
+    def begin_login(self, peer: str | None, now: float | None = None) -> float:
+        """0 when this address may try a password now (the attempt counts as failed until
+        :meth:`login_succeeded`, so parallel guesses gain nothing), else the seconds it must wait."""
+        moment = now if now is not None else time.time()
+        key = peer or ""
+        with self._lock:
+            for address, times in list(self._failures.items()):
+                recent = [t for t in times if moment - t <= LOGIN_WINDOW_SECONDS]
+                if recent:
+                    self._failures[address] = recent
+                else:
+                    del self._failures[address]
+            failures = self._failures.setdefault(key, [])
+            if len(failures) >= LOGIN_FREE_FAILURES:
+                pause = min(LOGIN_MAX_WAIT_SECONDS, 2.0 ** (len(failures) - LOGIN_FREE_FAILURES))
+                wait = max(failures) + pause - moment
+                if wait > 0:
+                    return wait
+            failures.append(moment)
+            return 0.0
+
+    def login_succeeded(self, peer: str | None) -> None:
+        with self._lock:
+            self._failures.pop(peer or "", None)
 
     def check_login(self, user: str, password: str) -> str | None:
         """The user's name when the password (or the token) is right, else None."""

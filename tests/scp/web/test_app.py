@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conf import Settings
 from scp.web.app import make_app
-from scp.web.auth import COOKIE, hash_password
+from scp.web.auth import COOKIE, LOGIN_FREE_FAILURES, hash_password
 from storage.db import make_engine, make_session_factory, migrate, transaction
 from storage.models import Study, utc_now
 
@@ -132,3 +132,18 @@ def test_a_session_cookie_is_dead_after_logout_even_when_replayed_from_elsewhere
     thief.cookies.set(COOKIE, cookie)
     assert thief.get(f"/studies/{UID}").status_code == 303  # to the login page
     assert thief.post(f"/studies/{UID}/retry", data={"csrf": "x"}).status_code == 401
+
+
+def test_login_guessing_is_answered_429_after_a_few_failures_from_one_address(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    app = _app(tmp_path, sessions, users={"admin": hash_password("pw")})
+    guesser = Browser(app, peer="10.0.0.66")
+    for n in range(LOGIN_FREE_FAILURES):
+        wrong = guesser.post("/login", data={"user": "admin", "password": f"guess{n}"})
+        assert wrong.status_code == 200 and "Wrong name or password" in wrong.text
+    held = guesser.post("/login", data={"user": "admin", "password": "pw"})  # even the right one
+    assert held.status_code == 429 and int(held.headers["retry-after"]) >= 1
+    assert COOKIE not in guesser.cookies
+    operator = Browser(app, peer="10.0.0.7")
+    assert operator.post("/login", data={"user": "admin", "password": "pw"}).status_code == 303

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from conf import Settings
-from scp.web.auth import Gate, hash_password, is_loopback, verify_password
+from scp.web.auth import (
+    LOGIN_FREE_FAILURES,
+    LOGIN_WINDOW_SECONDS,
+    Gate,
+    hash_password,
+    is_loopback,
+    verify_password,
+)
 
 
 def _settings(**http: object) -> Settings:
@@ -91,3 +98,19 @@ def test_a_logged_out_session_is_refused_and_forgotten_once_it_would_have_expire
     assert len(gate._revoked) == 1
     gate.revoke(other, now=1000.0 + 3601)  # both expired by then: nothing to remember
     assert gate._revoked == {}
+
+
+def test_guessing_passwords_from_one_address_is_slowed_after_a_few_failures() -> None:
+    gate = Gate(_settings(users={"admin": hash_password("pw")}))
+    for _ in range(LOGIN_FREE_FAILURES):
+        assert gate.begin_login("10.0.0.9", now=1000.0) == 0.0  # each attempt may go ahead
+    wait = gate.begin_login("10.0.0.9", now=1000.0)
+    assert wait > 0.0  # the next must wait, right password or wrong
+    assert gate.begin_login("10.0.0.8", now=1000.0) == 0.0  # another address is not held up
+    assert gate.begin_login("10.0.0.9", now=1000.0 + wait) == 0.0
+    later = gate.begin_login("10.0.0.9", now=1000.0 + wait + 0.1)
+    assert later > wait  # every further failure doubles the wait
+    gate.login_succeeded("10.0.0.9")
+    assert gate.begin_login("10.0.0.9", now=1000.0 + wait + 0.2) == 0.0
+    assert gate.begin_login("10.0.0.7", now=1000.0) == 0.0
+    assert gate.begin_login("10.0.0.7", now=1000.0 + LOGIN_WINDOW_SECONDS + 1) == 0.0  # forgotten
