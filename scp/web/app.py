@@ -162,7 +162,7 @@ class AccessMiddleware(BaseHTTPMiddleware):
         if path in ("/healthz", "/metrics", "/favicon.ico") or path.startswith("/static/"):
             return _secure(await call_next(request))
         peer = request.client.host if request.client else None
-        if not self.gate.peer_allowed(peer):
+        if not self.gate.peer_allowed(peer) or not self.gate.host_allowed(request.headers.get("host")):
             return _secure(
                 self.templates.TemplateResponse(
                     request,

@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import json
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -87,6 +88,20 @@ def is_loopback(host: str | None) -> bool:
     return address.is_loopback
 
 
+def local_names() -> frozenset[str]:
+    """The names a browser on this machine may use for it besides an address and ``localhost``."""
+    names = {socket.gethostname(), socket.getfqdn()}
+    return frozenset(name.lower().rstrip(".") for name in names if name)
+
+
+def host_of(header: str | None) -> str:
+    """The name or address in a ``Host`` header, without its port or IPv6 brackets."""
+    host = (header or "").strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else ""
+    return host.rsplit(":", 1)[0].rstrip(".") if host.count(":") == 1 else host.rstrip(".")
+
+
 @dataclass(frozen=True)
 class Visitor:
     """Who is asking: ``user`` None when nobody logged in (loopback without users)."""
@@ -110,6 +125,7 @@ class Gate:
         self._revoked: dict[str, float] = {}
         self._failures: dict[str, list[float]] = {}  # peer address: when its attempts failed
         self._lock = threading.Lock()
+        self._local_names = local_names() | {settings.http.host.lower()}
 
     @property
     def login_required(self) -> bool:
@@ -143,6 +159,22 @@ class Gate:
     def login_succeeded(self, peer: str | None) -> None:
         with self._lock:
             self._failures.pop(peer or "", None)
+
+    def host_allowed(self, host_header: str | None) -> bool:
+        """Without users, only a page named by an address, ``localhost`` or this machine's own
+        name. DNS rebinding: a site the operator opens on the node points its name at 127.0.0.1,
+        and the browser then lets that site's scripts read the console (and its CSRF token) as
+        their own; the peer is loopback, only the ``Host`` header tells. With users a login
+        (a SameSite cookie the attacker's name never gets) stands in the way."""
+        if self.login_required:
+            return True
+        host = host_of(host_header)
+        try:
+            ipaddress.ip_address(host.split("%", 1)[0])
+            return True  # a page opened at an address belongs to that address, not to a site
+        except ValueError:
+            pass
+        return host == "localhost" or host.endswith(".localhost") or host in self._local_names
 
     def check_login(self, user: str, password: str) -> str | None:
         """The user's name when the password (or the token) is right, else None."""

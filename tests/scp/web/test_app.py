@@ -59,7 +59,7 @@ class Browser:
                 app=self.app, client=(self.peer, 50000), raise_app_exceptions=False
             )
             async with httpx.AsyncClient(
-                transport=transport, base_url="http://testserver", cookies=self.cookies
+                transport=transport, base_url="http://127.0.0.1:8080", cookies=self.cookies
             ) as client:
                 response = await client.request(method, path, **kwargs)
                 self.cookies = httpx.Cookies(client.cookies)
@@ -109,7 +109,9 @@ def test_a_version_or_image_number_too_big_for_the_database_is_not_found(
     assert response.status_code == 404, response.text
 
 
-@pytest.mark.parametrize("value", ["²", "9" * 30, "9" * 5000, "٣"])
+@pytest.mark.parametrize(
+    "value", ["²", "9" * 30, "9" * 5000, "٣"], ids=["superscript", "30", "5000", "arabic"]
+)
 def test_bulk_redeliver_ignores_ids_that_name_no_delivery(
     tmp_path: Path, sessions: sessionmaker[Session], value: str
 ) -> None:
@@ -147,3 +149,25 @@ def test_login_guessing_is_answered_429_after_a_few_failures_from_one_address(
     assert COOKIE not in guesser.cookies
     operator = Browser(app, peer="10.0.0.7")
     assert operator.post("/login", data={"user": "admin", "password": "pw"}).status_code == 303
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("localhost:8080", True),
+        ("127.0.0.1:8080", True),
+        ("[::1]:8080", True),
+        ("LOCALHOST", True),
+        ("rebound.attacker.example:8080", False),
+        ("127.0.0.1.nip.io:8080", False),
+    ],
+)
+def test_without_users_a_page_named_by_someone_elses_host_name_is_refused(
+    tmp_path: Path, sessions: sessionmaker[Session], host: str, allowed: bool
+) -> None:
+    """DNS rebinding: a site the operator opens on the node points its own name at 127.0.0.1;
+    the browser then counts the console as that site's and lets its scripts read the pages (and
+    their CSRF token) and post actions. Only loopback and this machine's names are answered."""
+    response = _client(tmp_path, sessions).get(f"/studies/{UID}", headers={"host": host})
+    assert response.status_code == (200 if allowed else 403)
+    assert ('name="csrf"' in response.text) is allowed
