@@ -405,7 +405,10 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         path = documents.newest_file(root, "summary", request.path_params["uid"])
         if path is None:
             return Response("no summary image\n", status_code=404, media_type="text/plain")
-        return Response(await run_in_threadpool(documents.summary_png, path), media_type="image/png")
+        png = await run_in_threadpool(documents.summary_png, path)
+        if png is None:
+            return Response("no readable summary image\n", status_code=404, media_type="text/plain")
+        return Response(png, media_type="image/png")
 
     async def act(request: Request) -> Response:
         uid = request.path_params["uid"]

@@ -11,6 +11,7 @@ few are kept in memory, and the page loads them after itself.
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -26,6 +28,7 @@ from conf import Settings
 from storage.models import Job, JobKind
 
 CACHE_SIZE = 8
+log = logging.getLogger("ainode.http")
 
 
 @dataclass(frozen=True)
@@ -153,9 +156,14 @@ def _tree(items: Any) -> list[SrNode]:
     return nodes
 
 
-def sr_tree(path: Path) -> SrNode:
-    """The SR's content as a tree of (relationship, value type, concept name, value)."""
-    sr = dcmread(path)
+def sr_tree(path: Path) -> SrNode | None:
+    """The SR's content as a tree of (relationship, value type, concept name, value); None when
+    the file is gone or no readable DICOM."""
+    try:
+        sr = dcmread(path)
+    except (OSError, InvalidDicomError) as exc:
+        log.warning("SR %s cannot be shown: %s", path.name, type(exc).__name__)
+        return None
     title = _code(sr.ConceptNameCodeSequence[0]) if "ConceptNameCodeSequence" in sr else "SR"
     return SrNode("", "CONTAINER", title, "", _tree(getattr(sr, "ContentSequence", None)))
 
@@ -164,16 +172,32 @@ def newest_file(
     root: Path, folder: str, study_instance_uid: str, sop_instance_uid: str | None = None
 ) -> Path | None:
     """A file the node made for a study (``sr`` or ``summary``), named after its SOP Instance UID."""
+    if not _folder_name(study_instance_uid) or (sop_instance_uid and not _folder_name(sop_instance_uid)):
+        return None  # "..": a URL naming the folder above (GET /studies/../summary.png)
     pattern = f"{sop_instance_uid}.*.dcm" if sop_instance_uid else "*.dcm"
-    found = sorted((root / folder / study_instance_uid).glob(pattern), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    found = []
+    for path in (root / folder / study_instance_uid).glob(pattern):
+        try:
+            found.append((path.stat().st_mtime, path))
+        except OSError:
+            continue  # removed meanwhile (retention)
+    return max(found)[1] if found else None
 
 
-def summary_png(path: Path) -> bytes:
-    """The Secondary Capture summary's pixels as PNG (it is RGB, 8 bits)."""
+def _folder_name(uid: str) -> bool:
+    return uid not in ("", ".", "..") and not any(c in uid for c in "/\\\0")
+
+
+def summary_png(path: Path) -> bytes | None:
+    """The Secondary Capture summary's pixels as PNG (it is RGB, 8 bits); None when the file is
+    gone or no readable image (cut short, by another program)."""
     from PIL import Image
 
-    image = Image.fromarray(dcmread(path).pixel_array)
+    try:
+        image = Image.fromarray(dcmread(path).pixel_array)
+    except (OSError, InvalidDicomError, AttributeError, ValueError, TypeError, NotImplementedError) as exc:
+        log.warning("summary image %s cannot be shown: %s", path.name, type(exc).__name__)
+        return None
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -11,10 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from conf import Settings
+from scp.web import documents
 from scp.web.app import make_app
 from scp.web.auth import COOKIE, LOGIN_FREE_FAILURES, hash_password
 from storage.db import make_engine, make_session_factory, migrate, transaction
@@ -171,3 +172,24 @@ def test_without_users_a_page_named_by_someone_elses_host_name_is_refused(
     response = _client(tmp_path, sessions).get(f"/studies/{UID}", headers={"host": host})
     assert response.status_code == (200 if allowed else 403)
     assert ('name="csrf"' in response.text) is allowed
+
+
+def test_the_files_of_a_study_are_looked_for_in_its_own_folder_only(tmp_path: Path) -> None:
+    (tmp_path / "summary").mkdir()
+    (tmp_path / "elsewhere.dcm").write_bytes(b"not for this study")
+    assert documents.newest_file(tmp_path, "summary", "..") is None  # GET /studies/../summary.png
+    assert documents.newest_file(tmp_path, "summary", ".") is None
+    assert documents.newest_file(tmp_path, "summary", "") is None
+
+
+def test_a_summary_or_sr_file_that_is_not_readable_dicom_is_not_a_500(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    for folder, sop in (("summary", "1.2.3"), ("sr", "1.2.9")):
+        (tmp_path / "root" / folder / UID).mkdir(parents=True)
+        (tmp_path / "root" / folder / UID / f"{sop}.abcd.dcm").write_bytes(b"cut short by a full disk")
+    with transaction(sessions) as session:
+        session.execute(update(Study).values(sr_sop_instance_uid="1.2.9"))
+    client = _client(tmp_path, sessions)
+    assert client.get(f"/studies/{UID}/summary.png").status_code == 404
+    assert client.get(f"/studies/{UID}").status_code == 200
