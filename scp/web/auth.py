@@ -27,7 +27,7 @@ from conf import Settings
 COOKIE = "ainode_session"
 CSRF_HEADER = "x-csrf-token"
 CSRF_FIELD = "csrf"
-TOKEN_USER = "token"  # the name shown (and recorded) for a login with the token
+TOKEN_USER = "token"  # the name shown (and recorded) for a login with the token: "token (name)"
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 # Password guessing: a few failed logins from one address are free (a typo, a forgotten
 # caps lock), then each further attempt waits twice as long as the one before (1 s, 2 s, 4 s
@@ -182,7 +182,9 @@ class Gate:
         if http.token is not None and hmac.compare_digest(
             password.encode("utf-8"), http.token.get_secret_value().encode("utf-8")
         ):
-            return user or TOKEN_USER
+            # The name typed beside the token is a label, never a configured user's name taken
+            # over: the audit says who acted, and this visitor knew no user's password.
+            return f"{TOKEN_USER} ({user.strip()})" if user.strip() else TOKEN_USER
         hashed = http.users.get(user)
         if hashed is None:
             verify_password(password, hash_password("timing", b"\0" * 16))  # same time either way

@@ -114,3 +114,12 @@ def test_guessing_passwords_from_one_address_is_slowed_after_a_few_failures() ->
     assert gate.begin_login("10.0.0.9", now=1000.0 + wait + 0.2) == 0.0
     assert gate.begin_login("10.0.0.7", now=1000.0) == 0.0
     assert gate.begin_login("10.0.0.7", now=1000.0 + LOGIN_WINDOW_SECONDS + 1) == 0.0  # forgotten
+
+
+def test_the_token_cannot_log_in_under_a_users_name() -> None:
+    """The audit records who acted: with the shared token, a name typed on the login page is
+    only a label, never that of a configured user (whose password it did not know)."""
+    gate = Gate(_settings(users={"alice": hash_password("pw")}, token="tok-123"))
+    assert gate.check_login("alice", "tok-123") == "token (alice)"
+    assert gate.check_login("night shift", "tok-123") == "token (night shift)"
+    assert gate.check_login("alice", "pw") == "alice"
