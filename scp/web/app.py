@@ -124,26 +124,38 @@ def _short(uid: str | None, keep: int = 8) -> str:
     return uid if len(uid) <= 2 * keep + 1 else f"{uid[:keep]}…{uid[-keep:]}"
 
 
+def hidden_url(url: str) -> str:
+    """An http(s) URL without its user, password or query values (a gateway's key is often
+    ``?key=...`` or ``user:key@``); the host and path still say where it goes."""
+    import httpx
+
+    parsed = httpx.URL(url)
+    query: list[tuple[str, str | int | float | bool | None]] = [
+        (name, "hidden") for name, _ in parsed.params.multi_items()
+    ]
+    return str(parsed.copy_with(username=None, password=None, query=None).copy_merge_params(query))
+
+
 def hidden_settings(settings: Settings) -> dict[str, Any]:
     """The effective configuration with every secret replaced (never the API key, a token, a
-    password hash or a password in a URL)."""
+    password hash, nor a password or key in a URL's user part or query)."""
+    from sqlalchemy.engine import make_url
+
     data: dict[str, Any] = json.loads(settings.model_dump_json())
     vision = data.get("vision", {})
     vision["api_key"] = "(set)" if settings.vision.api_key is not None else "(not set)"
+    if vision.get("base_url"):
+        vision["base_url"] = hidden_url(vision["base_url"])
     http = data.get("http", {})
     http["token"] = "(set)" if settings.http.token is not None else "(not set)"
     http["users"] = {name: "(password hash)" for name in settings.http.users}
     storage = data.get("storage", {})
-    from sqlalchemy.engine import make_url
-
-    storage["database_url"] = make_url(settings.storage.database_url).render_as_string(hide_password=True)
+    database = make_url(settings.storage.database_url)
+    database = database.set(query={name: "hidden" for name in database.query})
+    storage["database_url"] = database.render_as_string(hide_password=True)
     for destination in data.get("destinations", []):
         if destination.get("stow_url"):
-            import httpx
-
-            destination["stow_url"] = str(
-                httpx.URL(destination["stow_url"]).copy_with(username=None, password=None)
-            )
+            destination["stow_url"] = hidden_url(destination["stow_url"])
     return data
 
 

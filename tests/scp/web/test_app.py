@@ -4,6 +4,7 @@ guessing, and path or form values no page makes (a 4xx, never a 500)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conf import Settings
 from scp.web import documents
-from scp.web.app import make_app
+from scp.web.app import hidden_settings, make_app
 from scp.web.auth import COOKIE, LOGIN_FREE_FAILURES, hash_password
 from storage.db import make_engine, make_session_factory, migrate, transaction
 from storage.models import Study, utc_now
@@ -193,3 +194,14 @@ def test_a_summary_or_sr_file_that_is_not_readable_dicom_is_not_a_500(
     client = _client(tmp_path, sessions)
     assert client.get(f"/studies/{UID}/summary.png").status_code == 404
     assert client.get(f"/studies/{UID}").status_code == 200
+
+
+def test_the_settings_page_hides_credentials_in_every_url() -> None:
+    settings = Settings(
+        vision={"base_url": "https://gw:secret1@llm-gateway.example/v1?key=secret2"},  # type: ignore[arg-type]
+        storage={"database_url": "postgresql+psycopg://ainode:secret3@db/ainode?sslpassword=secret4"},  # type: ignore[arg-type]
+        destinations=[{"name": "pacs", "stow_url": "https://u:secret5@pacs/dicom-web?access_token=secret6"}],  # type: ignore[arg-type]
+    )
+    shown = json.dumps(hidden_settings(settings))
+    assert "secret" not in shown
+    assert "llm-gateway.example/v1" in shown and "pacs/dicom-web" in shown and "@db/ainode" in shown
