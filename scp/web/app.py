@@ -295,7 +295,8 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
             modality=chosen["modality"] or None,
             calling_ae_title=chosen["ae"] or None,
             received_from=day,
-            received_before=day + dt.timedelta(days=1) if day else None,
+            # The last day of the calendar (9999-12-31) has no next day: no upper bound.
+            received_before=day + dt.timedelta(days=1) if day and day.date() < dt.date.max else None,
             uid=chosen["uid"] or None,
         )
         try:

@@ -205,3 +205,11 @@ def test_the_settings_page_hides_credentials_in_every_url() -> None:
     shown = json.dumps(hidden_settings(settings))
     assert "secret" not in shown
     assert "llm-gateway.example/v1" in shown and "pacs/dicom-web" in shown and "@db/ainode" in shown
+
+
+@pytest.mark.parametrize("day", ["9999-12-31", "0001-01-01", "2026-02-30", "x"])
+def test_a_date_filter_at_the_end_of_the_calendar_is_no_500(
+    tmp_path: Path, sessions: sessionmaker[Session], day: str
+) -> None:
+    response = _client(tmp_path, sessions).get("/studies", params={"date": day})
+    assert response.status_code == 200
