@@ -171,6 +171,10 @@ class AccessMiddleware(BaseHTTPMiddleware):
         self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         path = request.url.path
+        if "\0" in request.scope["path"] or b"%00" in request.scope["query_string"]:
+            # No UID, filter or name holds a NUL, and PostgreSQL refuses one in a string (SQLite
+            # takes it): a 500 from the driver, not "no such study".
+            return _secure(Response("a NUL character in the URL\n", status_code=400, media_type="text/plain"))
         if path in ("/healthz", "/metrics", "/favicon.ico") or path.startswith("/static/"):
             return _secure(await call_next(request))
         peer = request.client.host if request.client else None

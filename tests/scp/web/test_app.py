@@ -27,7 +27,16 @@ UID = "1.2.826.0.1.3680043.8.498.1"
 
 @pytest.fixture
 def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(f"sqlite:///{tmp_path}/queue.db")
+    yield from _database(f"sqlite:///{tmp_path}/queue.db")
+
+
+@pytest.fixture
+def pg_sessions(postgres_url: str) -> Iterator[sessionmaker[Session]]:
+    yield from _database(postgres_url)
+
+
+def _database(url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(url)
     migrate(engine)
     factory = make_session_factory(engine)
     now = utc_now()
@@ -213,3 +222,25 @@ def test_a_date_filter_at_the_end_of_the_calendar_is_no_500(
 ) -> None:
     response = _client(tmp_path, sessions).get("/studies", params={"date": day})
     assert response.status_code == 200
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/studies?modality=%00",
+        "/studies?uid=1.2%00",
+        "/studies?ae=CT%00",
+        "/studies/1.2%00",
+        "/studies/1.2%00/sent/1",
+        "/studies/1.2%00/sent/1/manifest.json",
+    ],
+)
+def test_a_nul_character_in_a_url_is_a_bad_request_not_a_database_error(
+    tmp_path: Path, pg_sessions: sessionmaker[Session], path: str
+) -> None:
+    """PostgreSQL refuses a NUL in a string (SQLite takes it): psycopg raised, a 500."""
+    client = _client(tmp_path, pg_sessions)
+    assert client.get(path).status_code == 400
+    response = client.post("/studies/1.2%00/retry", data={"csrf": _csrf(client)})
+    assert response.status_code == 400
