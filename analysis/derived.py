@@ -3,7 +3,9 @@ presentation state) must say about where its patient module came from."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -50,3 +52,14 @@ def mark_processing_algorithm(derived: Dataset) -> None:
     purpose.CodeMeaning = PROCESSING_ALGORITHM.meaning
     item: Dataset = derived.ContributingEquipmentSequence[-1]
     item.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
+
+
+@contextlib.contextmanager
+def source_patient_names() -> Iterator[None]:
+    """Build a derived object with the patient's name copied as the source has it: highdicom's
+    style warning about single-component names is about the hospital's data, not about ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"The string .* is unlikely to represent the intended person"
+        )
+        yield

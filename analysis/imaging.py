@@ -17,11 +17,11 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
 from pydicom.pixels.utils import iter_pixels
 
 from analysis.errors import ImageSkipped
+from analysis.windows import ct_window_names, header_window
 from conf.settings import DEFAULT_CT_WINDOW_BY_BODY_PART
 
 # Window presets (center, width) in Hounsfield units.
@@ -75,15 +75,6 @@ def apply_window(values: NDArray[np.floating], window: WindowChoice) -> Gray8:
     return out
 
 
-def _first(value: object) -> float | None:
-    if isinstance(value, MultiValue | list | tuple):
-        value = value[0] if len(value) else None
-    try:
-        return float(value) if value is not None and value != "" else None  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-
-
 def choose_window(
     ds: Dataset,
     values: NDArray[np.floating],
@@ -96,8 +87,6 @@ def choose_window(
     window when it is usable, else robust percentiles."""
     modality = str(ds.get("Modality", "")).upper()
     if modality == "CT":
-        from analysis.windows import ct_window_names  # windows imports this module
-
         name, reason = ct_window_names(ds, values, ct_preset_by_body_part, ct_default_preset)[0]
         if name not in CT_PRESETS:
             raise ValueError(f'CT window preset must be one of {sorted(CT_PRESETS)}, got "{name}"')
@@ -107,7 +96,7 @@ def choose_window(
             else f"preset {name} ({reason})"
         )
         return WindowChoice(*CT_PRESETS[name], explanation)
-    header_center, header_width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    header_center, header_width = header_window(ds)
     if header_center is not None and header_width is not None and header_width >= 1:
         return WindowChoice(header_center, header_width, "header")
     low, high = np.percentile(values, PERCENTILES)

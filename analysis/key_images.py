@@ -4,14 +4,19 @@ as key images, so a radiologist can jump to them without reading the SR."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from analysis.derived import MANUFACTURER, ai_equipment, carry_deidentification, mark_processing_algorithm
+from analysis.derived import (
+    MANUFACTURER,
+    ai_equipment,
+    carry_deidentification,
+    mark_processing_algorithm,
+    source_patient_names,
+)
 from analysis.regions import PlacedFinding
 from analysis.uids import UidMaker
 
@@ -51,11 +56,7 @@ def build_key_images(
         referenced_objects=referenced,
         description=_description(placed, simulated),
     )
-    with warnings.catch_warnings():
-        # The patient's name is copied as the source has it (see analysis.report).
-        warnings.filterwarnings(
-            "ignore", message=r"The string .* is unlikely to represent the intended person"
-        )
+    with source_patient_names():
         document = hd.ko.KeyObjectSelectionDocument(
             evidence=referenced,
             content=content,

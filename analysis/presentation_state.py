@@ -9,7 +9,6 @@ header's), or, when the header has none, the one the model was shown."""
 
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -17,11 +16,17 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from analysis.derived import MANUFACTURER, ai_equipment, carry_deidentification, mark_processing_algorithm
+from analysis.derived import (
+    MANUFACTURER,
+    ai_equipment,
+    carry_deidentification,
+    mark_processing_algorithm,
+    source_patient_names,
+)
 from analysis.findings import Assertion
-from analysis.imaging import _first as first_value
 from analysis.regions import PlacedFinding
 from analysis.uids import UidMaker
+from analysis.windows import header_window
 
 SERIES_DESCRIPTION = "AI regions - UNVERIFIED"
 SERIES_NUMBER = 9904
@@ -40,7 +45,7 @@ def _label(item: PlacedFinding, simulated: bool) -> str:
 
 def _window(ds: Dataset, windows: dict[str, tuple[float, float]]) -> tuple[float, float] | None:
     """The image's own first window; else the one the model was shown; else None."""
-    center, width = first_value(ds.get("WindowCenter")), first_value(ds.get("WindowWidth"))
+    center, width = header_window(ds)
     if center is not None and width is not None and width >= 1:
         return center, width
     return windows.get(str(ds.SOPInstanceUID))
@@ -114,11 +119,7 @@ def build_presentation_state(
         if (window := _window(ds, windows)) is not None
         for center, width in [window]
     ]
-    with warnings.catch_warnings():
-        # The patient's name is copied as the source has it (see analysis.report).
-        warnings.filterwarnings(
-            "ignore", message=r"The string .* is unlikely to represent the intended person"
-        )
+    with source_patient_names():
         state = hd.pr.GrayscaleSoftcopyPresentationState(
             referenced_images=referenced,
             series_instance_uid=uids.make("presentation state series", study),

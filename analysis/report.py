@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,13 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM
 
-from analysis.derived import MANUFACTURER, ai_equipment, carry_deidentification, mark_processing_algorithm
+from analysis.derived import (
+    MANUFACTURER,
+    ai_equipment,
+    carry_deidentification,
+    mark_processing_algorithm,
+    source_patient_names,
+)
 from analysis.findings import FINDING_TERMS, Assertion, Finding, Findings, Laterality, Severity
 from analysis.mosaic import ComposedImage
 from analysis.regions import SourceRegion, place_findings
@@ -477,12 +482,7 @@ def build_sr(
         ctx.prompt_version,
     )
     equipment = ai_equipment(ctx.model, ctx.prompt_version, ctx.simulated, "AI findings")
-    with warnings.catch_warnings():
-        # The patient's name is copied as the source has it; highdicom's style warning about
-        # single-component names is about the hospital's data, not about this SR.
-        warnings.filterwarnings(
-            "ignore", message=r"The string .* is unlikely to represent the intended person"
-        )
+    with source_patient_names():
         sr = hd.sr.Comprehensive3DSR(
             evidence=analysed,
             content=report[0],

@@ -12,7 +12,6 @@ written (the picture is the de-identified one that was sent).
 from __future__ import annotations
 
 import textwrap
-import warnings
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -21,6 +20,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
+from analysis.derived import source_patient_names
 from analysis.findings import Assertion, Finding, Findings
 from analysis.mosaic import ComposedImage
 from analysis.uids import UidMaker
@@ -173,11 +173,7 @@ def build_summary(
     the analysed study), its own series, one instance per study version."""
     pixels = render(findings, composed, simulated)
     study = str(reference.StudyInstanceUID)
-    with warnings.catch_warnings():
-        # The patient's name is copied as the source has it (see analysis.report).
-        warnings.filterwarnings(
-            "ignore", message=r"The string .* is unlikely to represent the intended person"
-        )
+    with source_patient_names():
         image = _secondary_capture(reference, pixels, uids, study, study_version)
     # The key image keeps its source's rows and columns: its orientation, when the header says it,
     # else empty (Type 2: unknown), never a guess.

@@ -74,13 +74,19 @@ class WindowSpec:
         return f"{self.name.replace('_', ' ')} window (C {self.center:g}, W {self.width:g})"
 
 
-def _first_float(value: object) -> float | None:
+def first_number(value: object) -> float | None:
+    """The first value of a (possibly multi-valued) DS or IS element as a number, or None."""
     if isinstance(value, Sequence) and not isinstance(value, str | bytes):
         value = value[0] if len(value) else None
     try:
         return float(value) if value not in (None, "") else None  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
+
+
+def header_window(ds: Dataset) -> tuple[float | None, float | None]:
+    """The header's first window (Window Center, Window Width), each None when not a number."""
+    return first_number(ds.get("WindowCenter")), first_number(ds.get("WindowWidth"))
 
 
 def _body_width_mm(body: NDArray[np.bool_], ds: Dataset) -> float | None:
@@ -106,7 +112,7 @@ def ct_anatomy(ds: Dataset, values: NDArray[np.floating] | None) -> tuple[str, s
         for words, part in ((_HEAD_WORDS, "HEAD"), (_CHEST_WORDS, "CHEST"), (_ABDOMEN_WORDS, "ABDOMEN")):
             if words.search(text):
                 return part, f"{keyword} names the {part.lower()}"
-    center, width = _first_float(ds.get("WindowCenter")), _first_float(ds.get("WindowWidth"))
+    center, width = header_window(ds)
     if center is not None and width is not None and 15 <= center <= 60 and 1 <= width <= 120:
         return "HEAD", f"the header's window is a brain window (C {center:g}, W {width:g})"
     if values is None or values.ndim != 2:
@@ -175,7 +181,7 @@ def series_windows(
             specs.append(WindowSpec(name, center, width, projection, explanation))
         return specs
     projection = PROJECTION_BY_MODALITY.get(modality, "average")
-    header_center, header_width = _first_float(ds.get("WindowCenter")), _first_float(ds.get("WindowWidth"))
+    header_center, header_width = header_window(ds)
     if header_center is not None and header_width is not None and header_width >= 1:
         return [WindowSpec("header", header_center, header_width, projection, "header")]
     low, high = (float(v) for v in np.percentile(values, (1.0, 99.0)))
