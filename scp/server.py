@@ -1,7 +1,8 @@
 """The storage SCP: Verification and every storage SOP class, durable before acknowledged.
 
-For each C-STORE: pynetdicom streams the dataset to a file under ``storage.root/tmp`` as the
-P-DATA arrives (``STORE_RECV_CHUNKED_DATASET``), so memory stays flat for any instance size; the
+For each C-STORE: the dataset is streamed to a file under ``storage.root/tmp`` as the P-DATA
+arrives (by the fast path in :mod:`scp.reactor`, or by pynetdicom's ``STORE_RECV_CHUNKED_DATASET``
+for what the fast path leaves to it), so memory stays flat for any instance size; the
 handler checks that the file is a complete dataset matching the request, fsyncs and renames it
 into place, and hands it to the group commit (:mod:`storage.group_commit`: the folder's fsync and
 the row, shared with the instances other associations finished meanwhile); only once that commit
@@ -88,7 +89,9 @@ def set_nodelay(sock: socket.socket) -> None:
 class NodeRequestHandler(RequestHandler):  # type: ignore[misc]
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        if not reactor.install(assoc):
+        server = self.server
+        fast_store = getattr(server, "fast_store", None)
+        if not reactor.install(assoc, fast_store, getattr(server, "fast_store_tmp", None)):
             # pynetdicom's own reactors sleep this long whenever a loop found nothing to do; at
             # the default 1 ms each C-STORE round trip pays it several times over.
             assoc.dul._run_loop_delay = 0.0002
@@ -103,6 +106,9 @@ class NodeServer(ThreadedAssociationServer):  # type: ignore[misc]
     max_per_peer: int = 64
     network_timeout: float = 30.0
     reuse_port: bool = False  # several receiving processes share the port (scp.receivers)
+    # the node's store for the C-STORE fast path (scp.reactor), and where it receives into
+    fast_store: reactor.StoreHandler | None = None
+    fast_store_tmp: Path | None = None
 
     def server_bind(self) -> None:
         if self.reuse_port and self.socket is not None:
@@ -289,6 +295,8 @@ class StorageSCP:
         NodeServer.max_per_peer = node.max_associations_per_peer
         NodeServer.network_timeout = node.network_timeout_seconds
         NodeServer.reuse_port = self.reuse_port
+        NodeServer.fast_store = self.store_received
+        NodeServer.fast_store_tmp = self.store.tmp_dir
         server = self.ae.make_server(
             (node.host, node.port),
             evt_handlers=handlers,
@@ -410,26 +418,40 @@ class StorageSCP:
         return True
 
     def _on_c_store(self, event: evt.Event) -> Dataset | int:
-        started = time.perf_counter()
+        """pynetdicom's C-STORE event (associations the fast path does not serve)."""
         request = event.request
         if not isinstance(request, C_STORE):
             return int(StoreStatus.PROCESSING_FAILURE)
-        sop_class = str(request.AffectedSOPClassUID)
-        sop_instance = str(request.AffectedSOPInstanceUID)
-        calling_ae = str(event.assoc.requestor.ae_title).strip()
-        received: Path | None = None
+        status, reason = self.store_received(
+            event.assoc,
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+            Path(event.dataset_path),
+        )
+        if reason is None:
+            return status
+        response = Dataset()
+        response.Status = status
+        response.ErrorComment = reason[:64]
+        return response
+
+    def store_received(
+        self, assoc: Association, sop_class: str, sop_instance: str, received: Path
+    ) -> tuple[int, str | None]:
+        """Store the data set received into ``received`` (removed here, whatever happens):
+        the C-STORE status, and the error comment for a failure. Never raises."""
+        started = time.perf_counter()
+        calling_ae = str(assoc.requestor.ae_title).strip()
         try:
-            received = Path(event.dataset_path)
             status, reason, study = self._store(received, sop_class, sop_instance, calling_ae)
         except Exception as exc:  # a handler must never raise into pynetdicom
             log.exception("C-STORE of %s failed unexpectedly", sop_instance)
             status, reason, study = StoreStatus.PROCESSING_FAILURE, type(exc).__name__, None
         finally:
-            if received is not None:
-                received.unlink(missing_ok=True)
+            received.unlink(missing_ok=True)
         if study is not None:
             with self._open_lock:
-                self._open.setdefault(id(event.assoc), set()).add(study)
+                self._open.setdefault(id(assoc), set()).add(study)
         elapsed_ms = (time.perf_counter() - started) * 1000
         if status.is_success:
             log.info(
@@ -440,12 +462,9 @@ class StorageSCP:
                 elapsed_ms,
                 reason,
             )
-            return int(status)
+            return int(status), None
         log.warning("C-STORE %s from %s answered 0x%04X: %s", sop_instance, calling_ae, int(status), reason)
-        response = Dataset()
-        response.Status = int(status)
-        response.ErrorComment = reason[:64]
-        return response
+        return int(status), reason
 
     def _store(
         self, received: Path, sop_class: str, sop_instance: str, calling_ae: str

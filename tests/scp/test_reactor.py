@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import struct
 import threading
 import time
 import tracemalloc
@@ -20,10 +21,11 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from conf import NodeSettings, Settings, StorageSettings, StudySettings
 from scp import reactor
+from scp.dimse_codec import command_elements, command_pdu, pdvs
 from scp.server import StorageSCP
 from storage.db import open_database
 from storage.files import sha256_of
-from tests.data.generate import write_series
+from tests.data.generate import CT_SMALL, write_series
 from tests.nodes import free_port
 
 
@@ -57,8 +59,9 @@ def scp(tmp_path: Path) -> Iterator[StorageSCP]:
             node.stop(grace_seconds=2)
 
 
-def _associate(port: int) -> Association:
+def _associate(port: int, maximum_pdu: int = 16382) -> Association:
     ae = AE(ae_title="MODALITY")
+    ae.maximum_pdu_size = maximum_pdu
     ae.add_requested_context(Verification)
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
@@ -84,6 +87,7 @@ def test_an_association_runs_on_the_overrides_and_stores_intact(scp: StorageSCP,
     assert assoc.send_c_echo().Status == 0x0000
     for path in files:
         assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+    assert _fast_stores(served) == len(files)  # every C-STORE took the fast path
     assoc.release()
     assert assoc.is_released
     # The acceptor side ends with the release, not after a poll's timeout or the network timeout.
@@ -166,3 +170,124 @@ def test_the_bulk_receive_returns_a_large_pdu_intact() -> None:
         got = _bulk_socket(ours).recv(len(payload))
         sender.join(timeout=10)
     assert got == bytearray(payload)
+
+
+def test_a_peer_that_takes_only_small_pdus_gets_the_response_in_fragments(
+    scp: StorageSCP, tmp_path: Path
+) -> None:
+    (path,) = write_series(tmp_path / "ct", 1, source=CT_SMALL)
+    assoc = _associate(scp.port, maximum_pdu=40)  # each PDU holds 32 bytes of the response
+    served = _served(scp)
+    response = assoc.send_c_store(dcmread(path))
+    assert response.Status == 0x0000
+    assert _fast_stores(served) == 1
+    assoc.release()
+    sop = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    assert len(list(scp.store.instances_dir.glob(f"*/*/{sop}.*.dcm"))) == 1
+
+
+def _raw(assoc: Association) -> socket.socket:
+    """The requestor's TCP socket, to send what pynetdicom would not."""
+    assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+    return assoc.dul.socket.socket
+
+
+def _fast_stores(served: Association) -> int:
+    assert isinstance(served.dul, reactor.EventDrivenDUL)
+    return served.dul.fast_stores
+
+
+def _command(elements: list[tuple[int, bytes]]) -> bytes:
+    body = b"".join(struct.pack("<HHL", 0, element, len(value)) + value for element, value in elements)
+    return struct.pack("<HHL", 0, 0, 4) + struct.pack("<L", len(body)) + body
+
+
+def _store_command(sop_instance: str) -> bytes:
+    uid = sop_instance.encode() + b"\0" * (len(sop_instance) % 2)
+    return _command(
+        [
+            (0x0002, str(CTImageStorage).encode() + b"\0" * (len(str(CTImageStorage)) % 2)),
+            (0x0100, struct.pack("<H", 0x0001)),
+            (0x0110, struct.pack("<H", 1)),
+            (0x0700, struct.pack("<H", 0)),
+            (0x0800, struct.pack("<H", 0x0000)),
+            (0x1000, uid),
+        ]
+    )
+
+
+def _ct_context(assoc: Association) -> int:
+    (context,) = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage]
+    assert context.context_id is not None
+    return context.context_id
+
+
+def _data_fragment(context_id: int, data: bytes, last: bool) -> bytes:
+    item = struct.pack(">LBB", len(data) + 2, context_id, 0x02 if last else 0x00) + data
+    return struct.pack(">BBL", 0x04, 0, len(item)) + item
+
+
+def _tmp_files(scp: StorageSCP) -> list[Path]:
+    return [p for p in scp.store.tmp_dir.iterdir() if p.suffix == ".dcm"]
+
+
+def test_a_data_set_interrupted_by_another_command_aborts_and_leaves_no_file(scp: StorageSCP) -> None:
+    assoc = _associate(scp.port)
+    served = _served(scp)
+    context = _ct_context(assoc)
+    _raw(assoc).sendall(command_pdu(context, _store_command("1.2.3.4")))
+    _raw(assoc).sendall(_data_fragment(context, b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100", last=False))
+    deadline = time.monotonic() + 5
+    while not _tmp_files(scp) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _tmp_files(scp), "the fast path receives into a file under tmp/"
+    _raw(assoc).sendall(command_pdu(context, _command([(0x0100, struct.pack("<H", 0x0030))])))
+    served.join(timeout=5)
+    assert not served.is_alive() and served.is_aborted
+    assert _tmp_files(scp) == []
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+
+
+def test_a_peer_gone_mid_data_set_leaves_no_file(scp: StorageSCP) -> None:
+    assoc = _associate(scp.port)
+    served = _served(scp)
+    context = _ct_context(assoc)
+    _raw(assoc).sendall(command_pdu(context, _store_command("1.2.3.5")))
+    _raw(assoc).sendall(_data_fragment(context, b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100", last=False))
+    deadline = time.monotonic() + 5
+    while not _tmp_files(scp) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    raw = _raw(assoc)
+    raw.shutdown(socket.SHUT_RDWR)
+    served.join(timeout=5)
+    assoc.kill()
+    raw.close()
+    assert not served.is_alive()
+    assert _tmp_files(scp) == []
+
+
+def test_a_truncated_data_set_on_the_fast_path_is_refused_and_the_node_keeps_serving(
+    scp: StorageSCP, tmp_path: Path
+) -> None:
+    assoc = _associate(scp.port)
+    served = _served(scp)
+    context = _ct_context(assoc)
+    responses: list[bytes] = []
+    raw = _raw(assoc)
+    # take the DUL's reads away from it: the test reads the response itself
+    assoc.dul._kill_thread = True
+    assoc.dul.join(timeout=2)
+    raw.sendall(command_pdu(context, _store_command("1.2.3.6")))
+    raw.sendall(_data_fragment(context, b"\x08\x00\x05\x00CS\x0a\x00ISO_IR", last=True))
+    raw.settimeout(5)
+    header = raw.recv(6, socket.MSG_WAITALL)
+    responses.append(header + raw.recv(struct.unpack(">L", header[2:])[0], socket.MSG_WAITALL))
+    ((item),) = list(pdvs(responses[0]))
+    status = command_elements(item.data)[0x0900]
+    assert int.from_bytes(status, "little") in (0xA900, 0xC000, 0xC210, 0xC211)
+    assert _fast_stores(served) == 1 and served.is_established
+    assert _tmp_files(scp) == []
+    raw.close()
