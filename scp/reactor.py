@@ -34,6 +34,12 @@ exchange is synchronous) and the C-STORE-RSP goes out as one PDU. Everything els
 command split over fragments, release, abort, a malformed PDU) goes to pynetdicom's own decoding,
 unchanged.
 
+The UIDs: pynetdicom builds every UID it decodes through ``set_uid``, which validates it by regex
+(pydicom's UID constructor, pynetdicom's validator, the conformance check): an A-ASSOCIATE-RQ from
+storescu proposes 128 contexts, and fifty such associations cost more CPU than the instances they
+carried. :func:`cache_uid_checks` puts a bounded cache in front of it (the same UIDs recur in every
+association); a UID that fails is not cached, so it fails again, logged as before.
+
 The receive: pynetdicom appends 4 KiB reads to a bytearray; a 1 MiB P-DATA PDU took 256 calls
 and as many copies. :class:`BulkReceiveSocket` fills one buffer with as few calls as the kernel
 allows (grown as bytes arrive, never sized by the peer's length field alone).
@@ -50,6 +56,7 @@ import contextlib
 import copy
 import functools
 import hashlib
+import importlib
 import inspect
 import logging
 import os
@@ -67,6 +74,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import pynetdicom
+import pynetdicom.utils
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
@@ -125,6 +133,10 @@ UPSTREAM_SOURCES: dict[str, tuple[Callable[..., Any], str]] = {
         DIMSEMessage.decode_msg,
         "f51c777e841a76beeaadfe3015bd4f4a68387229a72f13f3a3b7846d01d72284",
     ),
+    "set_uid": (
+        pynetdicom.utils.set_uid,
+        "f917a8035170f79262606ce81ff903350ae59d272c75d6d15684d9dcde3d178b",
+    ),
     "StorageServiceClass.SCP": (
         StorageServiceClass.SCP,
         "63afca7fc6c6e7ee6e6eb303dd6aa72c1e69dbfcb94dd91c9e90ea6d900a4c40",
@@ -134,6 +146,44 @@ UPSTREAM_SOURCES: dict[str, tuple[Callable[..., Any], str]] = {
 # error comment). It must not raise; it may remove the file.
 StoreHandler = Callable[[Association, str, str, Path], tuple[int, "str | None"]]
 HANDLER_FAILED = 0xC211  # what pynetdicom answers when a C-STORE handler raises
+
+
+_UPSTREAM_SET_UID = pynetdicom.utils.set_uid
+# the modules that imported set_uid by name (pynetdicom 3.0.4)
+_SET_UID_USERS = ("ae", "dimse_primitives", "pdu_items", "pdu_primitives", "presentation")
+
+
+@functools.lru_cache(maxsize=4096)  # bounded: a peer sending fresh UIDs only churns it
+def _cached_set_uid(
+    value: str | bytes, name: str, allow_empty: bool, allow_none: bool, validate: bool
+) -> Any:
+    return _UPSTREAM_SET_UID(value, name, allow_empty, allow_none, validate)
+
+
+def _set_uid(
+    value: str | bytes | None,
+    name: str,
+    allow_empty: bool = True,
+    allow_none: bool = True,
+    validate: bool = True,
+) -> Any:
+    """pynetdicom's ``set_uid`` behind a cache; values it cannot key safely go straight to it
+    (a UID carrying a private transfer syntax's encoding)."""
+    if isinstance(value, (str, bytes)) and not hasattr(value, "_PRIVATE_TS_ENCODING"):
+        return _cached_set_uid(value, name, allow_empty, allow_none, validate)
+    return _UPSTREAM_SET_UID(value, name, allow_empty, allow_none, validate)
+
+
+def cache_uid_checks() -> bool:
+    """Put the cache in front of pynetdicom's ``set_uid`` in every module that uses it (once;
+    not on a pynetdicom these overrides were not written for). Returns whether it is in place."""
+    if changed_upstream():
+        return False
+    for name in _SET_UID_USERS:
+        module = importlib.import_module(f"pynetdicom.{name}")
+        if getattr(module, "set_uid", None) in (_UPSTREAM_SET_UID, _set_uid):
+            module.set_uid = _set_uid  # type: ignore[attr-defined]
+    return True
 
 
 def upstream_source_hash(function: Callable[..., Any]) -> str:

@@ -79,6 +79,7 @@ def configure_pynetdicom(tmp_dir: Path) -> None:
         tempfile.NamedTemporaryFile, dir=str(tmp_dir)
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    reactor.cache_uid_checks()
 
 
 def set_nodelay(sock: socket.socket) -> None:

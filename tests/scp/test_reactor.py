@@ -10,6 +10,7 @@ import struct
 import threading
 import time
 import tracemalloc
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -291,3 +292,22 @@ def test_a_truncated_data_set_on_the_fast_path_is_refused_and_the_node_keeps_ser
     assert _fast_stores(served) == 1 and served.is_established
     assert _tmp_files(scp) == []
     raw.close()
+
+
+def test_uid_checks_are_cached_and_an_invalid_uid_still_fails_every_time() -> None:
+    import pynetdicom.presentation
+
+    assert reactor.cache_uid_checks()
+    assert getattr(pynetdicom.presentation, "set_uid") is reactor._set_uid  # noqa: B009
+    context = pynetdicom.presentation.PresentationContext()
+    context.abstract_syntax = "1.2.840.10008.5.1.4.1.1.2"
+    before = reactor._cached_set_uid.cache_info().hits
+    again = pynetdicom.presentation.PresentationContext()
+    again.abstract_syntax = "1.2.840.10008.5.1.4.1.1.2"
+    assert reactor._cached_set_uid.cache_info().hits == before + 1
+    assert again.abstract_syntax == "1.2.840.10008.5.1.4.1.1.2"
+    for _ in range(2):
+        with pytest.raises(ValueError), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's own warning before pynetdicom's refusal
+            reactor._set_uid("1." + "2" * 70, "affected_sop_class_uid")  # over 64 characters
+    assert reactor._cached_set_uid.cache_info().maxsize == 4096
