@@ -282,19 +282,31 @@ def regions_named(text: str) -> list[BodyRegion]:
     return [region for region in BodyRegion if region in found]
 
 
+def _header_text(ds: Dataset, keyword: str) -> str:
+    """An element as text; "" when it is absent or cannot be read (a header that says nothing
+    usable names no region, it does not stop the study)."""
+    try:
+        return str(ds.get(keyword, "") or "")
+    except Exception:
+        return ""
+
+
 def series_regions(ds: Dataset, values: NDArray[np.floating] | None = None) -> tuple[list[BodyRegion], str]:
     """The body region(s) a series shows, from one of its headers (and, for CT, one slice in HU),
     with the reason; [GENERAL] when nothing says."""
-    modality = str(ds.get("Modality", "") or "").upper()
+    modality = _header_text(ds, "Modality").strip().upper()
     if modality == "MG":
         return [BodyRegion.BREAST], "modality MG"
     for keyword in ("BodyPartExamined", "SeriesDescription", "ProtocolName", "StudyDescription"):
-        text = str(ds.get(keyword, "") or "")
+        text = _header_text(ds, keyword)
         found = regions_named(text)
         if found:
-            return found, f"{keyword} {text.strip()!r}" if keyword == "BodyPartExamined" else keyword
+            return found, f"{keyword} {text.strip()[:64]!r}" if keyword == "BodyPartExamined" else keyword
     if modality == "CT":
-        judged = ct_anatomy(ds, values)
+        try:
+            judged = ct_anatomy(ds, values)
+        except Exception:  # the same header was good enough for the windows; never fail here
+            judged = None
         if judged is not None and judged[0] in _CT_ANATOMY_REGIONS:
             return [_CT_ANATOMY_REGIONS[judged[0]]], judged[1]
     return [BodyRegion.GENERAL], "no body region named"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.sr import _concepts_dict
 
@@ -45,9 +46,11 @@ EARLIER_CODES = [
 
 
 def _header(**values: Any) -> Dataset:
+    """A header as files bring them, valid or not (pydicom only warns when it reads them)."""
     ds = Dataset()
-    for keyword, value in values.items():
-        setattr(ds, keyword, value)
+    with config.disable_value_validation():
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
     return ds
 
 
@@ -59,7 +62,8 @@ def _offered(schema: dict[str, Any]) -> list[str]:
 
 def test_every_listed_concept_has_one_meaning_and_pydicoms_where_pydicom_knows_it() -> None:
     known: dict[str, set[str]] = {}
-    for by_name in _concepts_dict.concepts["SCT"].values():
+    sct: dict[str, dict[str, tuple[str, Any]]] = _concepts_dict.concepts["SCT"]  # type: ignore[assignment]
+    for by_name in sct.values():
         for code, (meaning, _) in by_name.items():
             known.setdefault(code, set()).add(meaning.lower().removesuffix(" (disorder)"))
     for region, listed in CODES_BY_REGION.items():
@@ -99,6 +103,12 @@ def test_a_head_ct_is_offered_hemorrhage_and_infarct_never_pneumothorax() -> Non
         ({"Modality": "MR", "SeriesDescription": "t2 tse ax brain"}, [BodyRegion.HEAD]),
         ({"Modality": "CT", "SeriesDescription": "Abd/Pelvis 5mm"}, [BodyRegion.ABDOMEN_PELVIS]),
         ({"Modality": "CT", "WindowCenter": 40, "WindowWidth": 80}, [BodyRegion.HEAD]),  # a brain window
+        ({"Modality": "cr ", "BodyPartExamined": " chest"}, [BodyRegion.CHEST]),  # written carelessly
+        (
+            {"Modality": "CT", "BodyPartExamined": ["HEAD", "NECK"]},
+            [BodyRegion.HEAD],
+        ),  # VM 2, against the rules
+        ({"Modality": "MG", "BodyPartExamined": "CHEST"}, [BodyRegion.BREAST]),
         ({"Modality": "CR", "BodyPartExamined": "XYZZY"}, [BodyRegion.GENERAL]),
         ({"Modality": "OT", "SeriesDescription": "Janeth Qzvort protocol"}, [BodyRegion.GENERAL]),
         ({}, [BodyRegion.GENERAL]),
@@ -106,6 +116,15 @@ def test_a_head_ct_is_offered_hemorrhage_and_infarct_never_pneumothorax() -> Non
 )
 def test_the_body_region_is_read_from_the_header(header: dict[str, Any], expected: list[BodyRegion]) -> None:
     assert series_regions(_header(**header))[0] == expected
+
+
+class _Unreadable(Dataset):
+    def get(self, key: Any, default: Any = None) -> Any:
+        raise ValueError(f"{key}: invalid value for its VR")
+
+
+def test_a_header_that_cannot_be_read_names_no_region_and_fails_nothing() -> None:
+    assert series_regions(_Unreadable()) == ([BodyRegion.GENERAL], "no body region named")
 
 
 def test_a_study_of_two_regions_is_offered_both_and_general_only_when_none_is_known() -> None:
