@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from analysis.finding_codes import CONCEPTS, GENERAL_CODES, CodeList
 from conf.providers import BoxConvention
 
 
@@ -56,25 +57,6 @@ class Assertion(enum.StrEnum):
     UNCERTAIN = "uncertain"
 
 
-# The closed list a model may code findings from (SNOMED CT): a finding is coded only with one of
-# these, chosen by the model for a finding it asserts present; anything else stays in its words.
-FINDING_TERMS: dict[str, str] = {
-    "27925004": "Nodule",
-    "4147007": "Mass",
-    "52988006": "Lesion",
-    "95436008": "Lung consolidation",
-    "46621007": "Atelectasis",
-    "60046008": "Pleural effusion",
-    "36118008": "Pneumothorax",
-    "19242006": "Pulmonary edema",
-    "87433001": "Pulmonary emphysema",
-    "8186001": "Cardiomegaly",
-    "125605004": "Fracture of bone",
-    "50960005": "Hemorrhage",
-    "55641003": "Infarct",
-}
-
-
 class Box(BaseModel):
     """A rectangle in fractions (0..1) of the image that was sent, x to the right, y down, with
     a non-zero area (what reading a reply makes of any box convention)."""
@@ -104,7 +86,8 @@ class Finding(BaseModel):
 
     description: str = Field(min_length=1)
     assertion: Assertion | None = None  # None: the model did not say (read as uncertain)
-    finding_code: str | None = None  # a key of FINDING_TERMS, as the model chose it
+    # a code of the closed list the request offered (analysis.finding_codes), as the model chose it
+    finding_code: str | None = None
     body_site: str | None = None
     laterality: Laterality | None = None
     image_index: int | None = Field(default=None, ge=1)  # None: the region could not be placed
@@ -120,8 +103,8 @@ class Finding(BaseModel):
 
     @model_validator(mode="after")
     def _box_needs_image(self) -> Finding:
-        if self.finding_code is not None and self.finding_code not in FINDING_TERMS:
-            raise ValueError(f"finding_code {self.finding_code!r} is not in the closed list")
+        if self.finding_code is not None and self.finding_code not in CONCEPTS:
+            raise ValueError(f"finding_code {self.finding_code!r} is in none of the closed lists")
         if self.box is not None and self.image_index is None:
             raise ValueError("a finding with a box must name its image (image_index)")
         return self
@@ -174,8 +157,11 @@ def _enum(cls: type[enum.StrEnum]) -> dict[str, Any]:
     return {"type": "string", "enum": [member.value for member in cls]}
 
 
-def findings_schema(image_sizes: Sequence[tuple[int, int]], convention: BoxConvention) -> dict[str, Any]:
-    """The JSON Schema for one request that sends images of ``image_sizes`` (width, height)."""
+def findings_schema(
+    image_sizes: Sequence[tuple[int, int]], convention: BoxConvention, codes: CodeList = GENERAL_CODES
+) -> dict[str, Any]:
+    """The JSON Schema for one request that sends images of ``image_sizes`` (width, height) of a
+    study whose findings may be coded from ``codes`` (the closed list of its body region)."""
     if not image_sizes:
         raise ValueError('Argument "image_sizes" must name at least one image, got none')
     x_max, y_max = coordinate_ranges(convention, image_sizes)
@@ -207,10 +193,10 @@ def findings_schema(image_sizes: Sequence[tuple[int, int]], convention: BoxConve
                 "description": "present; absent for a pertinent negative (e.g. no pneumothorax); uncertain.",
             },
             "finding_code": {
-                "anyOf": [{"type": "string", "enum": list(FINDING_TERMS)}, {"type": "null"}],
-                "description": "SNOMED CT code, only when the finding is present and one of these "
-                "is exactly it: "
-                + "; ".join(f"{code} {meaning}" for code, meaning in FINDING_TERMS.items())
+                "anyOf": [{"type": "string", "enum": list(codes.codes)}, {"type": "null"}],
+                "description": f"SNOMED CT code from the closed list for {codes.words}, only when"
+                " the finding is present and one of these is exactly it: "
+                + "; ".join(f"{code} {meaning}" for code, meaning in codes.codes.items())
                 + ". Otherwise null.",
             },
             "body_site": {"type": "string", "description": "Anatomical site, e.g. right upper lobe."},

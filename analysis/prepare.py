@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from analysis.budget import Allocation, ImagePlan, VolumeRequest, allocate
 from analysis.encode import EncodedImage, encode
 from analysis.errors import ImageSkipped
+from analysis.finding_codes import GENERAL_CODES, BodyRegion, CodeList, code_list, series_regions
 from analysis.imaging import CT_PRESETS, DisplayFrame, render_file
 from analysis.layout import choose_layout, needed_tile_px
 from analysis.mosaic import ComposedImage, SlabTile, compose_mosaic, compose_single
@@ -48,6 +49,10 @@ class PreparedStudy:
     exclusions: list[Exclusion] = field(default_factory=list)
     slab_thickness_mm: float | None = None  # asked of every volume; each slab says its own
     image_tokens: int = 0  # by the provider's formula, all images together
+    # The closed list of SNOMED CT codes the request offers: that of the body region(s) the
+    # images show (analysis.finding_codes), and each series' region(s) with the reason.
+    codes: CodeList = GENERAL_CODES
+    regions: dict[str, tuple[tuple[BodyRegion, ...], str]] = field(default_factory=dict)
 
     @property
     def shown_instances(self) -> set[str]:
@@ -72,6 +77,14 @@ class PreparedStudy:
                     "kind": "volume" if plan.kind == "mosaic" else "single",
                     "description": image.description,
                     "image_tokens": plan.tokens,
+                    **(
+                        {
+                            "body_regions": [r.value for r in self.regions[plan.series_instance_uid][0]],
+                            "body_region_reason": self.regions[plan.series_instance_uid][1],
+                        }
+                        if plan.series_instance_uid in self.regions
+                        else {}
+                    ),
                     **(
                         {
                             "window": plan.window.words,
@@ -109,6 +122,10 @@ class PreparedStudy:
             "prompt_version": PROMPT_VERSION,
             "slab_thickness_mm": self.slab_thickness_mm,
             "image_tokens": self.image_tokens,
+            "finding_codes": {
+                "body_regions": [region.value for region in self.codes.regions],
+                "codes": dict(self.codes.codes),
+            },
             "images": images,
             "excluded": [
                 {"sop_instance_uid": e.sop_instance_uid, "reason": e.reason}
@@ -206,6 +223,16 @@ def _mask(frame: DisplayFrame, image: SourceImage, settings: ImagingSettings) ->
     return DisplayFrame(pixels, frame.frame_index, frame.window, frame.pixel_spacing)
 
 
+def _single_regions(plan: SeriesPlan) -> tuple[tuple[BodyRegion, ...], str]:
+    """The body region(s) of a series shown as one image, from its header."""
+    try:
+        ds = dcmread(plan.frames[0].image.path, stop_before_pixels=True)
+    except Exception as exc:  # it was rendered a moment ago; a header that now fails says nothing
+        return (BodyRegion.GENERAL,), f"header unreadable ({type(exc).__name__})"
+    found, reason = series_regions(ds)
+    return tuple(found), reason
+
+
 def _render_single(
     plan: SeriesPlan, settings: ImagingSettings
 ) -> tuple[list[tuple[ChosenFrame, DisplayFrame]], list[Exclusion]]:
@@ -237,11 +264,14 @@ def _spacing(ds: Any) -> tuple[float, float] | None:
 
 
 def _volume_requests(
-    plans: list[SeriesPlan], settings: ImagingSettings
+    plans: list[SeriesPlan],
+    settings: ImagingSettings,
+    regions: dict[str, tuple[tuple[BodyRegion, ...], str]],
 ) -> tuple[
     list[VolumeRequest], dict[str, tuple[bool, tuple[float, float] | None]], list[float], list[Exclusion]
 ]:
-    """Each volume's windows, judged from its middle slice, and its field of view."""
+    """Each volume's windows and body region(s) (into ``regions``), judged from its middle slice,
+    and its field of view."""
     requests: list[VolumeRequest] = []
     facts: dict[str, tuple[bool, tuple[float, float] | None]] = {}
     fields_of_view: list[float] = []
@@ -262,6 +292,8 @@ def _volume_requests(
         windows = series_windows(
             ds, values, settings.ct_window_by_body_part, CT_PRESETS, settings.ct_rgb_windows
         )
+        found, reason = series_regions(ds, values)
+        regions[plan.series_instance_uid] = (tuple(found), reason)
         spacing = _spacing(ds)
         monochrome1 = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
         facts[plan.series_instance_uid] = (monochrome1, spacing)
@@ -358,8 +390,9 @@ def prepare_study(
         settings.unlabelled_burned_in,
     )
     plans, exclusions = plan_study(source_images(session, study_instance_uid, root, only), budget)
+    regions: dict[str, tuple[tuple[BodyRegion, ...], str]] = {}
     volumes, facts, fields_of_view, skipped = _volume_requests(
-        [p for p in plans if p.kind == "volume"], settings
+        [p for p in plans if p.kind == "volume"], settings, regions
     )
     exclusions += skipped
     layout = None
@@ -422,6 +455,10 @@ def prepare_study(
         composed.append(image)
         encoded.append(data)
     prompt = build_prompt(kept_plans, composed) if composed else ""
+    for plan in kept_plans:
+        if plan.series_instance_uid not in regions:
+            regions[plan.series_instance_uid] = _single_regions(plan.series)
+    shown = {plan.series_instance_uid: regions[plan.series_instance_uid] for plan in kept_plans}
     return PreparedStudy(
         study_instance_uid,
         kept_plans,
@@ -431,6 +468,8 @@ def prepare_study(
         exclusions,
         allocation.thickness_mm,
         sum(p.tokens for p in kept_plans),
+        code_list(region for found, _ in shown.values() for region in found),
+        shown,
     )
 
 

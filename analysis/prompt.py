@@ -10,7 +10,7 @@ from analysis.budget import ImagePlan
 from analysis.mosaic import ComposedImage
 from analysis.windows import PROJECTION_WORDS
 
-PROMPT_VERSION = "ainode-prompt-3"
+PROMPT_VERSION = "ainode-prompt-4"
 
 _INSTRUCTIONS = (
     "You are assisting a radiologist by pre-reading a medical imaging study. Your output is "

@@ -34,7 +34,8 @@ from analysis.derived import (
     mark_processing_algorithm,
     source_patient_names,
 )
-from analysis.findings import FINDING_TERMS, Assertion, Finding, Findings, Laterality, Severity
+from analysis.finding_codes import CONCEPTS
+from analysis.findings import Assertion, Finding, Findings, Laterality, Severity
 from analysis.mosaic import ComposedImage
 from analysis.regions import SourceRegion, place_findings
 from analysis.uids import UidMaker
@@ -177,7 +178,7 @@ def _finding_type(finding: Finding) -> Code:
     """The SNOMED CT code the model chose from the closed list, for a finding it asserts present;
     otherwise a clearly labelled uncoded term whose meaning is the model's words."""
     if finding.assertion is Assertion.PRESENT and finding.finding_code is not None:
-        return Code(finding.finding_code, "SCT", FINDING_TERMS[finding.finding_code])
+        return Code(finding.finding_code, "SCT", CONCEPTS[finding.finding_code])
     return _local(finding.description)
 
 

@@ -288,7 +288,9 @@ class AnalysisWorker:
                 raise LeaseLost(f"job {job.id}: lease lost before the model call")
             prompt = prepared.prompt + (f"\n\n{route.instructions}" if route and route.instructions else "")
             try:
-                result = vision.analyse(study, prepared.encoded, prompt, spent_usd=spent)
+                result = vision.analyse(
+                    study, prepared.encoded, prompt, spent_usd=spent, codes=prepared.codes
+                )
             except VisionError as exc:
                 self._vision_failed(holder, exc, vision)
                 return

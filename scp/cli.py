@@ -276,6 +276,7 @@ def _preview(settings: Settings, study_instance_uid: str, out: Path) -> int:
             prepared.prompt,
             settings.vision.max_output_tokens,
             settings.vision.temperature,
+            codes=prepared.codes,
         )
         files = [entry["file"] for entry in prepared.manifest()["images"]]
         request = out / "request.json"

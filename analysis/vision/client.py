@@ -29,6 +29,7 @@ from analysis.errors import (
     VisionPermanent,
     VisionRetryable,
 )
+from analysis.finding_codes import GENERAL_CODES, CodeList
 from analysis.findings import Findings
 from analysis.vision import wire
 from analysis.vision.limits import CircuitBreaker, RateLimiter
@@ -125,9 +126,11 @@ class VisionClient:
 
     # -- estimates ---------------------------------------------------------------------------
 
-    def estimate_tokens(self, images: list[EncodedImage], prompt: str) -> int:
+    def estimate_tokens(
+        self, images: list[EncodedImage], prompt: str, codes: CodeList = GENERAL_CODES
+    ) -> int:
         formula = IMAGE_TOKEN_FORMULAS[self.preset.token_formula]
-        schema = wire.request_schema(self.preset, images)
+        schema = wire.request_schema(self.preset, images, codes)
         system = wire.system_message(self.preset, schema)
         text = (len(prompt) + len(system) + len(json.dumps(schema))) // 4
         return sum(formula(image.width, image.height) for image in images) + text
@@ -141,14 +144,21 @@ class VisionClient:
     # -- the call ----------------------------------------------------------------------------
 
     def analyse(
-        self, study_instance_uid: str, images: list[EncodedImage], prompt: str, spent_usd: float = 0.0
+        self,
+        study_instance_uid: str,
+        images: list[EncodedImage],
+        prompt: str,
+        spent_usd: float = 0.0,
+        codes: CodeList = GENERAL_CODES,
     ) -> VisionResult:
         """Findings for one study (:meth:`_analyse`); any error leaves with the calls made so
         far in ``.calls``, so the caller can record what was spent. ``spent_usd``: what the study
-        already cost (earlier attempts and versions), counted against its budget."""
+        already cost (earlier attempts and versions), counted against its budget. ``codes``: the
+        closed list of SNOMED CT codes of the study's body region, the only codes the schema
+        offers and the reply may keep (:mod:`analysis.finding_codes`)."""
         calls: list[CallRecord] = []
         try:
-            return self._analyse(study_instance_uid, images, prompt, calls, spent_usd)
+            return self._analyse(study_instance_uid, images, prompt, calls, spent_usd, codes)
         except Exception as exc:
             if not hasattr(exc, "calls"):
                 self._tag(exc, calls)
@@ -161,6 +171,7 @@ class VisionClient:
         prompt: str,
         calls: list[CallRecord],
         spent_usd: float,
+        codes: CodeList,
     ) -> VisionResult:
         """Findings for one study: raises :class:`VisionPermanent` or :class:`VisionRetryable`
         (with ``.calls`` set) when there are none.
@@ -168,7 +179,7 @@ class VisionClient:
         At most three answered requests: the question; once more with twice the ``max_tokens``
         if the reply was cut at the limit; one repair request if the reply has no usable
         structure (:mod:`analysis.vision.reading`). A refusal is final."""
-        estimate = self.estimate_tokens(images, prompt)
+        estimate = self.estimate_tokens(images, prompt, codes)
         max_tokens = self.settings.max_output_tokens
         worst_cost = self.cost(estimate, max_tokens) + 2 * self.cost(estimate, 2 * max_tokens)
         if spent_usd + worst_cost > self.settings.max_cost_usd_per_study:
@@ -186,7 +197,7 @@ class VisionClient:
         extended = repaired = False
         while True:
             reply = self._send_with_retries(
-                study_instance_uid, images, prompt, history, estimate, calls, max_tokens
+                study_instance_uid, images, prompt, history, estimate, calls, max_tokens, codes
             )
             if reply.refusal is not None:
                 raise self._tag(
@@ -215,7 +226,9 @@ class VisionClient:
                 )
                 continue
             try:
-                findings = read_findings(extract_json(reply.content), sizes, self.preset.box_convention)
+                findings = read_findings(
+                    extract_json(reply.content), sizes, self.preset.box_convention, codes
+                )
             except UnusableReply as exc:
                 if repaired:
                     raise self._tag(
@@ -282,9 +295,10 @@ class VisionClient:
         estimate: int,
         calls: list[CallRecord],
         max_tokens: int,
+        codes: CodeList,
     ) -> wire.Reply:
         body = wire.build_body(
-            self.preset, self.model, images, prompt, max_tokens, self.settings.temperature, history
+            self.preset, self.model, images, prompt, max_tokens, self.settings.temperature, history, codes
         )
         payload = json.dumps(body).encode("utf-8")
         url = wire.endpoint(self.preset, self.base_url)

@@ -9,9 +9,11 @@ sent. The rules (issue "A first real run that works"):
 * :func:`read_findings` keeps every finding that has words. A finding whose ``image_index`` or box
   cannot be used keeps its text and loses only its region; an out-of-range box is clamped to the
   image, a zero-area, inverted or non-finite one is dropped; a certainty outside 0..1 is dropped,
-  never rescaled. Each loss is said in plain words in the finding's ``notes`` (the SR prints
-  them). Only a reply with no usable structure (no summary, no findings list, or findings of
-  which none has words) is :class:`UnusableReply`, which earns one repair request.
+  never rescaled; a code not on the closed list the request offered (another body region's, or
+  none of ours) leaves the finding uncoded, in its words. Each loss is said in plain words in the
+  finding's ``notes`` (the SR prints them). Only a reply with no usable structure (no summary, no
+  findings list, or findings of which none has words) is :class:`UnusableReply`, which earns one
+  repair request.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import re
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from analysis.finding_codes import CONCEPTS, GENERAL_CODES, CodeList
 from analysis.findings import (
-    FINDING_TERMS,
     MAX_FINDINGS,
     Assertion,
     Box,
@@ -166,8 +168,39 @@ def _read_box(raw: Any, size: tuple[int, int], convention: BoxConvention, notes:
     return Box(**clamped)
 
 
+def _read_code(raw: Any, codes: CodeList, notes: list[str]) -> str | None:
+    """The model's code when it is on the closed list the request offered (``codes``); any other
+    (another region's, or none of ours) leaves the finding uncoded, said in ``notes``. Spaces
+    around a code, or a code written as a JSON integer, still name that code."""
+    if isinstance(raw, str):
+        code: str | None = raw.strip()
+        shown = repr(raw[:40] + ("..." if len(raw) > 40 else ""))
+    elif isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < 10**18:
+        code = shown = str(raw)
+    elif raw is None:
+        return None
+    else:  # a float, a huge integer, an object, a list: not a code, and not worth repeating
+        code, shown = None, f"<a JSON {type(raw).__name__}>"
+    if code == "":
+        return None
+    if code is not None and code in codes.codes:
+        return code
+    if code is not None and code in CONCEPTS:
+        notes.append(
+            f"The model coded this finding {code} ({CONCEPTS[code]}), which is not on the list for "
+            f"{codes.words} it was given; the finding is not coded."
+        )
+    else:
+        notes.append(f"The model's code {shown} is not on the list it was given; the finding is not coded.")
+    return None
+
+
 def _read_finding(
-    raw: Any, number: int, image_sizes: Sequence[tuple[int, int]], convention: BoxConvention
+    raw: Any,
+    number: int,
+    image_sizes: Sequence[tuple[int, int]],
+    convention: BoxConvention,
+    codes: CodeList,
 ) -> Finding | str:
     """A :class:`Finding`, or why finding ``number`` of the reply cannot be kept at all."""
     if not isinstance(raw, dict):
@@ -187,12 +220,7 @@ def _read_finding(
         index = None
     elif raw.get("box") is not None:
         box = _read_box(raw["box"], image_sizes[index - 1], convention, notes)
-    code = raw.get("finding_code")
-    if code is not None and code not in FINDING_TERMS:
-        notes.append(
-            f"The model's code {str(code)[:40]!r} is not in the list it was given; the finding is not coded."
-        )
-        code = None
+    code = _read_code(raw.get("finding_code"), codes, notes)
     confidence = _finite(raw.get("confidence"))
     if raw.get("confidence") is not None and (confidence is None or not 0 <= confidence <= 1):
         notes.append(f"The model's certainty {raw.get('confidence')!r} is not between 0 and 1; not shown.")
@@ -212,8 +240,14 @@ def _read_finding(
     )
 
 
-def read_findings(data: Any, image_sizes: Sequence[tuple[int, int]], convention: BoxConvention) -> Findings:
-    """Findings from a parsed reply to a request that sent images of ``image_sizes``."""
+def read_findings(
+    data: Any,
+    image_sizes: Sequence[tuple[int, int]],
+    convention: BoxConvention,
+    codes: CodeList = GENERAL_CODES,
+) -> Findings:
+    """Findings from a parsed reply to a request that sent images of ``image_sizes`` and offered
+    ``codes`` (the closed list of the study's body region)."""
     if not isinstance(data, dict):
         raise UnusableReply(f"the reply is a JSON {type(data).__name__}, not an object")
     raw_summary = data.get("summary")
@@ -229,7 +263,7 @@ def read_findings(data: Any, image_sizes: Sequence[tuple[int, int]], convention:
     kept: list[Finding] = []
     dropped: list[str] = []
     for number, raw in enumerate(raw_findings, start=1):
-        result = _read_finding(raw, number, image_sizes, convention)
+        result = _read_finding(raw, number, image_sizes, convention, codes)
         if isinstance(result, str):
             dropped.append(result)
         elif len(kept) < MAX_FINDINGS:

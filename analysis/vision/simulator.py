@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from analysis.finding_codes import GENERAL_CODES, CodeList
 from analysis.findings import findings_schema
 from analysis.vision.simulated_model import (
     REFUSAL,
@@ -58,9 +59,11 @@ class Behaviour:
     answering: Answering = field(default_factory=Answering)
 
 
-def simulated_findings(images: int, answering: Answering | None = None) -> dict[str, Any]:
+def simulated_findings(
+    images: int, answering: Answering | None = None, codes: CodeList = GENERAL_CODES
+) -> dict[str, Any]:
     """What the simulator answers to a request for ``images`` 512 x 512 images in the fraction
-    convention: an instance of the schema such a request carries."""
+    convention offering ``codes``: an instance of the schema such a request carries."""
     if not images:
         return {
             "study_quality": "diagnostic",
@@ -68,7 +71,7 @@ def simulated_findings(images: int, answering: Answering | None = None) -> dict[
             "overall_urgency": 1,
             "findings": [],
         }
-    schema = findings_schema([(512, 512)] * images, "fraction")
+    schema = findings_schema([(512, 512)] * images, "fraction", codes)
     value: dict[str, Any] = instance(schema, answering or Answering())
     return value
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from analysis.encode import EncodedImage
+from analysis.finding_codes import GENERAL_CODES, CodeList
 from analysis.findings import box_sentence, findings_schema
 from conf.providers import ProviderPreset
 
@@ -94,8 +95,10 @@ def endpoint(preset: ProviderPreset, base_url: str) -> str:
     return base_url.rstrip("/") + path
 
 
-def request_schema(preset: ProviderPreset, images: Sequence[EncodedImage]) -> dict[str, Any]:
-    return findings_schema([(image.width, image.height) for image in images], preset.box_convention)
+def request_schema(
+    preset: ProviderPreset, images: Sequence[EncodedImage], codes: CodeList = GENERAL_CODES
+) -> dict[str, Any]:
+    return findings_schema([(image.width, image.height) for image in images], preset.box_convention, codes)
 
 
 def _data_url(image: EncodedImage) -> str:
@@ -110,10 +113,12 @@ def build_body(
     max_tokens: int,
     temperature: float,
     history: Sequence[tuple[str, str]] = (),
+    codes: CodeList = GENERAL_CODES,
 ) -> dict[str, Any]:
     """The request body; ``history`` holds (bad reply, correction) pairs for a repair request.
-    The schema is built for these images (:func:`analysis.findings.findings_schema`)."""
-    schema = request_schema(preset, images)
+    The schema is built for these images and the closed list of codes of the study's body region
+    (:func:`analysis.findings.findings_schema`)."""
+    schema = request_schema(preset, images, codes)
     system = system_message(preset, schema)
     if preset.wire == "anthropic":
         content: list[dict[str, Any]] = [

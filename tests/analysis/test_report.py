@@ -12,6 +12,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from analysis.finding_codes import BodyRegion, code_list
 from analysis.findings import Findings
 from analysis.mosaic import ComposedImage
 from analysis.prepare import PreparedStudy
@@ -40,7 +41,7 @@ def prepared(tmp_path: Path, source: str, count: int) -> tuple[PreparedStudy, di
 
 
 def findings(with_box: bool, text: str = "nodule, spiculated", site: str = "right upper lobe") -> Findings:
-    data = simulated_findings(images=1)
+    data = simulated_findings(images=1, codes=code_list([BodyRegion.CHEST]))  # coded Nodule
     data["summary"] = "SIMULATED: 結節 im rechten Oberlappen, ümlaut and façade"
     finding = data["findings"][0]
     finding["description"] = text
@@ -280,7 +281,8 @@ def test_negated_and_uncertain_findings_are_never_coded_as_present(tmp_path: Pat
             },
         ],
     }
-    findings = read_findings(reply, [(512, 512)], "fraction")
+    assert study_prep.codes.regions == (BodyRegion.CHEST,)  # a CR of the CHEST: both codes offered
+    findings = read_findings(reply, [(512, 512)], "fraction", study_prep.codes)
     sr = build_sr(findings, study_prep.composed, sources, context(study, simulated=False))
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
@@ -303,6 +305,39 @@ def test_negated_and_uncertain_findings_are_never_coded_as_present(tmp_path: Pat
         if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "125007"
     ]
     assert len(groups) == 2  # the absent finding has no measurement group
+
+
+def test_the_sr_codes_only_concepts_on_the_list_of_the_studys_body_region(tmp_path: Path) -> None:
+    """A chest study: a present finding coded with a head concept keeps its words, uncoded, and
+    says why; one coded from the chest list (written with spaces around it) is coded."""
+    study_prep, sources, study = prepared(tmp_path, "RG1_UNCI.dcm", 1)
+    base = simulated_findings(images=1, codes=study_prep.codes)["findings"][0]
+    reply = {
+        "summary": "Left apical pneumothorax.",
+        "findings": [
+            {**base, "description": "Hyperdense focus over the left apex", "finding_code": "1386000"},
+            {**base, "description": "Left apical pneumothorax", "finding_code": " 36118008 "},
+        ],
+    }
+    findings = read_findings(reply, [(512, 512)], "fraction", study_prep.codes)
+    sr = build_sr(findings, study_prep.composed, sources, context(study, simulated=False))
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert sr_errors(path) == []
+    written = dcmread(path)
+    types = [
+        (str(i.ConceptCodeSequence[0].CodingSchemeDesignator), str(i.ConceptCodeSequence[0].CodeMeaning))
+        for i in _walk(written)
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "121071"  # Finding
+    ]
+    assert types == [("99AINODE", "Hyperdense focus over the left apex"), ("SCT", "Pneumothorax")]
+    assert ("SCT", "1386000") not in _codes(written)
+    sct = {value for scheme, value in _codes(written) if scheme == "SCT"}
+    assert "36118008" in sct
+    texts = [str(i.TextValue) for i in _walk(written) if i.ValueType == "TEXT"]
+    assert any(
+        "1386000 (Intracranial hemorrhage), which is not on the list for the chest" in text for text in texts
+    )
 
 
 def _box_on(image: ComposedImage, tile: int, left: float, top: float) -> dict[str, float]:

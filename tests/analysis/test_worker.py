@@ -219,3 +219,34 @@ def test_a_database_error_outside_a_transaction_is_retried_not_a_failed_study(
     row = _job(sessions)
     assert (row.state, row.attempts) == (JobState.QUEUED, 1)
     assert row.last_error is not None and row.last_error.startswith("OperationalError")
+
+
+def test_a_head_ct_is_offered_only_the_head_list_and_its_sr_codes_from_it(
+    study_node: tuple[Settings, Any, str], tmp_path: Path
+) -> None:
+    """The study is a CT without Body Part Examined whose header window is a brain window: a
+    head CT. The request offers the head list only (hemorrhage, infarct; no pneumothorax), the
+    simulator answers from the enum the request carries (its first code), and the SR codes that.
+    Had the worker sent another list, the simulator would have answered another code."""
+    settings, sessions, study = study_node
+    record = tmp_path / "requests.jsonl"
+    with simulator(tmp_path, "--record", str(record)) as url:
+        worker = _worker(settings, sessions, url, Clock())
+        assert worker.run_once()
+    (body,) = [json.loads(line) for line in record.read_text().splitlines()]
+    schema = body["response_format"]["json_schema"]["schema"]
+    offered = schema["properties"]["findings"]["items"]["properties"]["finding_code"]["anyOf"][0]["enum"]
+    assert {"1386000", "55641003"} <= set(offered) and "36118008" not in offered
+    assert offered[0] == "301766008"  # Lesion of brain: the head list's first
+    with sessions() as session:
+        assert session.get_one(Study, study).state == StudyState.DONE
+    (written,) = (settings.storage.root / "sr" / study).glob("*.dcm")
+    finding_types = [
+        (str(code.CodingSchemeDesignator), str(code.CodeValue))
+        for group in dcmread(written).ContentSequence
+        for container in group.get("ContentSequence", [])
+        for item in container.get("ContentSequence", [])
+        if item.ConceptNameCodeSequence[0].CodeValue == "121071"  # Finding
+        for code in item.ConceptCodeSequence
+    ]
+    assert finding_types and set(finding_types) == {("SCT", "301766008")}

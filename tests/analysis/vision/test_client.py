@@ -22,6 +22,7 @@ from analysis.errors import (
     VisionPermanent,
     VisionRetryable,
 )
+from analysis.finding_codes import BodyRegion, code_list
 from analysis.vision.client import VisionClient
 from conf import VisionSettings
 from tests.data.images import noise_image
@@ -380,3 +381,17 @@ def test_a_disclosure_that_cannot_be_recorded_during_the_half_open_trial_does_no
     with pytest.raises(VisionRetryable, match="cannot record the disclosure"):
         vision.analyse("1.2", one_image(), "Describe.")  # the trial, never sent
     assert vision.breaker.allow(), "the circuit is jammed open: no trial call is ever let through"
+
+
+@pytest.mark.parametrize("provider", ["holysheep", "openai", "anthropic", "ollama"])
+def test_every_wire_mode_offers_the_studys_code_list_and_keeps_a_code_from_it(
+    tmp_path: Path, provider: str
+) -> None:
+    """The closed list of the study's body region reaches the model in every structured mode
+    (json_schema, a tool, the schema in the system message): the simulator answers the first code
+    of the enum the request shows, and the client keeps it."""
+    with simulator(tmp_path) as url:
+        vision = client(url, provider=provider)
+        for region, first in ((BodyRegion.HEAD, "301766008"), (BodyRegion.BREAST, "399294002")):
+            result = vision.analyse("1.2.3", one_image(), "Describe.", codes=code_list([region]))
+            assert [f.finding_code for f in result.findings.findings] == [first]
