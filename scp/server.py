@@ -492,9 +492,15 @@ class StorageSCP:
         sha256 = sha256_of(received)
         relative = self.store.relative_path(*uids, sha256)
         final = self.store.absolute(relative)
-        created = not final.exists()  # same name means same bytes: already durable
         try:
-            if created:
+            # A new name is linked at once: the bytes' fsync (running since the data set was
+            # complete) and the folder's (the group commit's) then overlap, and the row waits
+            # for both. A name already there is a racing twin's, or a file a crash left with no
+            # row whose bytes may never have reached the disk: replaced by ours once ours are
+            # durable (same name, same bytes), and never removed by us.
+            linked = self.store.link_new(received, relative)
+            created = bool(linked)
+            if not linked:
                 bytes_synced.result()
                 self.store.install(received, relative, sync_folder=False, bytes_synced=True)
             crashpoints.reached("ingest.after_rename")
@@ -512,7 +518,7 @@ class StorageSCP:
             )
             # The folder's fsync (the rename's durability) and the row go in one group commit. A
             # file already there may be a racing twin's whose folder sync is still to come.
-            result = self.committer.record(instance, final.parent)
+            result = self.committer.record(instance, final.parent, bytes_synced if created else None)
             crashpoints.reached("ingest.after_commit")
         except StorageUnavailable as exc:
             if created:

@@ -13,6 +13,7 @@ moment leaves a complete, referenced file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -121,6 +122,25 @@ class InstanceStore:
                 raise DiskFull(f"no space left writing under {str(self.root)!r}") from exc
             raise
         return final
+
+    def link_new(self, received: Path, relative: str) -> bool | None:
+        """Give ``received`` the name ``relative`` without waiting for its bytes' fsync, only
+        if no file has that name yet (a hard link: never replaces). True: linked, the caller
+        must have the bytes and the folder fsynced before relying on the name; False: the name
+        exists; None: this file system has no hard links (use :meth:`install`)."""
+        final = self.root / relative
+        try:
+            self._make_dirs_durably(final.parent)
+            os.link(received, final)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno == 28:  # ENOSPC
+                raise DiskFull(f"no space left writing under {str(self.root)!r}") from exc
+            if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                return None
+            raise
+        return True
 
     def _make_dirs_durably(self, folder: Path) -> None:
         missing: list[Path] = []

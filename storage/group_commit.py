@@ -19,6 +19,7 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ MAX_BATCH = 64
 class _Pending:
     instance: ReceivedInstance
     folder: Path | None  # to fsync before the commit (the file was renamed into it)
+    durable: Future[None] | None = None  # the file's own fsync, still running: waited for
     lead: bool = False  # this thread commits the next batch
     finished: bool = False
     result: IngestResult | None = None
@@ -64,12 +66,16 @@ class GroupCommitter:
         self._pending: list[_Pending] = []
         self._leading = False
 
-    def record(self, instance: ReceivedInstance, folder: Path | None) -> IngestResult:
+    def record(
+        self, instance: ReceivedInstance, folder: Path | None, durable: Future[None] | None = None
+    ) -> IngestResult:
         """Make ``folder`` (where the instance's file was renamed) durable and commit the
         instance's row, with whatever else is waiting; returns once that commit is done.
+        ``durable``: the file's own fsync, still running; the row is committed only once it
+        succeeded (it fails only this instance).
         Raises what recording it raised (:class:`StorageUnavailable` when the database or the
         disk cannot take it)."""
-        mine = _Pending(instance, folder)
+        mine = _Pending(instance, folder, durable)
         with self._changed:
             self._pending.append(mine)
             if not self._leading:
@@ -107,6 +113,9 @@ class GroupCommitter:
             for item in batch:
                 item.error = exc
             return
+        batch = self._with_durable_bytes(batch)
+        if not batch:
+            return
         try:
             results = self._record_all(batch)
         except StorageUnavailable as exc:  # the database is down: every association gets 0xA700
@@ -132,6 +141,23 @@ class GroupCommitter:
                 if exc.errno == 28:  # ENOSPC
                     raise DiskFull(f"no space left syncing {str(folder)!r}") from exc
                 raise StorageUnavailable(f"cannot sync {str(folder)!r}: {exc.strerror}") from exc
+
+    @staticmethod
+    def _with_durable_bytes(batch: list[_Pending]) -> list[_Pending]:
+        """The instances whose file's own fsync succeeded; the others get its error."""
+        durable = []
+        for item in batch:
+            try:
+                if item.durable is not None:
+                    item.durable.result()
+            except StorageUnavailable as exc:
+                item.error = exc
+                continue
+            except OSError as exc:
+                item.error = StorageUnavailable(f"cannot sync a received file: {exc.strerror}")
+                continue
+            durable.append(item)
+        return durable
 
     def _record_all(self, batch: list[_Pending]) -> list[IngestResult]:
         now = self.clock()

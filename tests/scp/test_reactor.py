@@ -19,6 +19,7 @@ from pydicom import dcmread
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from sqlalchemy import delete, select
 
 from conf import NodeSettings, Settings, StorageSettings, StudySettings
 from scp import reactor
@@ -26,6 +27,7 @@ from scp.dimse_codec import command_elements, command_pdu, pdvs
 from scp.server import StorageSCP
 from storage.db import open_database
 from storage.files import sha256_of
+from storage.models import Instance
 from tests.data.generate import CT_SMALL, write_series
 from tests.nodes import free_port
 
@@ -311,3 +313,25 @@ def test_uid_checks_are_cached_and_an_invalid_uid_still_fails_every_time() -> No
             warnings.simplefilter("ignore")  # pydicom's own warning before pynetdicom's refusal
             reactor._set_uid("1." + "2" * 70, "affected_sop_class_uid")  # over 64 characters
     assert reactor._cached_set_uid.cache_info().maxsize == 4096
+
+
+def test_a_file_a_crash_left_without_a_row_is_replaced_by_the_bytes_received_again(
+    scp: StorageSCP, tmp_path: Path
+) -> None:
+    """A new name is linked before its bytes are fsynced; after a power loss the name may hold
+    bytes that never reached the disk, with no row. The modality sends again: the file is
+    replaced by the received bytes (never trusted by name alone)."""
+    (path,) = write_series(tmp_path / "ct", 1, source=CT_SMALL)
+    sop = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    assoc = _associate(scp.port)
+    assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+    (stored,) = scp.store.instances_dir.glob(f"*/*/{sop}.*.dcm")
+    intact = stored.read_bytes()
+    with scp.sessions.begin() as session:  # the crash came before the commit
+        session.execute(delete(Instance).where(Instance.sop_instance_uid == sop))
+    stored.write_bytes(b"\0" * len(intact))  # the bytes never reached the disk
+    assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+    assoc.release()
+    assert stored.read_bytes() == intact
+    with scp.sessions() as session:
+        assert session.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop)) is not None

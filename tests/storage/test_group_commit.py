@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,38 @@ def test_one_instance_the_database_cannot_take_fails_only_itself(
     with sessions() as session:
         stored = set(session.scalars(select(Instance.sop_instance_uid)))
     assert stored >= {"5.0.0", *(item.sop_instance_uid for item in good)}
+
+
+def test_a_row_waits_for_its_file_s_fsync_and_a_failed_fsync_fails_only_its_instance(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The bytes' fsync overlaps the folder's; the row is written only once it succeeded."""
+    committer = GroupCommitter(sessions, 10.0, utc_now)
+    synced: Future[None] = Future()
+    failed: Future[None] = Future()
+    outcomes: dict[str, object] = {}
+
+    def one(name: str, durable: Future[None]) -> None:
+        try:
+            outcomes[name] = committer.record(instance(f"1.9.{len(name)}", sha=name * 64), tmp_path, durable)
+        except Exception as exc:
+            outcomes[name] = exc
+
+    threads = [
+        threading.Thread(target=one, args=("a", synced)),
+        threading.Thread(target=one, args=("bb", failed)),
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    with sessions() as session:  # still waiting for the bytes: no row yet
+        assert session.scalar(select(func.count(Instance.id))) == 0
+    synced.set_result(None)
+    failed.set_exception(OSError(5, "Input/output error"))
+    for thread in threads:
+        thread.join(timeout=30)
+    assert isinstance(outcomes["a"], IngestResult) and outcomes["a"].outcome is IngestOutcome.STORED
+    assert isinstance(outcomes["bb"], StorageUnavailable)
+    assert "Input/output error" in str(outcomes["bb"])
+    with sessions() as session:
+        assert session.scalars(select(Instance.sop_instance_uid)).all() == ["1.9.1"]
