@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conf import Settings
 from scp import reactor, tls
-from scp.dataset_check import InflateLimits, check_dataset_file
+from scp.dataset_check import DatasetLimits, InflateLimits, check_dataset_file
 from scp.errors import DatasetCorrupt, DatasetMismatch
 from scp.statuses import StoreStatus
 from scp.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
@@ -221,6 +221,11 @@ class StorageSCP:
         self.store = InstanceStore(settings.storage.root)
         self.inflate_limits = InflateLimits(
             max_bytes=settings.node.max_inflated_mb << 20, max_ratio=settings.node.max_inflate_ratio
+        )
+        self.dataset_limits = DatasetLimits(
+            max_sequence_items=settings.node.max_sequence_items,
+            max_elements=settings.node.max_data_elements,
+            max_frames=settings.node.max_frames,
         )
         self.committer = GroupCommitter(sessions, settings.study.settle_seconds, clock)
         # fsync is disk time, not CPU: each received file's runs while its dataset is checked
@@ -483,7 +488,9 @@ class StorageSCP:
             return StoreStatus.OUT_OF_RESOURCES, str(exc), None
         bytes_synced = self._byte_syncs.submit(self.store.sync_bytes, received)
         try:
-            summary = check_dataset_file(received, sop_class, sop_instance, self.inflate_limits)
+            summary = check_dataset_file(
+                received, sop_class, sop_instance, self.inflate_limits, self.dataset_limits
+            )
         except DatasetCorrupt as exc:
             return StoreStatus.CANNOT_UNDERSTAND, str(exc), None
         except DatasetMismatch as exc:
