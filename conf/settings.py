@@ -74,9 +74,10 @@ class NodeSettings(_Section):
     # gets 0xC000.
     max_inflated_mb: int = Field(default=4096, ge=1)
     max_inflate_ratio: int = Field(default=100, ge=2)
-    # What one instance may hold (scp.dataset_check.DatasetLimits): sequence items and data
-    # elements at every level, and Number of Frames. Past one, 0xC000 with the reason.
-    max_sequence_items: int = Field(default=100_000, ge=1)
+    # What one instance may hold (scp.dataset_check.DatasetLimits): sequence items (pixel data
+    # fragments included) and data elements at every level, and Number of Frames. Past one,
+    # 0xC000 with the reason.
+    max_sequence_items: int = Field(default=200_000, ge=1)
     max_data_elements: int = Field(default=1_000_000, ge=1)
     max_frames: int = Field(default=100_000, ge=1)
     # DICOM TLS (scp.tls): our certificate and key; with tls_ca, callers must present a client

@@ -179,12 +179,13 @@ def test_ten_deflate_bombs_at_once_are_refused_and_memory_stays_flat(
 def test_ten_hostile_instances_at_once_are_refused_with_reasons_and_memory_stays_flat(
     make_node: NodeFactory, tmp_path: Path
 ) -> None:
-    """A million sequence items, a million empty elements, 200 nested sequences, a billion frames
-    over two bytes of pixel data: each 0xC000 with its reason logged, ten at once, the node's
-    memory (PSS of all its processes) under 300 MB, nothing kept, and the node keeps serving."""
+    """A million sequence items, a million empty pixel data fragments, a million empty elements,
+    200 nested sequences, a billion frames over two bytes of pixel data: each 0xC000 with its
+    reason logged, ten at once, the node's memory (PSS of all its processes) under 300 MB, nothing
+    kept, and the node keeps serving."""
     node = make_node().start()
     assert node.proc is not None
-    kinds = ["items", "elements", "nesting", "frames"] * 2 + ["items", "elements"]
+    kinds = ["items", "fragments", "elements", "nesting", "frames"] * 2
     hostile = [
         hostile_instance(tmp_path / f"{kind}-{i}.dcm", kind, f"1.2.3.4.5.{i + 1}")
         for i, kind in enumerate(kinds)
@@ -222,7 +223,8 @@ def test_ten_hostile_instances_at_once_are_refused_with_reasons_and_memory_stays
     assert node.stored_files() == [] and list((node.root / "tmp").iterdir()) == []
     log = node.log.read_text()
     for reason in (
-        "more than 100000 sequence items (node.max_sequence_items)",
+        "more than 200000 sequence items (node.max_sequence_items)",
+        "more than 200000 sequence items, pixel data fragments included (node.max_sequence_items)",
         "more than 1000000 data elements (node.max_data_elements)",
         "sequences nested past 64 levels",
         "Number of Frames 1000000000 is past 100000 (node.max_frames)",

@@ -385,9 +385,9 @@ def test_sequences_nested_past_the_bound_cannot_be_understood(tmp_path: Path) ->
 
 def hostile_instance(path: Path, kind: str, sop_instance: str = SOP_INSTANCE) -> Path:
     """A Part 10 file (with the file meta a sender reads) built to be refused for ``kind``:
-    "items" (10^6 empty items in one sequence, 8 MB), "elements" (1,000,001 empty private
-    elements), "nesting" (200 levels of sequences) or "frames" (Number of Frames 10^9 over one
-    byte of pixel data)."""
+    "items" (10^6 empty items in one sequence, 8 MB), "fragments" (10^6 empty pixel data
+    fragments, JPEG Baseline), "elements" (1,000,001 empty private elements), "nesting" (200
+    levels of sequences) or "frames" (Number of Frames 10^9 over two bytes of pixel data)."""
     identity = b"".join(
         _el(tag, b"UI", _uid(uid))
         for tag, uid in (
@@ -400,6 +400,11 @@ def hostile_instance(path: Path, kind: str, sop_instance: str = SOP_INSTANCE) ->
     if kind == "items":
         empty = struct.pack("<HHI", 0xFFFE, 0xE000, 0)
         body = _el(0x00081115, b"SQ", empty * 1_000_000)
+    elif kind == "fragments":
+        empty = struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+        body = _el(0x7FE00010, b"OB", empty * 1_000_001, length=UNDEFINED) + struct.pack(
+            "<HHI", 0xFFFE, 0xE0DD, 0
+        )
     elif kind == "elements":
         body = struct.pack("<HH2sH", 0x0009, 0x1010, b"LO", 0) * 1_000_001
     elif kind == "nesting":
@@ -416,12 +421,12 @@ def hostile_instance(path: Path, kind: str, sop_instance: str = SOP_INSTANCE) ->
             + _el(0x7FE00010, b"OB", b"\x00\x00")
         )
     else:
-        raise ValueError(f"kind must be items, elements, nesting or frames, got {kind!r}")
+        raise ValueError(f"kind must be items, fragments, elements, nesting or frames, got {kind!r}")
     meta = (
         _el(0x00020001, b"OB", b"\x00\x01")
         + _el(0x00020002, b"UI", _uid(SOP_CLASS))
         + _el(0x00020003, b"UI", _uid(sop_instance))
-        + _el(0x00020010, b"UI", _uid(EXPLICIT_LE))
+        + _el(0x00020010, b"UI", _uid(JPEG_BASELINE if kind == "fragments" else EXPLICIT_LE))
     )
     head = b"\x00" * 128 + b"DICM" + _el(0x00020000, b"UL", struct.pack("<I", len(meta))) + meta
     path.write_bytes(head + identity + body)
@@ -431,7 +436,8 @@ def hostile_instance(path: Path, kind: str, sop_instance: str = SOP_INSTANCE) ->
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
-        ("items", "more than 100000 sequence items"),
+        ("items", "more than 200000 sequence items"),
+        ("fragments", "more than 200000 sequence items, pixel data fragments included"),
         ("elements", "more than 100000 data elements"),  # the default, a million, below
         ("nesting", f"nested past {MAX_SEQUENCE_DEPTH} levels"),
         ("frames", "Number of Frames 1000000000 is past 100000"),
@@ -466,6 +472,21 @@ def test_the_counts_are_configurable(tmp_path: Path) -> None:
     with pytest.raises(DatasetCorrupt, match="more than 4 data elements"):  # 4 UIDs, 1 SQ, 0 in items
         check_dataset_file(path, SOP_CLASS, SOP_INSTANCE, bounds=DatasetLimits(max_elements=4))
     check_dataset_file(path, SOP_CLASS, SOP_INSTANCE, bounds=DatasetLimits(max_elements=5))
+
+
+def test_pixel_data_fragments_count_as_items(tmp_path: Path) -> None:
+    three = _part10(_identity() + _encapsulated([10, 10, 10]), JPEG_BASELINE)  # and the offset table
+    path = tmp_path / "three.dcm"
+    path.write_bytes(three)
+    check_dataset_file(path, SOP_CLASS, SOP_INSTANCE, bounds=DatasetLimits(max_sequence_items=3))
+    with pytest.raises(DatasetCorrupt, match="more than 2 sequence items, pixel data fragments included"):
+        check_dataset_file(path, SOP_CLASS, SOP_INSTANCE, bounds=DatasetLimits(max_sequence_items=2))
+    with_items = _part10(
+        _identity() + _sq(0x00081115, [_item(b"", False)], False) + _encapsulated([10] * 3), JPEG_BASELINE
+    )
+    path.write_bytes(with_items)
+    with pytest.raises(DatasetCorrupt, match="more than 3 sequence items"):  # one item, three fragments
+        check_dataset_file(path, SOP_CLASS, SOP_INSTANCE, bounds=DatasetLimits(max_sequence_items=3))
 
 
 def _frames(value: bytes, pixels: bytes) -> bytes:
