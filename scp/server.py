@@ -373,6 +373,7 @@ class StorageSCP:
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             evt.trigger(assoc, evt.EVT_REJECTED, {})
         finally:
+            assoc.is_rejected = True  # whatever failed above, pynetdicom never negotiates it now
             assoc.kill()
 
     def _on_rejected(self, event: evt.Event) -> None:

@@ -4,6 +4,7 @@ clients (old protocol versions, a certificate bound to another AE title)."""
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
+from pynetdicom import evt
 
 from conf import DestinationSettings
 from scp.sender import store_sr
@@ -101,9 +103,11 @@ def test_an_sr_goes_to_a_tls_pacs_with_a_client_certificate(
     assert dcmread(stored).SOPInstanceUID == dcmread(instance).SOPInstanceUID
     # storescp asks for a client certificate: without one, no association and nothing stored
     assert without_client_certificate.kind == "retry"
-    assert without_client_certificate.detail == (
-        f"TLS with 127.0.0.1:{port} failed: tlsv13 alert certificate required; nothing sent"
-    )
+    assert re.fullmatch(  # storescp's alert, or (under load) only its closing the connection
+        rf"TLS with 127\.0\.0\.1:{port} failed: "
+        r"(tlsv13 alert certificate required|unexpected eof while reading); nothing sent",
+        without_client_certificate.detail,
+    ), without_client_certificate.detail
 
 
 @pytest.mark.parametrize(
@@ -146,28 +150,46 @@ def test_a_pacs_without_tls_gets_no_clear_text(pki: dict[str, Any], instance: Pa
     assert outcome.detail.startswith(f"TLS with 127.0.0.1:{port} failed")
 
 
-def test_a_pacs_that_speaks_only_tls_1_1_is_refused(pki: dict[str, Any], instance: Path) -> None:
-    """A peer that offers at most TLS 1.1 (pynetdicom with an old context)."""
+@pytest.mark.parametrize(
+    ("maximum", "ciphers"),
+    [
+        (ssl.TLSVersion.TLSv1_1, "DEFAULT:@SECLEVEL=0"),  # an old protocol
+        (ssl.TLSVersion.TLSv1_2, "AES128-SHA256:AES256-SHA"),  # RSA key transport, CBC: not BCP 195
+    ],
+)
+def test_a_pacs_with_an_old_protocol_or_weak_suites_is_refused(
+    pki: dict[str, Any], instance: Path, maximum: ssl.TLSVersion, ciphers: str
+) -> None:
+    """A peer that offers at most TLS 1.1, or TLS 1.2 with only suites BCP 195 excludes (the
+    retired DICOM AES profile's); pynetdicom with such a context."""
     from pynetdicom import AE
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     with warnings.catch_warnings():  # TLS 1.0 and 1.1 are deprecated: the point of the test
         warnings.simplefilter("ignore", DeprecationWarning)
         context.minimum_version = ssl.TLSVersion.TLSv1
-        context.maximum_version = ssl.TLSVersion.TLSv1_1
-    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+        context.maximum_version = maximum
+    context.set_ciphers(ciphers)
     context.load_cert_chain(str(pki["pacs"].cert), str(pki["pacs"].key))
     ae = AE(ae_title="PACS")
     ae.add_supported_context(str(dcmread(instance).SOPClassUID))
+    received: list[object] = []
+
+    def store(event: evt.Event) -> int:
+        received.append(event.request)
+        return 0x0000
+
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=context)
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, ssl_context=context, evt_handlers=[(evt.EVT_C_STORE, store)]
+    )
     if server is None:
-        raise RuntimeError("pynetdicom did not start the TLS 1.1 peer")
+        raise RuntimeError("pynetdicom did not start the old peer")
     try:
         outcome = store_sr(instance, _destination(port, tls=True, tls_ca=pki["ca"]), "AINODE", 5)
     finally:
         server.shutdown()
-    assert outcome.kind == "retry"
+    assert outcome.kind == "retry" and received == []
     assert outcome.detail.startswith(f"TLS with 127.0.0.1:{port} failed")
 
 
@@ -287,13 +309,13 @@ def test_the_listener_refuses_old_protocols_and_bad_client_certificates(
     node = _tls_node(make_node, pki)
     ct01 = pki["ct01"]
 
-    def handshake(maximum: ssl.TLSVersion, client: Issued) -> ssl.TLSVersion | str:
+    def handshake(maximum: ssl.TLSVersion, client: Issued, ciphers: str = "DEFAULT:@SECLEVEL=0") -> str:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         with warnings.catch_warnings():  # TLS 1.0 and 1.1 are deprecated: the point of the test
             warnings.simplefilter("ignore", DeprecationWarning)
             context.minimum_version = ssl.TLSVersion.TLSv1
             context.maximum_version = maximum
-        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+        context.set_ciphers(ciphers)
         context.load_verify_locations(str(pki["ca"]))
         context.load_cert_chain(str(client.cert), str(client.key))
         with socket.create_connection(("127.0.0.1", node.port), timeout=10) as raw:
@@ -303,12 +325,13 @@ def test_the_listener_refuses_old_protocols_and_bad_client_certificates(
                     tls.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # an A-ABORT: then read
                     tls.recv(1)  # a TLS 1.3 server refuses a client certificate only after the handshake
                     return version
-            except (ssl.SSLError, ConnectionError) as exc:
-                return type(exc).__name__
+            except (ssl.SSLError, ConnectionError):  # an alert, or (TLS 1.3) the connection closed
+                return "refused"
 
     assert handshake(ssl.TLSVersion.TLSv1_2, ct01) == "TLSv1.2"
-    assert handshake(ssl.TLSVersion.TLSv1_1, ct01) == "SSLError"
-    assert handshake(ssl.TLSVersion.TLSv1, ct01) == "SSLError"
-    assert handshake(ssl.TLSVersion.TLSv1_3, pki["ct01_expired"]) == "SSLError"
-    assert handshake(ssl.TLSVersion.TLSv1_3, pki["ct01_rogue"]) == "SSLError"
+    assert handshake(ssl.TLSVersion.TLSv1_1, ct01) == "refused"
+    assert handshake(ssl.TLSVersion.TLSv1, ct01) == "refused"
+    assert handshake(ssl.TLSVersion.TLSv1_2, ct01, "AES128-SHA256:AES256-SHA") == "refused"  # not BCP 195
+    assert handshake(ssl.TLSVersion.TLSv1_3, pki["ct01_expired"]) == "refused"
+    assert handshake(ssl.TLSVersion.TLSv1_3, pki["ct01_rogue"]) == "refused"
     assert "TLS handshake with 127.0.0.1 failed" in node.log.read_text()
