@@ -74,9 +74,23 @@ class NodeSettings(_Section):
     # gets 0xC000.
     max_inflated_mb: int = Field(default=4096, ge=1)
     max_inflate_ratio: int = Field(default=100, ge=2)
+    # What one instance may hold (scp.dataset_check.DatasetLimits): sequence items (pixel data
+    # fragments included) and data elements at every level, and Number of Frames. Past one,
+    # 0xC000 with the reason.
+    max_sequence_items: int = Field(default=200_000, ge=1)
+    max_data_elements: int = Field(default=1_000_000, ge=1)
+    max_frames: int = Field(default=100_000, ge=1)
+    # DICOM TLS (scp.tls): our certificate and key; with tls_ca, callers must present a client
+    # certificate that chains to it. TLS 1.2 at least, BCP 195 cipher suites.
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    # Bind the client certificate to the calling AE title it claims: the association is rejected
+    # unless the calling AE title is the certificate's subject CN or a DNS name in its
+    # subjectAltName, or one that tls_client_aets grants to one of those names
+    # ({"modality.hospital.local" = ["CT01", "CT02"]}). Needs tls_ca.
+    tls_bind_calling_aet: bool = False
+    tls_client_aets: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     # An organisation UID root (at most 24 characters) for what the node makes; without one,
     # UIDs are 2.25.<UUID> from this installation's own random value (PS3.5 B.2).
     uid_root: str | None = None
@@ -105,6 +119,29 @@ class NodeSettings(_Section):
     @classmethod
     def _allowed(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(_check_ae_title(v, "node.allowed_calling_aets") for v in value)
+
+    @field_validator("tls_client_aets")
+    @classmethod
+    def _client_aets(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        return {
+            name: tuple(_check_ae_title(v, f'node.tls_client_aets "{name}"') for v in titles)
+            for name, titles in value.items()
+        }
+
+    @model_validator(mode="after")
+    def _tls(self) -> NodeSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("node.tls_cert and node.tls_key go together: set both or neither")
+        if self.tls_cert is None and self.tls_ca is not None:
+            raise ValueError("node.tls_ca needs node.tls_cert and node.tls_key (TLS on)")
+        if (self.tls_bind_calling_aet or self.tls_client_aets) and self.tls_ca is None:
+            raise ValueError(
+                "node.tls_bind_calling_aet and node.tls_client_aets need node.tls_ca: without it callers "
+                "present no client certificate to bind"
+            )
+        if self.tls_client_aets and not self.tls_bind_calling_aet:
+            raise ValueError("node.tls_client_aets is used only with node.tls_bind_calling_aet = true")
+        return self
 
     @property
     def tls_enabled(self) -> bool:
@@ -356,6 +393,16 @@ class DestinationSettings(_Section):
     # viewers without TID 1500 support can show; a Key Object Selection flagging the images with
     # regions ("kos"); a presentation state drawing the regions on the original images ("gsps").
     outputs: tuple[Literal["sr", "sc", "kos", "gsps"], ...] = ("sr", "sc")
+    # DICOM TLS to this destination (scp.tls; PS3.15 B.9): TLS 1.2 at least, BCP 195 cipher
+    # suites, the PACS's certificate verified against tls_ca (else the system's trust store) and
+    # its name against host (or tls_server_name, when the certificate names the PACS otherwise);
+    # tls_cert/tls_key: our client certificate, for a PACS that asks for one. Never a fallback
+    # to clear text.
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -385,6 +432,23 @@ class DestinationSettings(_Section):
             raise ValueError(
                 f'destination "{self.name}" has both stow_url and ae_title/host/port: choose one'
             )
+        tls_files = {
+            "tls_ca": self.tls_ca,
+            "tls_cert": self.tls_cert,
+            "tls_key": self.tls_key,
+            "tls_server_name": self.tls_server_name,
+        }
+        if self.stow_url is not None and (self.tls or any(v is not None for v in tls_files.values())):
+            raise ValueError(
+                f'destination "{self.name}": tls is for DIMSE destinations; a stow_url is secured by https://'
+            )
+        if not self.tls and any(v is not None for v in tls_files.values()):
+            named = ", ".join(key for key, value in tls_files.items() if value is not None)
+            raise ValueError(f'destination "{self.name}": {named} set but tls is not true')
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(
+                f'destination "{self.name}": tls_cert and tls_key go together: set both or neither'
+            )
         return self
 
     @property
@@ -399,7 +463,7 @@ class DestinationSettings(_Section):
         """For logs and status: AE@host:port, or the STOW-RS URL without credentials."""
         if self.stow_url is not None:
             return str(httpx.URL(self.stow_url).copy_with(username=None, password=None))
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
 
 
 class Settings(BaseSettings):
@@ -580,6 +644,16 @@ def resolve_paths(settings: Settings, base: Path) -> Settings:
                     for name in ("tls_cert", "tls_key")
                     if (value := getattr(settings.http, name)) is not None
                 }
+            ),
+            "destinations": tuple(
+                destination.model_copy(
+                    update={
+                        name: _absolute(value, base)
+                        for name in ("tls_ca", "tls_cert", "tls_key")
+                        if (value := getattr(destination, name)) is not None
+                    }
+                )
+                for destination in settings.destinations
             ),
         }
     )

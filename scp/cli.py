@@ -22,6 +22,7 @@ from scp.scu import dicom_files, dicom_headers, echo, send
 from scp.sender import SrSender
 from scp.server import StorageSCP
 from scp.status_report import format_table, study_rows
+from scp.tls import check_files as check_tls_files
 from storage import crashpoints
 from storage.db import open_database, transaction
 from storage.errors import DatabaseNotUsable
@@ -172,6 +173,12 @@ def _run_roles(settings: Settings, command: str) -> int:
         return 2
     if missing_key is not None and command == "worker":
         print(f"ainode worker: {missing_key}", file=sys.stderr)
+        return 2
+    tls_problem = check_tls_files(
+        settings, inbound=command in ("serve", "scp"), outbound=command in ("serve", "worker")
+    )
+    if tls_problem is not None:
+        print(f"ainode {command}: {tls_problem}", file=sys.stderr)
         return 2
     if missing_key is not None and command == "serve":
         log.warning(

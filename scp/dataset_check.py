@@ -158,7 +158,14 @@ class _Walker:
     only when raising, to keep the per-element path to one unpack and a few comparisons.
     """
 
-    def __init__(self, buf: _Buffer, little_endian: bool, implicit: bool, fd: int | None = None) -> None:
+    def __init__(
+        self,
+        buf: _Buffer,
+        little_endian: bool,
+        implicit: bool,
+        fd: int | None = None,
+        limits: DatasetLimits | None = None,
+    ) -> None:
         self.buf = buf
         self.fd = fd  # the mapped file, None for an inflated dataset
         self.end = len(buf)
@@ -173,6 +180,9 @@ class _Walker:
         self._u32 = struct.Struct(endian + "I").unpack_from
         self.summary = DatasetSummary()
         self.depth = 0
+        self.limits = limits or DatasetLimits()
+        self.elements = 0  # data elements at every level, counted as each dataset is left
+        self.items = 0  # sequence items at every level
 
     def dataset(self, pos: int, limit: int, undefined: bool, top: bool) -> int:
         # Locals, not globals or attributes, on the per-element path.
@@ -186,9 +196,15 @@ class _Walker:
         undefined_length = UNDEFINED_LENGTH
         vr: bytes | None = None
         is_sequence = False
+        count = 0
+        # Refused at the first element past the bound, not after walking them all: a file of
+        # empty elements is 8 bytes each, ~1 us each to walk. (Elements of enclosing datasets
+        # are added as each is left, so this budget can be generous; _counted is exact.)
+        budget = self.limits.max_elements - self.elements
         while True:
             if pos + 8 > limit:
                 if pos == limit and not undefined:
+                    self._counted(count)
                     return pos
                 raise DatasetCorrupt(f"element header at byte {pos} runs past the end of its data")
             if implicit:
@@ -200,9 +216,13 @@ class _Walker:
                 if tag == ITEM_DELIMITATION:
                     if not undefined:
                         raise DatasetCorrupt(f"item delimiter at byte {pos} inside a defined-length item")
+                    self._counted(count)
                     return pos + 8
                 raise DatasetCorrupt(f"unexpected delimiter tag ({group:04X},{elem:04X}) at byte {pos}")
             value_start = pos + 8
+            count += 1
+            if count > budget:
+                self._counted(count)  # raises
             if vr is None:
                 is_sequence = tag in sequence_tags
             else:
@@ -240,6 +260,16 @@ class _Walker:
                 self._summarise(tag, value_start, value_end)
             pos = value_end
 
+    def _counted(self, count: int) -> None:
+        """Add the elements of a dataset just walked; refuse past the bound (each one costs a
+        reader such as pydicom a few hundred bytes: ten million 8-byte elements, an 80 MB file,
+        would cost the worker gigabytes)."""
+        self.elements += count
+        if self.elements > self.limits.max_elements:
+            raise DatasetCorrupt(
+                f"more than {self.limits.max_elements} data elements (node.max_data_elements)"
+            )
+
     def _summarise(self, tag: int, start: int, end: int) -> None:
         name = _WANTED_STRINGS.get(tag)
         if name is not None:
@@ -276,6 +306,11 @@ class _Walker:
                 return pos + 8
             if tag != ITEM:
                 raise DatasetCorrupt(f"expected an item tag at byte {pos}, found ({group:04X},{elem:04X})")
+            self.items += 1
+            if self.items > self.limits.max_sequence_items:
+                raise DatasetCorrupt(
+                    f"more than {self.limits.max_sequence_items} sequence items (node.max_sequence_items)"
+                )
             if length == UNDEFINED_LENGTH:
                 pos = self.dataset(pos + 8, limit, undefined=True, top=False)
             elif pos + 8 + length > limit:
@@ -295,6 +330,7 @@ class _Walker:
         fd = self.fd
         count = 0
         far = False
+        budget = self.limits.max_sequence_items - self.items + 1  # the offset table is no fragment
         while True:
             if pos + 8 > limit:
                 raise DatasetCorrupt(f"encapsulated pixel data at byte {pos} is truncated")
@@ -307,12 +343,18 @@ class _Walker:
                 group, elem, length = item_header(buf, pos)
             tag = group << 16 | elem
             if tag == SEQUENCE_DELIMITATION:
+                self.items += max(count - 1, 0)  # the fragments; the offset table aside
                 return count, pos + 8
             if tag != ITEM or length == UNDEFINED_LENGTH or pos + 8 + length > limit:
                 raise DatasetCorrupt(f"pixel data fragment at byte {pos} is malformed or truncated")
             pos += 8 + length
             far = length >= _FAR
             count += 1
+            if count > budget:
+                raise DatasetCorrupt(
+                    f"more than {self.limits.max_sequence_items} sequence items, pixel data fragments "
+                    "included (node.max_sequence_items)"
+                )
 
 
 def _read_file_meta(buf: _Buffer) -> tuple[str, int]:
@@ -358,6 +400,21 @@ class InflateLimits:
     ratio_floor_bytes: int = 64 << 20
 
 
+@dataclass(frozen=True)
+class DatasetLimits:
+    """Bounds on what one instance may hold, beyond what its size bounds (PS3.5 §7.5): the
+    walker itself stays in constant memory whatever a file holds, but the worker reads headers
+    with pydicom, which builds an object per item and per element, and lists per frame. Past a
+    bound the instance gets 0xC000 with the reason. The defaults are far above real studies (an
+    enhanced MR of 2000 frames holds about 20,000 items and 100,000 elements). Encapsulated pixel
+    data fragments are items too (PS3.5 A.4): two million empty ones, a 16 MB file, cost pydicom
+    25 s and 250 MB to read."""
+
+    max_sequence_items: int = 200_000
+    max_elements: int = 1_000_000
+    max_frames: int = 100_000
+
+
 INFLATE_CHUNK = 1 << 20
 
 
@@ -393,7 +450,9 @@ def _inflate(deflated: memoryview, into: BinaryIO, limits: InflateLimits) -> int
     return total
 
 
-def _walk_inflated(mapped: mmap.mmap, start: int, scratch: Path, limits: InflateLimits) -> _Walker:
+def _walk_inflated(
+    mapped: mmap.mmap, start: int, scratch: Path, limits: InflateLimits, bounds: DatasetLimits
+) -> _Walker:
     """Inflate the dataset after ``start`` into an unnamed file in ``scratch`` (same bounds as
     the received file's disk) and walk a map of it."""
     with tempfile.TemporaryFile(dir=scratch) as inflated, memoryview(mapped) as view, view[start:] as tail:
@@ -402,7 +461,7 @@ def _walk_inflated(mapped: mmap.mmap, start: int, scratch: Path, limits: Inflate
             raise DatasetCorrupt("deflated dataset inflates to nothing")
         inflated.flush()
         with mmap.mmap(inflated.fileno(), 0, access=mmap.ACCESS_READ) as mapped_inflated:
-            walker = _Walker(mapped_inflated, little_endian=True, implicit=False)
+            walker = _Walker(mapped_inflated, little_endian=True, implicit=False, limits=bounds)
             walker.dataset(0, walker.end, undefined=False, top=True)
             walker.buf = b""  # the map closes here; the summary holds copies
             return walker
@@ -413,10 +472,12 @@ def check_dataset_file(
     expected_sop_class_uid: str,
     expected_sop_instance_uid: str,
     limits: InflateLimits = InflateLimits(),
+    bounds: DatasetLimits = DatasetLimits(),
 ) -> DatasetSummary:
     """Walk the whole file; raise :class:`DatasetCorrupt` (0xC000) for data that cannot be
-    parsed or is truncated, :class:`DatasetMismatch` (0xA900) for a parseable dataset that does
-    not match the C-STORE request or its own pixel description.
+    parsed, is truncated or is past ``limits`` or ``bounds``, :class:`DatasetMismatch` (0xA900)
+    for a parseable dataset that does not match the C-STORE request or its own pixel
+    description.
 
     The file is mapped read-only and closed again before this returns or raises; only the
     pages holding element headers and summarised values are touched."""
@@ -431,24 +492,50 @@ def check_dataset_file(
         with mapped:
             transfer_syntax, start = _read_file_meta(mapped)
             if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-                walker = _walk_inflated(mapped, start, path.parent, limits)
+                walker = _walk_inflated(mapped, start, path.parent, limits, bounds)
             else:
                 walker = _Walker(
                     mapped,
                     little_endian=transfer_syntax != EXPLICIT_VR_BIG_ENDIAN,
                     implicit=transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
                     fd=fd,
+                    limits=bounds,
                 )
                 walker.dataset(start, walker.end, undefined=False, top=True)
     finally:
         os.close(fd)
     summary = walker.summary
     summary.transfer_syntax_uid = transfer_syntax
-    _check_consistency(summary, expected_sop_class_uid, expected_sop_instance_uid)
+    _check_consistency(summary, expected_sop_class_uid, expected_sop_instance_uid, bounds)
     return summary
 
 
-def _check_consistency(s: DatasetSummary, sop_class: str, sop_instance: str) -> None:
+# Video (PS3.5 §8.2.5-8.2.8): all frames are one stream, over as few fragments as the encoder
+# made, so fragments cannot be counted against frames.
+_VIDEO_PREFIXES = ("1.2.840.10008.1.2.4.10",)
+
+
+def _number_of_frames(s: DatasetSummary, bounds: DatasetLimits) -> int | None:
+    """Number of Frames as a number (None when absent or, without pixel data, unreadable);
+    refused past ``bounds.max_frames`` whether or not pixel data follows (the worker makes a
+    list per frame of what the header says)."""
+    if not s.number_of_frames:
+        return None
+    has_pixels = s.pixel_data_length is not None or s.encapsulated
+    try:
+        frames = int(s.number_of_frames)
+    except ValueError:
+        if has_pixels:
+            raise DatasetMismatch(f"Number of Frames is not a number: {s.number_of_frames[:32]!r}") from None
+        return None
+    if frames > bounds.max_frames:
+        raise DatasetCorrupt(f"Number of Frames {frames} is past {bounds.max_frames} (node.max_frames)")
+    if frames < 1 and has_pixels:
+        raise DatasetMismatch(f"Number of Frames must be at least 1, got {frames}")
+    return frames
+
+
+def _check_consistency(s: DatasetSummary, sop_class: str, sop_instance: str, bounds: DatasetLimits) -> None:
     if s.sop_class_uid != sop_class:
         raise DatasetMismatch(
             f"SOP Class UID in the dataset ({s.sop_class_uid or 'absent'}) differs from the "
@@ -467,6 +554,14 @@ def _check_consistency(s: DatasetSummary, sop_class: str, sop_instance: str) -> 
         raise DatasetMismatch(f"encapsulated pixel data in native transfer syntax {s.transfer_syntax_uid}")
     if s.encapsulated and s.pixel_fragments < 2:
         raise DatasetMismatch("encapsulated pixel data holds no fragment after the offset table")
+    frames = _number_of_frames(s, bounds)
+    video = s.transfer_syntax_uid.startswith(_VIDEO_PREFIXES)
+    if s.encapsulated and frames is not None and not video and s.pixel_fragments - 1 < frames:
+        # PS3.5 A.4: each frame is in one or more fragments of its own
+        raise DatasetMismatch(
+            f"Number of Frames is {frames} but the encapsulated pixel data holds only "
+            f"{s.pixel_fragments - 1} fragment(s)"
+        )
     if s.pixel_data_length is None:
         return
     if not native:
@@ -474,10 +569,7 @@ def _check_consistency(s: DatasetSummary, sop_class: str, sop_instance: str) -> 
     missing = [n for n in ("rows", "columns", "bits_allocated") if getattr(s, n) is None]
     if missing:
         raise DatasetMismatch(f"pixel data without {', '.join(missing)}")
-    try:
-        frames = int(s.number_of_frames) if s.number_of_frames else 1
-    except ValueError:
-        raise DatasetMismatch(f"Number of Frames is not a number: {s.number_of_frames!r}") from None
+    frames = frames or 1
     rows, columns, bits_allocated = s.rows or 0, s.columns or 0, s.bits_allocated or 0
     samples = s.samples_per_pixel or 1
     if s.photometric_interpretation == "YBR_FULL_422":

@@ -2,17 +2,19 @@
 destination, one thread per destination so a PACS that is down never delays the others.
 
 Each association proposes only the SR's SOP class, in the file's own transfer syntax with an
-uncompressed fallback, with TCP_NODELAY. Success and warnings complete the delivery; transient
-answers (0xA7xx out of resources, 0x0110 processing failure), refused or dropped connections and
-any unexpected error retry with backoff, up to ``delivery.max_attempts``; any other answer (or no
-SR context accepted) is dead-lettered with the reason. No exception leaves a delivery
-``sending``.
+uncompressed fallback, with TCP_NODELAY; over DICOM TLS where the destination says ``tls = true``
+(:mod:`scp.tls`: the PACS's certificate verified, never a fallback to clear text). Success and
+warnings complete the delivery; transient answers (0xA7xx out of resources, 0x0110 processing
+failure), refused or dropped connections, failed TLS handshakes and any unexpected error retry
+with backoff, up to ``delivery.max_attempts``; any other answer (or no SR context accepted) is
+dead-lettered with the reason. No exception leaves a delivery ``sending``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from pynetdicom import AE
 from sqlalchemy.orm import Session, sessionmaker
 
 from conf import DestinationSettings, Settings
+from scp import tls
 from scp.server import set_nodelay
 from scp.statuses import StoreStatus, is_transient_failure
 from scp.stow import stow_instance
@@ -37,6 +40,12 @@ from storage.owners import host_of, process_alive, this_process
 log = logging.getLogger("ainode.sender")
 LEASE_SECONDS = 300.0
 WARNING_STATUSES = frozenset({0x0107, 0x0116, 0xB000, 0xB006, 0xB007})
+
+
+def _no_tls_traceback(record: logging.LogRecord) -> bool:
+    """pynetdicom logs a failed TLS handshake's traceback at ERROR on every attempt; the
+    delivery's own line says why in one line."""
+    return not isinstance(record.msg, ssl.SSLError)  # logger.exception(exc): the traceback
 
 
 @dataclass(frozen=True)
@@ -68,12 +77,26 @@ def store_sr(path: Path, destination: DestinationSettings, calling_ae_title: str
         )
     )
     ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    # connection_timeout also bounds the TLS handshake: a peer without TLS reads the ClientHello
+    # as the start of a PDU and waits for the rest.
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(str(header.SOPClassUID), syntaxes)
-    assoc = ae.associate(host, port, ae_title=called_ae_title)
+    context = tls.client_context(destination) if destination.tls else None
+    tls_args = None if context is None else (context, tls.server_name(destination))
+    assoc = ae.associate(host, port, ae_title=called_ae_title, tls_args=tls_args)
     if not assoc.is_established:
         if assoc.is_rejected:
             return Outcome("retry", None, f"association rejected by {called_ae_title}")
+        if context is not None and context.failure is not None:
+            failure = context.failure
+            return Outcome("retry", None, f"TLS with {host}:{port} failed: {failure}; nothing sent")
+        if context is not None:
+            return Outcome(
+                "retry",
+                None,
+                f"no association with {host}:{port} over TLS (refused, no answer, or our client certificate "
+                "not accepted)",
+            )
         return Outcome("retry", None, f"cannot reach {host}:{port} (refused or no answer)")
     try:
         if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
@@ -115,6 +138,7 @@ class SrSender:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        logging.getLogger("pynetdicom.transport").addFilter(_no_tls_traceback)
         with transaction(self.sessions) as session:
             reclaimed = outbox.reclaim_orphans(session, host_of(self.owner), process_alive, self.clock())
         if reclaimed:

@@ -38,8 +38,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from conf import Settings
-from scp import reactor
-from scp.dataset_check import InflateLimits, check_dataset_file
+from scp import reactor, tls
+from scp.dataset_check import DatasetLimits, InflateLimits, check_dataset_file
 from scp.errors import DatasetCorrupt, DatasetMismatch
 from scp.statuses import StoreStatus
 from scp.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
@@ -198,17 +198,9 @@ def prefer_requestor_transfer_syntaxes(event: evt.Event) -> None:
 
 
 def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    node = settings.node
-    if node.tls_cert is None:
-        return None
-    if node.tls_key is None:
-        raise ValueError("node.tls_key must be set when node.tls_cert is set")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(node.tls_cert), str(node.tls_key))
-    if node.tls_ca is not None:
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(str(node.tls_ca))
-    return context
+    """The listener's TLS context (:func:`scp.tls.server_context`: TLS 1.2 at least, BCP 195
+    cipher suites, client certificates required with ``node.tls_ca``)."""
+    return tls.server_context(settings.node)
 
 
 class StorageSCP:
@@ -236,6 +228,11 @@ class StorageSCP:
         self.store = InstanceStore(settings.storage.root)
         self.inflate_limits = InflateLimits(
             max_bytes=settings.node.max_inflated_mb << 20, max_ratio=settings.node.max_inflate_ratio
+        )
+        self.dataset_limits = DatasetLimits(
+            max_sequence_items=settings.node.max_sequence_items,
+            max_elements=settings.node.max_data_elements,
+            max_frames=settings.node.max_frames,
         )
         self.committer = GroupCommitter(sessions, settings.study.settle_seconds, clock)
         # fsync is disk time, not CPU: each received file's runs while its dataset is checked
@@ -285,6 +282,9 @@ class StorageSCP:
                     )
         node = self.settings.node
         handlers: list[Any] = [
+            # First: a caller whose certificate does not name its calling AE title is rejected
+            # before anything is negotiated.
+            *([(evt.EVT_REQUESTED, self._on_requested_bind)] if node.tls_bind_calling_aet else []),
             (evt.EVT_REQUESTED, prefer_requestor_transfer_syntaxes),
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -351,6 +351,39 @@ class StorageSCP:
             event.assoc.requestor.ae_title,
             event.assoc.requestor.address,
         )
+
+    def _on_requested_bind(self, event: evt.Event) -> None:
+        """``node.tls_bind_calling_aet``: reject (permanent, calling AE title not recognised,
+        PS3.8 9.3.4) an association whose calling AE title its client certificate does not
+        name. pynetdicom logs an exception raised here and goes on negotiating, so nothing may
+        escape: a certificate that cannot be read is a rejection too."""
+        assoc = event.assoc
+        calling = ""
+        try:
+            primitive = assoc.requestor.primitive
+            calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""
+            sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+            certificate = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+            problem = (
+                tls.calling_aet_mismatch(
+                    calling, tls.certificate_names(certificate), self.settings.node.tls_client_aets
+                )
+                if certificate
+                else "no verified client certificate"
+            )
+        except Exception as exc:
+            problem = f"its client certificate cannot be read ({type(exc).__name__})"
+        if problem is None:
+            return
+        log.warning("association from %s (%s) refused: %s", calling, assoc.requestor.address, problem)
+        try:
+            if calling:
+                assoc.requestor.ae_title = calling
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+        finally:
+            assoc.is_rejected = True  # whatever failed above, pynetdicom never negotiates it now
+            assoc.kill()
 
     def _on_rejected(self, event: evt.Event) -> None:
         log.warning(
@@ -476,7 +509,9 @@ class StorageSCP:
             return StoreStatus.OUT_OF_RESOURCES, str(exc), None
         bytes_synced = self._byte_syncs.submit(self.store.sync_bytes, received)
         try:
-            summary = check_dataset_file(received, sop_class, sop_instance, self.inflate_limits)
+            summary = check_dataset_file(
+                received, sop_class, sop_instance, self.inflate_limits, self.dataset_limits
+            )
         except DatasetCorrupt as exc:
             return StoreStatus.CANNOT_UNDERSTAND, str(exc), None
         except DatasetMismatch as exc:

@@ -6,7 +6,14 @@ sent, so a crash after sending still leaves the record; the same facts go into t
 A line holds the study UID, the time, provider, endpoint host, model, the SHA-256 of each image
 and of the prompt, and the SHA-256 and size of the whole request body: enough to prove, from
 the bytes alone, what a vendor was sent. Never the key, never a patient identifier (the images
-and prompt sent carry none; only their hashes are kept here)."""
+and prompt sent carry none; only their hashes are kept here).
+
+A request recorded here that in the end never left (its connection was refused or timed out
+before a byte of it was written) gets a follow-up line ``{"not_sent": true, "reason": ...,
+"noted_at": ..., "request_sha256": ..., "sent_at": ..., "study_instance_uid": ...}``, naming the
+record by its ``request_sha256`` and ``sent_at`` (a retry of the same body has the same hash), and
+no ``api_calls`` disclosure. A crash between the two leaves the record alone: the log may
+over-state what left, never under-state it."""
 
 from __future__ import annotations
 
@@ -79,7 +86,24 @@ class DisclosureLog:
         self._lock = threading.Lock()
 
     def append(self, disclosure: Disclosure) -> None:
-        line = (disclosure.as_json() + "\n").encode("utf-8")
+        self._append_line(disclosure.as_json())
+
+    def append_not_sent(
+        self, disclosure: Disclosure, reason: str, noted_at: dt.datetime | None = None
+    ) -> None:
+        """The follow-up of ``disclosure``'s line: that request never left (``reason``)."""
+        record = {
+            "not_sent": True,
+            "reason": reason,
+            "noted_at": (noted_at or dt.datetime.now(dt.UTC)).isoformat(timespec="milliseconds"),
+            "request_sha256": disclosure.request_sha256,
+            "sent_at": disclosure.sent_at.isoformat(timespec="milliseconds"),
+            "study_instance_uid": disclosure.study_instance_uid,
+        }
+        self._append_line(json.dumps(record, separators=(",", ":"), sort_keys=True))
+
+    def _append_line(self, text: str) -> None:
+        line = (text + "\n").encode("utf-8")
         try:
             with self._lock:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,9 @@ from storage.disclosures import Disclosure, DisclosureLog, DisclosureNotRecorded
 
 log = logging.getLogger("ainode.vision")
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# Failures before a connection existed to write to (refused, unreachable, TLS handshake, no free
+# pooled connection): not a byte of the request left.
+NEVER_LEFT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 QUOTA_CODES = ("insufficient_quota", "billing_hard_limit_reached", "quota_exceeded")
 
 
@@ -387,6 +390,9 @@ class VisionClient:
                         )
             except httpx.RequestError as exc:  # timeouts, refused connections, undecodable bodies
                 last_error = f"{type(exc).__name__}"
+                if isinstance(exc, NEVER_LEFT) and disclosed is not None:
+                    self._not_sent(disclosed, last_error)
+                    disclosed = None  # the api_calls row records no disclosure either
                 self._record(
                     calls,
                     study,
@@ -460,6 +466,22 @@ class VisionClient:
                 sent_at=disclosed.sent_at,
             )
         calls.append(record)
+
+    def _not_sent(self, disclosed: Disclosure, error: str) -> None:
+        """Follow the audit record of a request that never left with a line saying so. If that
+        line cannot be written the record stands: the log over-states, never under-states."""
+        if self.disclosures is None:
+            return
+        try:
+            self.disclosures.append_not_sent(
+                disclosed, f"{error}: the connection failed before any byte of the request was sent"
+            )
+        except DisclosureNotRecorded as exc:
+            log.warning(
+                "study %s: a request was not sent, but the audit log cannot say so: %s",
+                disclosed.study_instance_uid,
+                exc.__cause__ or exc,
+            )
 
     def _disclose(
         self, study: str, images: list[EncodedImage], prompt: str, url: str, payload: bytes

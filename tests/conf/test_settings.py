@@ -43,6 +43,34 @@ def test_config_path_prefers_the_environment(tmp_path: Path) -> None:
         ("vision = 5\n", r"vision: Input should be a valid dictionary"),
         ('[storage]\ndatabase_url = "sqlite:///:memory:"\n', r"in-memory SQLite database"),
         ('[storage]\ndatabase_url = "sqlite://"\n', r"in-memory SQLite database"),
+        ('[node]\ntls_cert = "a.crt"\n', r"node.tls_cert and node.tls_key go together"),
+        ('[node]\ntls_ca = "ca.crt"\n', r"node.tls_ca needs node.tls_cert"),
+        (
+            '[node]\ntls_cert = "a.crt"\ntls_key = "a.key"\ntls_bind_calling_aet = true\n',
+            r"tls_bind_calling_aet and node.tls_client_aets need node.tls_ca",
+        ),
+        (
+            '[node]\ntls_cert = "a"\ntls_key = "b"\ntls_ca = "c"\ntls_client_aets = { "ct" = ["CT01"] }\n',
+            r"tls_client_aets is used only with node.tls_bind_calling_aet = true",
+        ),
+        (
+            '[node]\ntls_cert = "a"\ntls_key = "b"\ntls_ca = "c"\ntls_bind_calling_aet = true\n'
+            'tls_client_aets = { "ct" = ["A\\\\B"] }\n',
+            r'node.tls_client_aets "ct" must be 1 to 16 printable characters',
+        ),
+        (
+            '[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 104\ntls_ca = "ca.crt"\n',
+            r'destination "p": tls_ca set but tls is not true',
+        ),
+        (
+            '[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 104\ntls = true\n'
+            'tls_cert = "a.crt"\n',
+            r'destination "p": tls_cert and tls_key go together',
+        ),
+        (
+            '[[destinations]]\nname = "p"\nstow_url = "https://pacs/dicom-web"\ntls = true\n',
+            r'destination "p": tls is for DIMSE destinations; a stow_url is secured by https://',
+        ),
     ],
 )
 def test_bad_configuration_is_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
@@ -123,7 +151,9 @@ def test_relative_paths_are_relative_to_the_configuration_files_folder(
     config.parent.mkdir()
     config.write_text(
         '[storage]\nroot = "data"\ndatabase_url = "sqlite:///data/node.db"\n'
-        '[node]\ntls_cert = "certs/node.crt"\n'
+        '[node]\ntls_cert = "certs/node.crt"\ntls_key = "certs/node.key"\n'
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "pacs"\nport = 104\ntls = true\n'
+        'tls_ca = "certs/ca.crt"\n'
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -132,6 +162,7 @@ def test_relative_paths_are_relative_to_the_configuration_files_folder(
     assert settings.storage.root == tmp_path / "site" / "data"
     assert settings.storage.database_url == f"sqlite:///{tmp_path}/site/data/node.db"
     assert settings.node.tls_cert == tmp_path / "site" / "certs" / "node.crt"
+    assert settings.destinations[0].tls_ca == tmp_path / "site" / "certs" / "ca.crt"
     config.write_text('[storage]\nroot = "/srv/ainode"\ndatabase_url = "sqlite:////srv/ainode/a.db"\n')
     absolute = load_settings(config)
     assert (absolute.storage.root, absolute.storage.database_url) == (

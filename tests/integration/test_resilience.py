@@ -19,7 +19,7 @@ from scp.dataset_check import check_dataset_file
 from storage.models import Instance, Job
 from tests.data.generate import write_series
 from tests.nodes import DCMTK, DCMTK_ENV, NodeFactory, dcmtk, stop_process, store_raw
-from tests.scp.test_dataset_check import deflate_bomb
+from tests.scp.test_dataset_check import deflate_bomb, hostile_instance
 
 
 def _acknowledged(storescu_output: str) -> list[str]:
@@ -174,3 +174,60 @@ def test_ten_deflate_bombs_at_once_are_refused_and_memory_stays_flat(
     assert peak < 300 << 20, f"peak {peak >> 20} MiB"
     assert node.stored_files() == [] and list((node.root / "tmp").iterdir()) == []
     assert dcmtk("echoscu", "-aec", "AINODE", "127.0.0.1", str(node.port)).returncode == 0
+
+
+def test_ten_hostile_instances_at_once_are_refused_with_reasons_and_memory_stays_flat(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """A million sequence items, a million empty pixel data fragments, a million empty elements,
+    200 nested sequences, a billion frames over two bytes of pixel data: each 0xC000 with its
+    reason logged, ten at once, the node's memory (PSS of all its processes) under 300 MB, nothing
+    kept, and the node keeps serving."""
+    node = make_node().start()
+    assert node.proc is not None
+    kinds = ["items", "fragments", "elements", "nesting", "frames"] * 2
+    hostile = [
+        hostile_instance(tmp_path / f"{kind}-{i}.dcm", kind, f"1.2.3.4.5.{i + 1}")
+        for i, kind in enumerate(kinds)
+    ]
+    statuses: list[int] = []
+    peak = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        node_process = psutil.Process(node.proc.pid if node.proc else 0)
+        while not done.is_set():
+            try:
+                processes = [node_process, *node_process.children()]
+                peak = max(peak, sum(p.memory_full_info().pss for p in processes))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    senders = [
+        threading.Thread(target=lambda p=path: statuses.append(store_raw(node.port, p))) for path in hostile
+    ]
+    try:
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(timeout=300)
+    finally:
+        done.set()
+        watcher.join()
+    assert statuses == [0xC000] * 10
+    assert peak < 300 << 20, f"peak {peak >> 20} MiB"
+    assert node.stored_files() == [] and list((node.root / "tmp").iterdir()) == []
+    log = node.log.read_text()
+    for reason in (
+        "more than 200000 sequence items (node.max_sequence_items)",
+        "more than 200000 sequence items, pixel data fragments included (node.max_sequence_items)",
+        "more than 1000000 data elements (node.max_data_elements)",
+        "sequences nested past 64 levels",
+        "Number of Frames 1000000000 is past 100000 (node.max_frames)",
+    ):
+        assert reason in log
+    assert store_raw(node.port, write_series(tmp_path / "ct", 1)[0]) == 0x0000

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from scp.dataset_check import MAX_SEQUENCE_DEPTH, DatasetSummary, InflateLimits, check_dataset_file
+from scp.dataset_check import (
+    MAX_SEQUENCE_DEPTH,
+    DatasetLimits,
+    DatasetSummary,
+    InflateLimits,
+    check_dataset_file,
+)
 from scp.errors import DatasetCorrupt, DatasetMismatch
 from tests.data.generate import sample
 
@@ -375,3 +381,144 @@ def test_sequences_nested_past_the_bound_cannot_be_understood(tmp_path: Path) ->
     for levels in (MAX_SEQUENCE_DEPTH + 1, 2000):  # 2000: past Python's recursion limit
         with pytest.raises(DatasetCorrupt, match=f"nested past {MAX_SEQUENCE_DEPTH} levels"):
             _check(tmp_path, _part10(_identity() + nest(levels)))
+
+
+def hostile_instance(path: Path, kind: str, sop_instance: str = SOP_INSTANCE) -> Path:
+    """A Part 10 file (with the file meta a sender reads) built to be refused for ``kind``:
+    "items" (10^6 empty items in one sequence, 8 MB), "fragments" (10^6 empty pixel data
+    fragments, JPEG Baseline), "elements" (1,000,001 empty private elements), "nesting" (200
+    levels of sequences) or "frames" (Number of Frames 10^9 over two bytes of pixel data)."""
+    identity = b"".join(
+        _el(tag, b"UI", _uid(uid))
+        for tag, uid in (
+            (0x00080016, SOP_CLASS),
+            (0x00080018, sop_instance),
+            (0x0020000D, "1.2.3"),
+            (0x0020000E, "1.2.3.1"),
+        )
+    )
+    if kind == "items":
+        empty = struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+        body = _el(0x00081115, b"SQ", empty * 1_000_000)
+    elif kind == "fragments":
+        empty = struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+        body = _el(0x7FE00010, b"OB", empty * 1_000_001, length=UNDEFINED) + struct.pack(
+            "<HHI", 0xFFFE, 0xE0DD, 0
+        )
+    elif kind == "elements":
+        body = struct.pack("<HH2sH", 0x0009, 0x1010, b"LO", 0) * 1_000_001
+    elif kind == "nesting":
+        body = _el(0x00081150, b"UI", _uid("1.2.3"))
+        for _ in range(200):
+            body = _sq(0x00081199, [_item(body, undefined=True)], True)
+    elif kind == "frames":
+        body = (
+            _el(0x00280002, b"US", struct.pack("<H", 1))
+            + _el(0x00280008, b"IS", b"1000000000")
+            + _el(0x00280010, b"US", struct.pack("<H", 1))
+            + _el(0x00280011, b"US", struct.pack("<H", 1))
+            + _el(0x00280100, b"US", struct.pack("<H", 8))
+            + _el(0x7FE00010, b"OB", b"\x00\x00")
+        )
+    else:
+        raise ValueError(f"kind must be items, fragments, elements, nesting or frames, got {kind!r}")
+    meta = (
+        _el(0x00020001, b"OB", b"\x00\x01")
+        + _el(0x00020002, b"UI", _uid(SOP_CLASS))
+        + _el(0x00020003, b"UI", _uid(sop_instance))
+        + _el(0x00020010, b"UI", _uid(JPEG_BASELINE if kind == "fragments" else EXPLICIT_LE))
+    )
+    head = b"\x00" * 128 + b"DICM" + _el(0x00020000, b"UL", struct.pack("<I", len(meta))) + meta
+    path.write_bytes(head + identity + body)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("items", "more than 200000 sequence items"),
+        ("fragments", "more than 200000 sequence items, pixel data fragments included"),
+        ("elements", "more than 100000 data elements"),  # the default, a million, below
+        ("nesting", f"nested past {MAX_SEQUENCE_DEPTH} levels"),
+        ("frames", "Number of Frames 1000000000 is past 100000"),
+    ],
+)
+def test_hostile_counts_are_refused_in_constant_memory(tmp_path: Path, kind: str, message: str) -> None:
+    hostile = hostile_instance(tmp_path / f"{kind}.dcm", kind)
+    # Each element costs tracemalloc's bookkeeping: a tenth of the default keeps this test quick.
+    bounds = DatasetLimits(max_elements=100_000) if kind == "elements" else DatasetLimits()
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetCorrupt, match=message):
+            check_dataset_file(hostile, SOP_CLASS, SOP_INSTANCE, bounds=bounds)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"peak {peak >> 10} KiB"
+
+
+def test_the_counts_are_configurable(tmp_path: Path) -> None:
+    elements = hostile_instance(tmp_path / "elements.dcm", "elements")
+    with pytest.raises(DatasetCorrupt, match=r"more than 1000000 data elements \(node.max_data_elements\)"):
+        check_dataset_file(elements, SOP_CLASS, SOP_INSTANCE)
+    items = hostile_instance(tmp_path / "items.dcm", "items")
+    generous = DatasetLimits(max_sequence_items=1_000_000, max_elements=2_000_000)
+    check_dataset_file(items, SOP_CLASS, SOP_INSTANCE, bounds=generous)  # a million items, walked
+    few = _part10(_identity() + _sq(0x00081115, [_item(b"", False)] * 3, False))
+    _check(tmp_path, few)
+    path = tmp_path / "built.dcm"
+    with pytest.raises(DatasetCorrupt, match="more than 2 sequence items"):
+        check_dataset_file(path, SOP_CLASS, SOP_INSTANCE, bounds=DatasetLimits(max_sequence_items=2))
+    with pytest.raises(DatasetCorrupt, match="more than 4 data elements"):  # 4 UIDs, 1 SQ, 0 in items
+        check_dataset_file(path, SOP_CLASS, SOP_INSTANCE, bounds=DatasetLimits(max_elements=4))
+    check_dataset_file(path, SOP_CLASS, SOP_INSTANCE, bounds=DatasetLimits(max_elements=5))
+
+
+def test_pixel_data_fragments_count_as_items(tmp_path: Path) -> None:
+    three = _part10(_identity() + _encapsulated([10, 10, 10]), JPEG_BASELINE)  # and the offset table
+    path = tmp_path / "three.dcm"
+    path.write_bytes(three)
+    check_dataset_file(path, SOP_CLASS, SOP_INSTANCE, bounds=DatasetLimits(max_sequence_items=3))
+    with pytest.raises(DatasetCorrupt, match="more than 2 sequence items, pixel data fragments included"):
+        check_dataset_file(path, SOP_CLASS, SOP_INSTANCE, bounds=DatasetLimits(max_sequence_items=2))
+    with_items = _part10(
+        _identity() + _sq(0x00081115, [_item(b"", False)], False) + _encapsulated([10] * 3), JPEG_BASELINE
+    )
+    path.write_bytes(with_items)
+    with pytest.raises(DatasetCorrupt, match="more than 3 sequence items"):  # one item, three fragments
+        check_dataset_file(path, SOP_CLASS, SOP_INSTANCE, bounds=DatasetLimits(max_sequence_items=3))
+
+
+def _frames(value: bytes, pixels: bytes) -> bytes:
+    return (
+        _el(0x00280002, b"US", struct.pack("<H", 1))
+        + _el(0x00280008, b"IS", value)
+        + _el(0x00280010, b"US", struct.pack("<H", 2))
+        + _el(0x00280011, b"US", struct.pack("<H", 2))
+        + _el(0x00280100, b"US", struct.pack("<H", 8))
+        + pixels
+    )
+
+
+def test_number_of_frames_is_bounded_and_matches_the_pixel_data(tmp_path: Path) -> None:
+    native = _el(0x7FE00010, b"OB", b"\x00" * 12)  # three 2 x 2 frames
+    assert _check(tmp_path, _part10(_identity() + _frames(b"3 ", native))).number_of_frames == "3"
+    with pytest.raises(DatasetMismatch, match="Number of Frames must be at least 1, got 0"):
+        _check(tmp_path, _part10(_identity() + _frames(b"0 ", native)))
+    with pytest.raises(DatasetMismatch, match="Number of Frames must be at least 1, got -4"):
+        _check(tmp_path, _part10(_identity() + _frames(b"-4", native)))
+    with pytest.raises(DatasetMismatch, match="need 16"):
+        _check(tmp_path, _part10(_identity() + _frames(b"4 ", native)))
+    # encapsulated: every frame has a fragment of its own (PS3.5 A.4)
+    three = _encapsulated([10, 10, 10])
+    _check(tmp_path, _part10(_identity() + _frames(b"3 ", three), JPEG_BASELINE))
+    with pytest.raises(
+        DatasetMismatch, match="Number of Frames is 4 but the encapsulated pixel data holds only 3"
+    ):
+        _check(tmp_path, _part10(_identity() + _frames(b"4 ", three), JPEG_BASELINE))
+    with pytest.raises(DatasetCorrupt, match=r"Number of Frames 200001 is past 100000 \(node.max_frames\)"):
+        _check(tmp_path, _part10(_identity() + _frames(b"200001", three), JPEG_BASELINE))
+    # without pixel data a huge claim is still refused (the worker lists frames from the header)
+    with pytest.raises(DatasetCorrupt, match="past 100000"):
+        _check(tmp_path, _part10(_identity() + _el(0x00280008, b"IS", b"99999999")))
+    assert _check(tmp_path, _part10(_identity() + _el(0x00280008, b"IS", b"x "))).number_of_frames == "x"

@@ -395,3 +395,40 @@ def test_every_wire_mode_offers_the_studys_code_list_and_keeps_a_code_from_it(
         for region, first in ((BodyRegion.HEAD, "301766008"), (BodyRegion.BREAST, "399294002")):
             result = vision.analyse("1.2.3", one_image(), "Describe.", codes=code_list([region]))
             assert [f.finding_code for f in result.findings.findings] == [first]
+
+
+def test_a_request_whose_connection_was_refused_is_followed_in_the_audit_log(tmp_path: Path) -> None:
+    """The record is written before the request leaves; when the connection is then refused, a
+    follow-up line names it as not sent and the call records no disclosure. A request that did
+    leave (answered 500 here) gets no such line."""
+    from storage.disclosures import DisclosureLog
+    from tests.nodes import free_port
+
+    audit = DisclosureLog(tmp_path / "root")
+    refused = client(f"http://127.0.0.1:{free_port()}/v1", max_retries=1)  # nothing listens there
+    refused.disclosures = audit
+    with pytest.raises(VisionRetryable) as raised:
+        refused.analyse("1.2.7", one_image(), "Describe.")
+    lines = [json.loads(line) for line in audit.path.read_text().splitlines()]
+    records, follow_ups = lines[0::2], lines[1::2]
+    assert len(records) == len(follow_ups) == 2
+    for record, follow_up in zip(records, follow_ups, strict=True):
+        assert "not_sent" not in record and record["study_instance_uid"] == "1.2.7"
+        assert follow_up["not_sent"] is True
+        assert (follow_up["request_sha256"], follow_up["sent_at"]) == (
+            record["request_sha256"],
+            record["sent_at"],
+        )
+        assert follow_up["reason"].startswith("ConnectError: the connection failed before any byte")
+    calls = raised.value.calls  # type: ignore[attr-defined]
+    assert [(c.error, c.request_sha256, c.sent_at) for c in calls] == [("ConnectError", None, None)] * 2
+
+    with simulator(tmp_path, "--fail-500", "1") as url:
+        answered = client(url, max_retries=0)
+        answered.disclosures = audit
+        with pytest.raises(VisionRetryable) as failed:
+            answered.analyse("1.2.8", one_image(), "Describe.")
+    (last,) = [json.loads(line) for line in audit.path.read_text().splitlines()[4:]]
+    assert last["study_instance_uid"] == "1.2.8" and "not_sent" not in last
+    (call,) = failed.value.calls  # type: ignore[attr-defined]
+    assert (call.status, call.request_sha256) == (500, last["request_sha256"])
