@@ -343,3 +343,26 @@ def test_a_data_set_left_to_pynetdicom_unfinished_leaves_no_file(scp: StorageSCP
     assert not served.is_alive()
     assert _fast_stores(served) == 0
     assert _tmp_files(scp) == []
+
+
+def test_each_node_in_a_process_stores_what_it_receives_itself(scp: StorageSCP, tmp_path: Path) -> None:
+    """The fast path calls the store of the node that accepted the association: a second node
+    started in the same process must not take the first one's instances into its own storage."""
+    root = tmp_path / "other"
+    settings = Settings(
+        node=NodeSettings(host="127.0.0.1", port=free_port(), network_timeout_seconds=5),
+        storage=StorageSettings(root=root, database_url=f"sqlite:///{root}/ainode.db", min_free_mb=1),
+        study=StudySettings(settle_seconds=30),
+    )
+    (path,) = write_series(tmp_path / "ct", 1, source=CT_SMALL)
+    with open_database(settings.storage.database_url) as sessions:
+        other = StorageSCP(settings, sessions)
+        other.start()
+        try:
+            assoc = _associate(scp.port)
+            assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+            assoc.release()
+        finally:
+            other.stop(grace_seconds=2)
+    assert len(list(scp.store.instances_dir.glob("*/*/*.dcm"))) == 1
+    assert list(other.store.instances_dir.glob("*/*/*.dcm")) == []
