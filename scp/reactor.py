@@ -124,7 +124,7 @@ UPSTREAM_SOURCES: dict[str, tuple[Callable[..., Any], str]] = {
         "6bc20a33b1b7cfe76d4ad4407ca242563bc6206fde4b4e1cf7a2fbb1f11d621d",
     ),
     # the fast path: the PDU read is copied; the File Meta Information, the handler's call and the
-    # response follow these two
+    # response follow these two; an unfinished message's file is decode_msg's _data_set_file
     "DULServiceProvider._read_pdu_data": (
         DULServiceProvider._read_pdu_data,
         "19f2d4e38c13c83586365d93dd5cd96a0c7c665cb37251054b3e1f246e9f431b",
@@ -585,6 +585,7 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
             if self._receiving is not None:  # the association ended mid data set
                 self._receiving.discard()
                 self._receiving = None
+            _discard_partial(self.assoc.dimse.message)
             self._user_wake.set()  # the association thread checks dul.is_alive()
             self._wake_reader.close()
             self._wake_writer.close()
@@ -646,6 +647,18 @@ class EventDrivenAssociation(Association):  # type: ignore[misc]
 
                 self.kill()
                 return
+
+
+def _discard_partial(message: DIMSEMessage | None) -> None:
+    """Close and remove the file pynetdicom was receiving a C-STORE data set into when the
+    association ended before its last fragment (``decode_msg`` leaves it in tmp/, open)."""
+    file = getattr(message, "_data_set_file", None)
+    if file is None:
+        return
+    with contextlib.suppress(OSError):
+        file.close()
+    with contextlib.suppress(OSError):
+        os.unlink(file.name)
 
 
 def _p_data_tf(items: Sequence[PDV]) -> bytes:

@@ -296,8 +296,6 @@ class StorageSCP:
         NodeServer.max_per_peer = node.max_associations_per_peer
         NodeServer.network_timeout = node.network_timeout_seconds
         NodeServer.reuse_port = self.reuse_port
-        NodeServer.fast_store = self.store_received
-        NodeServer.fast_store_tmp = self.store.tmp_dir
         server = self.ae.make_server(
             (node.host, node.port),
             evt_handlers=handlers,
@@ -308,6 +306,9 @@ class StorageSCP:
         if not isinstance(server, NodeServer):
             raise TypeError(f"pynetdicom made a {type(server).__name__}, not a NodeServer")
         server.contexts = reactor.ContextList(server.contexts)
+        # this node's store, on this server (not its class: another node in the process has its own)
+        server.fast_store = self.store_received
+        server.fast_store_tmp = self.store.tmp_dir
         self._server = server
         self.ae._servers.append(server)
         threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()

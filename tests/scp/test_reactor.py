@@ -205,11 +205,11 @@ def _command(elements: list[tuple[int, bytes]]) -> bytes:
     return struct.pack("<HHL", 0, 0, 4) + struct.pack("<L", len(body)) + body
 
 
-def _store_command(sop_instance: str) -> bytes:
+def _store_command(sop_instance: str, sop_class: str = str(CTImageStorage)) -> bytes:
     uid = sop_instance.encode() + b"\0" * (len(sop_instance) % 2)
     return _command(
         [
-            (0x0002, str(CTImageStorage).encode() + b"\0" * (len(str(CTImageStorage)) % 2)),
+            (0x0002, sop_class.encode() + b"\0" * (len(sop_class) % 2)),
             (0x0100, struct.pack("<H", 0x0001)),
             (0x0110, struct.pack("<H", 1)),
             (0x0700, struct.pack("<H", 0)),
@@ -335,3 +335,58 @@ def test_a_file_a_crash_left_without_a_row_is_replaced_by_the_bytes_received_aga
     assert stored.read_bytes() == intact
     with scp.sessions() as session:
         assert session.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop)) is not None
+
+
+@pytest.mark.parametrize("ending", ["abort", "release", "close"])
+def test_a_data_set_left_to_pynetdicom_unfinished_leaves_no_file(scp: StorageSCP, ending: str) -> None:
+    """A command split over two fragments is pynetdicom's to decode; it streams the data set to a
+    file under tmp/ too. An association that ends before the last fragment must not leave it
+    there (a peer repeating this would fill the disk until the node restarts)."""
+    assoc = _associate(scp.port)
+    served = _served(scp)
+    context = _ct_context(assoc)
+    command = _store_command("1.2.3.7")
+    split = struct.pack(">LBB", 12, context, 0x01) + command[:10]
+    split += struct.pack(">LBB", len(command) - 8, context, 0x03) + command[10:]
+    raw = _raw(assoc)
+    raw.sendall(struct.pack(">BBL", 0x04, 0, len(split)) + split)
+    raw.sendall(_data_fragment(context, b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100", last=False))
+    deadline = time.monotonic() + 5
+    while not _tmp_files(scp) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _tmp_files(scp), "pynetdicom receives into a file under tmp/"
+    if ending == "abort":
+        assoc.abort()
+    elif ending == "release":
+        assoc.release()
+    else:
+        raw.shutdown(socket.SHUT_RDWR)
+        assoc.kill()
+        raw.close()
+    served.join(timeout=5)
+    assert not served.is_alive()
+    assert _fast_stores(served) == 0
+    assert _tmp_files(scp) == []
+
+
+def test_each_node_in_a_process_stores_what_it_receives_itself(scp: StorageSCP, tmp_path: Path) -> None:
+    """The fast path calls the store of the node that accepted the association: a second node
+    started in the same process must not take the first one's instances into its own storage."""
+    root = tmp_path / "other"
+    settings = Settings(
+        node=NodeSettings(host="127.0.0.1", port=free_port(), network_timeout_seconds=5),
+        storage=StorageSettings(root=root, database_url=f"sqlite:///{root}/ainode.db", min_free_mb=1),
+        study=StudySettings(settle_seconds=30),
+    )
+    (path,) = write_series(tmp_path / "ct", 1, source=CT_SMALL)
+    with open_database(settings.storage.database_url) as sessions:
+        other = StorageSCP(settings, sessions)
+        other.start()
+        try:
+            assoc = _associate(scp.port)
+            assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+            assoc.release()
+        finally:
+            other.stop(grace_seconds=2)
+    assert len(list(scp.store.instances_dir.glob("*/*/*.dcm"))) == 1
+    assert list(other.store.instances_dir.glob("*/*/*.dcm")) == []
