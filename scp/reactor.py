@@ -288,6 +288,7 @@ class _Receiving:
     path: Path
     file: IO[bytes] | None
     failed: str | None = None
+    failed_status: int = 0xA700  # Out of Resources, unless the request itself was refused
     received: int = field(default=0)
 
     def write(self, data: memoryview) -> None:
@@ -299,8 +300,8 @@ class _Receiving:
         except OSError as exc:
             self.fail(f"cannot write the received data set ({exc.strerror or type(exc).__name__})")
 
-    def fail(self, reason: str) -> None:
-        self.failed = reason
+    def fail(self, reason: str, status: int = 0xA700) -> None:
+        self.failed, self.failed_status = reason, status
         self.close()
 
     def close(self) -> None:
@@ -469,13 +470,23 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
             return None  # pynetdicom answers or aborts as it does
 
     def _open_receiving(self, request: StoreRequest, context_id: int) -> _Receiving:
-        transfer_syntax = str(self.assoc._accepted_cx[context_id].transfer_syntax[0])
+        context = self.assoc._accepted_cx[context_id]
         fd, name = tempfile.mkstemp(suffix=".dcm", dir=self._tmp_dir)
         receiving = _Receiving(request, context_id, Path(name), os.fdopen(fd, "wb"))
+        if request.sop_class_uid != str(context.abstract_syntax):
+            # the data set is read and dropped; the association goes on
+            receiving.fail(
+                f"SOP Class {request.sop_class_uid[:64]!r} was not negotiated on presentation "
+                f"context {context_id}",
+                0x0122,  # Refused: SOP Class not supported
+            )
+            return receiving
         try:
-            header = file_meta(request.sop_class_uid, request.sop_instance_uid, transfer_syntax)
+            header = file_meta(
+                request.sop_class_uid, request.sop_instance_uid, str(context.transfer_syntax[0])
+            )
         except UnicodeEncodeError:
-            receiving.fail("the request's UIDs are not ASCII")
+            receiving.fail("the request's UIDs are not ASCII", 0xC000)
             return receiving
         receiving.write(memoryview(header))
         return receiving
@@ -488,8 +499,8 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
         status: int
         comment: str | None
         if receiving.failed is not None:
-            status, comment = 0xA700, receiving.failed
-            log.error("C-STORE %s: %s", request.sop_instance_uid, receiving.failed)
+            status, comment = receiving.failed_status, receiving.failed
+            log.error("C-STORE answered 0x%04X: %s", status, receiving.failed)
         else:
             timeout = self._idle_timer.timeout
             self._idle_timer.timeout = None
@@ -502,8 +513,8 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
                 log.exception("the C-STORE handler raised")
                 status, comment = HANDLER_FAILED, None
             finally:
+                self._idle_timer.restart()  # before the timeout returns: never seen expired
                 self._idle_timer.timeout = timeout
-                self._idle_timer.restart()
         receiving.discard()
         self.fast_stores += 1
         if self.assoc.is_established and self.socket is not None:

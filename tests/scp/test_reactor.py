@@ -390,3 +390,28 @@ def test_each_node_in_a_process_stores_what_it_receives_itself(scp: StorageSCP, 
             other.stop(grace_seconds=2)
     assert len(list(scp.store.instances_dir.glob("*/*/*.dcm"))) == 1
     assert list(other.store.instances_dir.glob("*/*/*.dcm")) == []
+
+
+def test_a_sop_class_not_negotiated_on_its_context_is_refused_0122_and_nothing_is_kept(
+    scp: StorageSCP, tmp_path: Path
+) -> None:
+    """pynetdicom aborts such an association; DCMTK's storescp stores it. A C-STORE saying MR on
+    the context negotiated for CT gets 0x0122 (SOP Class not supported), the association goes on."""
+    assoc = _associate(scp.port)
+    served = _served(scp)
+    context = _ct_context(assoc)
+    raw = _raw(assoc)
+    assoc.dul._kill_thread = True  # the test reads the response itself
+    assoc.dul.join(timeout=2)
+    raw.sendall(command_pdu(context, _store_command("1.2.3.7", sop_class="1.2.840.10008.5.1.4.1.1.4")))
+    raw.sendall(_data_fragment(context, b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100", last=True))
+    raw.settimeout(5)
+    header = raw.recv(6, socket.MSG_WAITALL)
+    response = header + raw.recv(struct.unpack(">L", header[2:])[0], socket.MSG_WAITALL)
+    ((item),) = list(pdvs(response))
+    elements = command_elements(item.data)
+    assert int.from_bytes(elements[0x0900], "little") == 0x0122
+    assert b"not negotiated" in elements[0x0902]
+    assert _fast_stores(served) == 1 and served.is_established
+    assert _tmp_files(scp) == [] and list(scp.store.instances_dir.glob("*/*/*.dcm")) == []
+    raw.close()
