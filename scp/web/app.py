@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import math
 import platform
+import re
 import time
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -41,13 +42,15 @@ from scp.web.metrics import CONTENT_TYPE, health, metrics_registry, metrics_text
 from storage import overview
 from storage.actions import cancel_study, record_action, redeliver
 from storage.db import transaction
-from storage.models import StudyState, utc_now
+from storage.models import DeliveryState, StudyState, utc_now
 from storage.overview import disclosure_query
 from storage.studies import complete_study, requeue_study
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
 CHOICES_SECONDS = 60.0
+UID_TEXT = re.compile(r"[0-9.]{1,64}")  # a DICOM UID (no glob or path characters)
+VERSION_LINKS = 20  # the study page links its newest versions; any other by number
 # The largest study version or delivery id a database integer column holds: a bigger number in
 # a URL or a form names nothing (SQLite and PostgreSQL refuse to bind it: a 500, not a 404).
 MAX_ROW_NUMBER = 2**31 - 1
@@ -74,6 +77,9 @@ STATE_COLOURS = {
     "sending": "teal",
     "sent": "green",
     "dead": "red",
+    overview.SUPERSEDED: "grey",
+    "retry": "amber",
+    "interrupted": "amber",
 }
 KEY_LIBRARIES = (
     "ainode",
@@ -293,7 +299,7 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
                 day = dt.datetime.strptime(chosen["date"], "%Y-%m-%d").replace(tzinfo=dt.UTC)
             except ValueError:
                 chosen["date"] = ""
-        state = chosen["state"] if chosen["state"] in set(StudyState) else None
+        state = chosen["state"] if chosen["state"] in overview.VERSION_STATES else None
         where = overview.StudyFilter(
             state=state,
             modality=chosen["modality"] or None,
@@ -313,10 +319,10 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         where, number, chosen = _filters(request)
 
         def load(session: Session) -> dict[str, Any]:
-            total = overview.count_studies(session, where)
+            total = overview.count_versions(session, where)
             pages = max(1, math.ceil(total / PAGE_SIZE))
             current = min(number, pages)
-            rows = overview.study_page(session, where, PAGE_SIZE, (current - 1) * PAGE_SIZE)
+            rows = overview.version_page(session, where, PAGE_SIZE, (current - 1) * PAGE_SIZE)
             return {"rows": rows, "total": total, "pages": pages, "page": current}
 
         data = await read(load)
@@ -345,29 +351,48 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
                 patient = await run_in_threadpool(documents.patient_header, root / detail.a_file)
             except OSError:
                 patient = None
-        job = detail.current_job
-        findings = json.loads(job.findings_json) if job is not None and job.findings_json else None
-        sr_path = (
-            documents.newest_file(root, "sr", uid, detail.study.sr_sop_instance_uid)
-            if detail.study.sr_sop_instance_uid
-            else None
-        )
+        asked = row_number(request.query_params.get("version", ""))
+        selected = asked if asked is not None and 1 <= asked <= detail.study.version else detail.study.version
+        job = detail.job_of(selected)
+        findings_json = await read(lambda s: overview.version_findings(s, uid, selected)) if job else None
+        findings = json.loads(findings_json) if findings_json else None
+        sr_uid = detail.report_uid(selected)
+        sr_path = documents.newest_file(root, "sr", uid, sr_uid) if sr_uid else None
         tree = await run_in_threadpool(documents.sr_tree, sr_path) if sr_path is not None else None
-        summary = documents.newest_file(root, "summary", uid)
-        versions = sorted({j.study_version for j in detail.jobs})
+        summary_uid = detail.report_uid(selected, "summary")
+        summary = (
+            documents.newest_file(root, "summary", uid, summary_uid)
+            if summary_uid
+            else (documents.newest_file(root, "summary", uid) if selected == detail.study.version else None)
+        )
+        versions = [j.study_version for j in detail.jobs]
+        timeline, hidden = detail.timeline()
+        deliveries = [
+            d for d in detail.deliveries if d.study_version == selected or d.state != DeliveryState.SENT
+        ]
+        version_cost = sum(c.cost_usd for c in detail.api_calls if job is not None and c.job_id == job.id)
         return await page(
             request,
             "study.html",
             {
                 "d": detail,
                 "study": detail.study,
+                "selected": selected,
                 "job": job,
                 "findings": findings,
                 "tree": tree,
+                "sr_uid": sr_uid,
                 "summary": summary is not None,
+                "summary_uid": summary_uid or "",
                 "patient": patient,
                 "versions": versions,
-                "timeline": detail.timeline(),
+                "recent_versions": versions[-VERSION_LINKS:],
+                "timeline": timeline,
+                "hidden_events": hidden,
+                "detail_limit": overview.DETAIL_LIMIT,
+                "deliveries": deliveries,
+                "version_cost": version_cost,
+                "study_cost": sum(c.cost_usd for c in detail.api_calls),
                 "message": request.query_params.get("message"),
                 "now": utc_now(),
             },
@@ -419,7 +444,10 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         return JSONResponse({**made.manifest, "prompt": made.prompt, "provider": made.provider})
 
     async def summary_png(request: Request) -> Response:
-        path = documents.newest_file(root, "summary", request.path_params["uid"])
+        sop = request.query_params.get("sop") or None  # one version's summary, else the newest
+        if sop is not None and not UID_TEXT.fullmatch(sop):
+            return Response("no summary image\n", status_code=404, media_type="text/plain")
+        path = documents.newest_file(root, "summary", request.path_params["uid"], sop)
         if path is None:
             return Response("no summary image\n", status_code=404, media_type="text/plain")
         png = await run_in_threadpool(documents.summary_png, path)
