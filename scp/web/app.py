@@ -13,7 +13,9 @@ the port, as before (monitoring scrapes them without a login).
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import json
+import logging
 import math
 import platform
 import re
@@ -22,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import SplitResult, urlencode, urlsplit
 
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
@@ -34,10 +36,11 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conf import Settings
 from scp.web import documents
-from scp.web.auth import COOKIE, CSRF_FIELD, CSRF_HEADER, Gate, Visitor
+from scp.web.auth import COOKIE, CSRF_FIELD, CSRF_HEADER, Gate, Visitor, session_key
 from scp.web.metrics import CONTENT_TYPE, health, metrics_registry, metrics_text
 from storage import overview
 from storage.actions import cancel_study, record_action, redeliver
@@ -47,6 +50,7 @@ from storage.overview import disclosure_query
 from storage.studies import complete_study, requeue_study
 
 HERE = Path(__file__).parent
+log = logging.getLogger("ainode.http")
 PAGE_SIZE = 50
 CHOICES_SECONDS = 60.0
 UID_TEXT = re.compile(r"[0-9.]{1,64}")  # a DICOM UID (no glob or path characters)
@@ -55,6 +59,9 @@ VERSION_LINKS = 20  # the study page links its newest versions; any other by num
 # a URL or a form names nothing (SQLite and PostgreSQL refuse to bind it: a 500, not a 404).
 MAX_ROW_NUMBER = 2**31 - 1
 OPEN_PATHS = ("/healthz", "/metrics", "/static/", "/login")
+# No form of the console comes near this (bulk redeliver of 500 deliveries is about 10 KiB): a
+# bigger body is refused (413) before it is read, whether it says its length or is chunked.
+MAX_BODY_BYTES = 64 * 1024
 SECURITY_HEADERS = {
     # Scripts only from this server (htmx and console.js are files here), never inline; inline
     # style attributes (bar widths) are allowed.
@@ -165,6 +172,75 @@ def hidden_settings(settings: Settings) -> dict[str, Any]:
     return data
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuse a request body over ``limit`` bytes with 413: at once when its Content-Length
+    says so (nothing of it is read), else (chunked) as soon as what arrived passes the limit,
+    before the application has it whole. A plain ASGI middleware, outermost, so nothing reads
+    a body around it."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        lengths = [v for k, v in scope["headers"] if k == b"content-length"]
+        if lengths and any(not v.isdigit() or len(v) > 12 or int(v) > self.limit for v in lengths):
+            await _too_large(self.limit)(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracked)
+        except Exception as exc:
+            # Raised from inside the application's own reading (through Starlette's middleware
+            # task group, so perhaps in an exception group of its own).
+            if started or not _only_too_large(exc):
+                raise
+            await _too_large(self.limit)(scope, receive, send)
+
+
+def _only_too_large(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(_BodyTooLarge)
+        return matched is not None and rest is None
+    return isinstance(exc, _BodyTooLarge)
+
+
+def _too_large(limit: int) -> Response:
+    # Connection: close, as the rest of the body is never read.
+    return _secure(
+        Response(
+            f"request body over {limit} bytes\n",
+            status_code=413,
+            media_type="text/plain",
+            headers={"connection": "close"},
+        )
+    )
+
+
 class AccessMiddleware(BaseHTTPMiddleware):
     """Loopback-only without users, a login with them, the CSRF token on every action."""
 
@@ -194,10 +270,24 @@ class AccessMiddleware(BaseHTTPMiddleware):
                 )
             )
         visitor = self.gate.visitor(request.cookies.get(COOKIE))
+        if visitor is not None and await run_in_threadpool(self.gate.logged_out, visitor):
+            visitor = None  # logged out, here or on another node
         new_cookie = None
         if visitor is None and path != "/login":
             if self.gate.login_required:
-                if request.method != "GET" or "hx-request" in request.headers:
+                if "hx-request" in request.headers:
+                    # A page refreshing itself (htmx) whose session ended: the whole page goes
+                    # to the login, instead of silently showing old rows.
+                    back = _local_path(urlsplit(request.headers.get("hx-current-url", "")), "/studies")
+                    return _secure(
+                        Response(
+                            "login required\n",
+                            status_code=401,
+                            media_type="text/plain",
+                            headers={"hx-redirect": f"/login?{urlencode({'next': back})}"},
+                        )
+                    )
+                if request.method != "GET":
                     return _secure(Response("login required\n", status_code=401, media_type="text/plain"))
                 return _secure(RedirectResponse(f"/login?{urlencode({'next': path})}", status_code=303))
             new_cookie = self.gate.cookie_for(None)  # loopback: an anonymous session for its CSRF token
@@ -216,8 +306,14 @@ class AccessMiddleware(BaseHTTPMiddleware):
                 )
         response = await call_next(request)
         if new_cookie is not None:
-            response.set_cookie(COOKIE, new_cookie, **self.gate.cookie_flags())  # type: ignore[arg-type]
+            self.gate.set_cookie(response, new_cookie)
         return _secure(response)
+
+
+def _local_path(url: SplitResult, fallback: str) -> str:
+    """The path and query of a URL when they name a page here (never another site's)."""
+    path = url.path + (f"?{url.query}" if url.query else "")
+    return path if path.startswith("/") and not path.startswith("//") and "\\" not in path else fallback
 
 
 def row_number(text: str) -> int | None:
@@ -236,8 +332,19 @@ def _secure(response: Response) -> Response:
     return response
 
 
+def _gate(settings: Settings, sessions: sessionmaker[Session]) -> Gate:
+    """Sessions signed with the key under the storage root (they survive a restart); a random
+    key, with a warning, when the root cannot hold it."""
+    try:
+        key: bytes | None = session_key(settings.storage.root)
+    except OSError as exc:
+        log.warning("console sessions end at restart: no key file under the storage root (%s)", exc)
+        key = None
+    return Gate(settings, key, sessions)
+
+
 def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | None = None) -> Starlette:
-    gate = gate if gate is not None else Gate(settings)
+    gate = gate if gate is not None else _gate(settings, sessions)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
     env.filters["ago"] = _ago
@@ -550,41 +657,68 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         )
 
     async def login(request: Request) -> Response:
-        next_path = request.query_params.get("next", "/studies")
-        next_path = next_path if next_path.startswith("/") and not next_path.startswith("//") else "/studies"
+        next_path = _local_path(urlsplit(request.query_params.get("next", "/studies")), "/studies")
+        if not gate.login_required:
+            return RedirectResponse("/studies", status_code=303)
         error = None
         status_code = 200
         headers = {}
+        cookie = request.cookies.get(COOKIE)
+        already = gate.visitor(cookie)
+        if (
+            request.method == "GET"
+            and already is not None
+            and not await run_in_threadpool(gate.logged_out, already)
+        ):
+            return RedirectResponse(next_path, status_code=303)  # logged in: keep that session
         if request.method == "POST":
+            form = await request.form()
             peer = request.client.host if request.client else None
-            wait = gate.begin_login(peer)
-            if wait > 0:
+            expected = gate.login_token(cookie)
+            sent = str(form.get(CSRF_FIELD, ""))
+            if expected is None or not hmac.compare_digest(sent.encode("utf-8"), expected.encode("utf-8")):
+                # Login CSRF: another site's form would log this browser into an account of its
+                # choosing. The form carries the pre-login session's token; the cookie
+                # (SameSite=Strict) never comes with another site's post.
+                status_code = 403
+                error = "This login form has expired or did not come from this console: log in again."
+            elif (wait := gate.begin_login(peer)) > 0:
                 status_code = 429
                 headers["retry-after"] = str(math.ceil(wait))
                 error = f"Too many failed logins from this address: try again in {math.ceil(wait)} s."
             else:
-                form = await request.form()
-                user = await run_in_threadpool(
-                    gate.check_login, str(form.get("user", "")), str(form.get("password", ""))
+                found = await run_in_threadpool(
+                    gate.authenticate, str(form.get("user", "")), str(form.get("password", ""))
                 )
-                if user is not None:
+                if found is not None:
                     gate.login_succeeded(peer)
-                    response = RedirectResponse(next_path, status_code=303)
-                    response.set_cookie(COOKIE, gate.cookie_for(user), **gate.cookie_flags())  # type: ignore[arg-type]
-                    return response
+                    moved = RedirectResponse(next_path, status_code=303)
+                    # A new session (and token): never the pre-login one (session fixation).
+                    gate.set_cookie(moved, gate.cookie_for(found[0], by_token=found[1]))
+                    return moved
                 error = "Wrong name or password."
-        if not gate.login_required:
-            return RedirectResponse("/studies", status_code=303)
-        return templates.TemplateResponse(
+        token = gate.login_token(cookie)
+        fresh = gate.cookie_for(None) if token is None else None  # a pre-login session for the form
+        response = templates.TemplateResponse(
             request,
             "login.html",
-            {"next": next_path, "error": error, "visitor": None, "counts": None},
+            {
+                "next": next_path,
+                "error": error,
+                "visitor": None,
+                "counts": None,
+                "csrf_field": CSRF_FIELD,
+                "login_csrf": token if fresh is None else gate.login_token(fresh),
+            },
             status_code=status_code,
             headers=headers,
         )
+        if fresh is not None:
+            gate.set_cookie(response, fresh)
+        return response
 
     async def logout(request: Request) -> Response:
-        gate.revoke(request.cookies.get(COOKIE))
+        await run_in_threadpool(gate.revoke, request.cookies.get(COOKIE))
         response = RedirectResponse("/login" if gate.login_required else "/studies", status_code=303)
         response.delete_cookie(COOKIE, path="/")
         return response
@@ -609,4 +743,10 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         Route("/logout", logout, methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(AccessMiddleware, gate=gate, templates=templates)])
+    return Starlette(
+        routes=routes,
+        middleware=[
+            Middleware(BodyLimit),  # outermost: before anything reads a body
+            Middleware(AccessMiddleware, gate=gate, templates=templates),
+        ],
+    )
