@@ -277,6 +277,21 @@ class Job(Base):
     )
 
 
+class JobClaim(Base):
+    """One claim of a job by a worker (the lease it took), written with the claim: the study
+    page's timeline shows each one, when and by whom."""
+
+    __tablename__ = "job_claims"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[int] = mapped_column(BigInteger)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    claimed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    owner: Mapped[str] = mapped_column(String(128))  # host:pid:incarnation of the worker
+
+
 class VersionInstance(Base):
     """The fixed set of instances of one study version, recorded when the version is queued
     (PS3.3 C.17.2: the SR's evidence lists this set). The analysis uses exactly these; an

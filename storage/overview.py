@@ -25,6 +25,7 @@ from storage.models import (
     DeliveryState,
     Instance,
     Job,
+    JobClaim,
     JobKind,
     JobState,
     Outbox,
@@ -497,7 +498,8 @@ DETAIL_LIMIT = 2000
 TIMELINE_LIMIT = 500
 
 
-def _kind_of(path: str) -> str:
+def file_kind(path: str) -> str:
+    """What a file the node made is, from its folder (``sr/...``, ``summary/...``)."""
     folder = path.split("/", 1)[0]
     return {"sr": "SR", "summary": "summary image", "kos": "key images", "gsps": "presentation state"}.get(
         folder, folder
@@ -513,6 +515,7 @@ class StudyDetail:
     api_calls: list[ApiCall]
     deliveries: list[Outbox]
     attempts: list[DeliveryAttempt]  # each delivery attempt that ended, oldest first
+    claims: list[JobClaim]  # each claim of an analysis by a worker, oldest first
     actions: list[ConsoleAction]
     a_file: str | None  # one instance file (relative to the storage root), for the patient header
     truncated: bool = False  # some source held more than DETAIL_LIMIT rows: only the newest read
@@ -567,6 +570,14 @@ class StudyDetail:
                     + (f"; {job.last_error}" if job.last_error else ""),
                 }
             )
+        for claim in self.claims:
+            events.append(
+                {
+                    "at": claim.claimed_at,
+                    "what": f"version {claim.study_version} claimed by a worker",
+                    "detail": f"attempt {claim.attempt}, by {claim.owner}",
+                }
+            )
         for call in self.api_calls:
             events.append(
                 {
@@ -587,7 +598,7 @@ class StudyDetail:
         attempted = {a.outbox_id for a in self.attempts}
         built: set[str] = set()
         for delivery in self.deliveries:
-            kind = _kind_of(delivery.sr_path)
+            kind = file_kind(delivery.sr_path)
             if delivery.sr_sop_instance_uid not in built:
                 built.add(delivery.sr_sop_instance_uid)
                 events.append(
@@ -622,7 +633,7 @@ class StudyDetail:
                         + (f"; {delivery.last_error}" if delivery.last_error else ""),
                     }
                 )
-        kinds = {d.id: _kind_of(d.sr_path) for d in self.deliveries}
+        kinds = {d.id: file_kind(d.sr_path) for d in self.deliveries}
         for attempt in self.attempts:
             took = (
                 f", {(attempt.ended_at - attempt.started_at).total_seconds() * 1000:.0f} ms"
@@ -697,6 +708,9 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | Non
     attempts, more_attempts = _newest(
         session, select(DeliveryAttempt).where(DeliveryAttempt.study_instance_uid == uid), DeliveryAttempt.id
     )
+    claims, more_claims = _newest(
+        session, select(JobClaim).where(JobClaim.study_instance_uid == uid), JobClaim.id
+    )
     actions, more_actions = _newest(
         session, select(ConsoleAction).where(ConsoleAction.study_instance_uid == uid), ConsoleAction.id
     )
@@ -709,9 +723,10 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | Non
         calls,
         deliveries,
         attempts,
+        claims,
         actions,
         a_file,
-        truncated=more_jobs or more_calls or more_deliveries or more_attempts or more_actions,
+        truncated=more_jobs or more_calls or more_deliveries or more_attempts or more_claims or more_actions,
     )
 
 
@@ -736,6 +751,11 @@ def unsent_deliveries(
             select(Outbox).where(Outbox.state.in_(states)).order_by(Outbox.id).limit(limit).offset(offset)
         )
     )
+
+
+def count_unsent(session: Session, state: str | None = None) -> int:
+    states = [state] if state else list(UNSENT_STATES)
+    return int(session.scalar(select(func.count()).select_from(Outbox).where(Outbox.state.in_(states))) or 0)
 
 
 def delivery_counts(session: Session) -> list[dict[str, Any]]:

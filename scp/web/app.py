@@ -52,6 +52,7 @@ from storage.studies import complete_study, requeue_study
 HERE = Path(__file__).parent
 log = logging.getLogger("ainode.http")
 PAGE_SIZE = 50
+DELIVERIES_PAGE = 500
 CHOICES_SECONDS = 60.0
 UID_TEXT = re.compile(r"[0-9.]{1,64}")  # a DICOM UID (no glob or path characters)
 VERSION_LINKS = 20  # the study page links its newest versions; any other by number
@@ -350,6 +351,7 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
     env.filters["ago"] = _ago
     env.filters["when"] = _when
     env.filters["short"] = _short
+    env.filters["kind"] = overview.file_kind
     env.globals["colour"] = lambda state: STATE_COLOURS.get(state, "grey")
     env.globals["login_required"] = gate.login_required
     registry = metrics_registry(sessions)
@@ -615,17 +617,33 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         state = request.query_params.get("state") or None
         state = state if state in overview.UNSENT_STATES else None
 
+        number = row_number(request.query_params.get("page", "1")) or 1
+
         def load(session: Session) -> dict[str, Any]:
+            total = overview.count_unsent(session, state)
+            pages = max(1, math.ceil(total / DELIVERIES_PAGE))
+            current = min(max(1, number), pages)
             return {
-                "items": overview.unsent_deliveries(session, state),
+                "items": overview.unsent_deliveries(
+                    session, state, DELIVERIES_PAGE, (current - 1) * DELIVERIES_PAGE
+                ),
                 "by_destination": overview.delivery_counts(session),
+                "total": total,
+                "page": current,
+                "pages": pages,
             }
 
         data = await read(load)
         return await page(
             request,
             "deliveries.html",
-            {**data, "state": state or "", "message": request.query_params.get("message"), "now": utc_now()},
+            {
+                **data,
+                "state": state or "",
+                "page_query": lambda n: urlencode({**({"state": state} if state else {}), "page": n}),
+                "message": request.query_params.get("message"),
+                "now": utc_now(),
+            },
         )
 
     async def costs(request: Request) -> Response:

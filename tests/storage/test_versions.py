@@ -51,6 +51,7 @@ def _job(
     minute: float,
     findings: bool = True,
     cost: float = 0,
+    attempts: int | None = None,
 ) -> None:
     job_id = session.execute(
         insert(Job)
@@ -59,7 +60,7 @@ def _job(
             study_instance_uid=uid,
             study_version=version,
             state=state,
-            attempts=version,
+            attempts=version if attempts is None else attempts,
             findings_json='{"findings": []}' if findings else None,
             run_after=at(minute),
             created_at=at(minute),
@@ -322,3 +323,26 @@ def test_the_study_page_of_a_study_with_thousands_of_versions_reads_and_shows_a_
     events, hidden = detail.timeline()
     assert len(events) == TIMELINE_LIMIT and hidden > 0
     assert [r["version"] for r in rows] == list(range(2500, 2450, -1))
+
+
+def test_each_claim_of_an_analysis_is_recorded_with_its_worker(sessions: sessionmaker[Session]) -> None:
+    from storage import queue
+    from storage.models import JobClaim
+
+    with transaction(sessions) as s:
+        _study(s, "1.5", 1, "queued", 0)
+        _job(s, "1.5", 1, "queued", 0, attempts=0)
+    for minute, owner in ((1, "ward:11:a"), (2, "ward:12:b")):
+        with transaction(sessions) as s:
+            job = queue.claim(s, "analyse", owner, 60, at(minute))
+            assert job is not None
+            queue.release(s, job, at(minute))
+    with sessions() as s:
+        claims = [
+            (c.attempt, c.owner, c.claimed_at) for c in s.scalars(select(JobClaim).order_by(JobClaim.id))
+        ]
+        detail = study_detail(s, "1.5")
+    assert claims == [(1, "ward:11:a", at(1)), (1, "ward:12:b", at(2))]  # a release spends no attempt
+    assert detail is not None
+    said = [e["detail"] for e in detail.timeline()[0] if e["what"] == "version 1 claimed by a worker"]
+    assert said == ["attempt 1, by ward:11:a", "attempt 1, by ward:12:b"]

@@ -1,5 +1,6 @@
 """delivery_attempts: one row per delivery attempt when it ends (destination, when, outcome,
-status, error), the study page's delivery history; console_logouts: sessions logged out before
+status, error), the study page's delivery history; job_claims: each claim of an analysis (when,
+by which worker); console_logouts: sessions logged out before
 they expire (sessions now survive a restart, so a logout must too); indexes for the studies
 page's one row per study version, newest first (current versions by settle time, the studies
 that have earlier versions, a version's deliveries by state)
@@ -40,6 +41,18 @@ def upgrade() -> None:
     )
     op.create_index("ix_delivery_attempts_study_instance_uid", "delivery_attempts", ["study_instance_uid"])
     op.create_table(
+        "job_claims",
+        sa.Column("id", BIG_ID, nullable=False),
+        sa.Column("job_id", sa.BigInteger(), nullable=False),
+        sa.Column("study_instance_uid", sa.String(length=64), nullable=False),
+        sa.Column("study_version", sa.Integer(), nullable=False),
+        sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("claimed_at", UTCDateTime(), nullable=False),
+        sa.Column("owner", sa.String(length=128), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_index("ix_job_claims_study_instance_uid", "job_claims", ["study_instance_uid"])
+    op.create_table(
         "console_logouts",
         sa.Column("session", sa.String(length=64), nullable=False),
         sa.Column("expires_at", UTCDateTime(), nullable=False),
@@ -57,5 +70,7 @@ def downgrade() -> None:
     op.drop_index("ix_studies_settle_at", table_name="studies")
     op.drop_index("ix_outbox_study_version_state", table_name="outbox")
     op.drop_table("console_logouts")
+    op.drop_index("ix_job_claims_study_instance_uid", table_name="job_claims")
+    op.drop_table("job_claims")
     op.drop_index("ix_delivery_attempts_study_instance_uid", table_name="delivery_attempts")
     op.drop_table("delivery_attempts")
