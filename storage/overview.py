@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, and_, case, func, literal, literal_column, or_, select, union_all
+from sqlalchemy import Select, and_, case, func, literal, literal_column, or_, select, tuple_, union_all
 from sqlalchemy.orm import Session, defer
 
 from storage.models import (
@@ -50,6 +50,11 @@ def _chunks(values: Sequence[T] | None, size: int = IN_CHUNK) -> Iterator[Sequen
     if values is None:
         yield None
         return
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _slices(values: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
 
@@ -380,8 +385,11 @@ def version_page(
         for chunk in _chunks(uids)
         for study in session.scalars(select(Study).where(_among(Study.study_instance_uid, chunk)))
     }
+    # Exactly the page's versions (row values), never all the versions of its studies: one of
+    # them may have thousands.
+    pairs = sorted(wanted)
     jobs: dict[tuple[str, int], Any] = {}
-    for chunk in _chunks(uids):
+    for pair_chunk in _slices(pairs, IN_CHUNK // 2):  # two parameters each
         for found in session.execute(
             select(
                 Job.id,
@@ -392,16 +400,21 @@ def version_page(
                 Job.last_error,
                 Job.updated_at,
                 Job.findings_json.is_not(None).label("has_findings"),
-            ).where(Job.kind == JobKind.ANALYSE, _among(Job.study_instance_uid, chunk))
+            ).where(
+                Job.kind == JobKind.ANALYSE, tuple_(Job.study_instance_uid, Job.study_version).in_(pair_chunk)
+            )
         ):
-            if (found.study_instance_uid, found.study_version) in wanted:
-                jobs[(found.study_instance_uid, found.study_version)] = found
+            jobs[(found.study_instance_uid, found.study_version)] = found
     job_costs: dict[int, float] = {}
     loose_costs: dict[str, float] = {}  # calls recorded without their job: the current version's
+    job_ids = [job.id for job in jobs.values()]
     for chunk in _chunks(uids):
         for uid, job_id, total in session.execute(
             select(ApiCall.study_instance_uid, ApiCall.job_id, func.sum(ApiCall.cost_usd))
-            .where(_among(ApiCall.study_instance_uid, chunk))
+            .where(
+                _among(ApiCall.study_instance_uid, chunk),
+                or_(ApiCall.job_id.in_(job_ids), ApiCall.job_id.is_(None)),
+            )
             .group_by(ApiCall.study_instance_uid, ApiCall.job_id)
         ):
             if job_id is None:
@@ -409,7 +422,7 @@ def version_page(
             else:
                 job_costs[job_id] = float(total or 0.0)
     sends: dict[tuple[str, int], list[Any]] = {}
-    for chunk in _chunks(uids):
+    for pair_chunk in _slices(pairs, IN_CHUNK // 2):  # two parameters each
         for send in session.execute(
             select(
                 Outbox.study_instance_uid,
@@ -421,7 +434,7 @@ def version_page(
                 Outbox.sr_sop_instance_uid,
                 Outbox.updated_at,
             )
-            .where(_among(Outbox.study_instance_uid, chunk))
+            .where(tuple_(Outbox.study_instance_uid, Outbox.study_version).in_(pair_chunk))
             .order_by(Outbox.id)
         ):
             sends.setdefault((send.study_instance_uid, send.study_version), []).append(send)
