@@ -401,7 +401,10 @@ def version_page(
                 Job.updated_at,
                 Job.findings_json.is_not(None).label("has_findings"),
             ).where(
-                Job.kind == JobKind.ANALYSE, tuple_(Job.study_instance_uid, Job.study_version).in_(pair_chunk)
+                Job.kind == JobKind.ANALYSE,
+                # The UIDs alone first: SQLite looks row values up by no index (a scan of jobs).
+                Job.study_instance_uid.in_(sorted({uid for uid, _ in pair_chunk})),
+                tuple_(Job.study_instance_uid, Job.study_version).in_(pair_chunk),
             )
         ):
             jobs[(found.study_instance_uid, found.study_version)] = found
@@ -434,7 +437,10 @@ def version_page(
                 Outbox.sr_sop_instance_uid,
                 Outbox.updated_at,
             )
-            .where(tuple_(Outbox.study_instance_uid, Outbox.study_version).in_(pair_chunk))
+            .where(
+                Outbox.study_instance_uid.in_(sorted({uid for uid, _ in pair_chunk})),
+                tuple_(Outbox.study_instance_uid, Outbox.study_version).in_(pair_chunk),
+            )
             .order_by(Outbox.id)
         ):
             sends.setdefault((send.study_instance_uid, send.study_version), []).append(send)
