@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import insert, update
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from storage.models import ConsoleAction, DeliveryState, Job, JobKind, JobState, Outbox, Study, StudyState
+from storage.models import (
+    ConsoleAction,
+    ConsoleLogout,
+    DeliveryState,
+    Job,
+    JobKind,
+    JobState,
+    Outbox,
+    Study,
+    StudyState,
+)
 
 
 def record_action(
@@ -83,3 +94,25 @@ def redeliver(session: Session, outbox_id: int, now: dt.datetime) -> str | None:
         .execution_options(synchronize_session=False)
     )
     return str(row.study_instance_uid)
+
+
+def record_logout(session: Session, session_id: str, expires_at: dt.datetime) -> None:
+    """A console session logged out: refused from now on until ``expires_at`` (idempotent)."""
+    dialect = session.get_bind().dialect.name
+    upsert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(
+        upsert(ConsoleLogout).values(session=session_id[:64], expires_at=expires_at).on_conflict_do_nothing()
+    )
+
+
+def logged_out(session: Session, session_id: str) -> bool:
+    return (
+        session.scalar(select(ConsoleLogout.session).where(ConsoleLogout.session == session_id[:64]))
+        is not None
+    )
+
+
+def forget_logouts(session: Session, now: dt.datetime) -> int:
+    """Logouts of sessions that have expired anyway are no longer worth keeping."""
+    result = session.execute(delete(ConsoleLogout).where(ConsoleLogout.expires_at < now))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -111,6 +111,10 @@ class Study(Base):
         Index("ix_studies_first_received_at", "first_received_at"),
         Index("ix_studies_state_first_received_at", "state", "first_received_at"),
         Index("ix_studies_calling_ae_first_received_at", "calling_ae_title", "first_received_at"),
+        # The studies page: current versions newest first (alone, or within a state through
+        # ix_studies_state_settle_at), and the studies that have earlier versions.
+        Index("ix_studies_settle_at", "settle_at"),
+        Index("ix_studies_version", "version"),
     )
 
 
@@ -179,7 +183,37 @@ class Outbox(Base):
         UniqueConstraint("destination", "sr_sop_instance_uid", name="uq_outbox_destination_sr"),
         Index("ix_outbox_claim", "destination", "state", "next_attempt_at"),
         Index("ix_outbox_state", "state"),  # the console's deliveries page: everything not sent
+        # A study version's deliveries by state (the studies page's state of an earlier version).
+        Index("ix_outbox_study_version_state", "study_instance_uid", "study_version", "state"),
     )
+
+
+class DeliveryOutcome(enum.StrEnum):
+    """How one delivery attempt ended."""
+
+    SENT = "sent"
+    RETRY = "retry"  # failed for now (0xA7xx, 0x0110, no answer): tried again later
+    DEAD = "dead"  # refused for good, or out of attempts
+    INTERRUPTED = "interrupted"  # the process sending it stopped before it knew
+
+
+class DeliveryAttempt(Base):
+    """One attempt to deliver an outbox row, written when it ends, in the same transaction as
+    the outbox row's new state (storage.outbox): the delivery history the study page shows."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    outbox_id: Mapped[int] = mapped_column(BigInteger)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    destination: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)  # 1 for the first (counting again after a redeliver)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    ended_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    outcome: Mapped[str] = mapped_column(String(16))
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the DIMSE or HTTP status
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class ApiCall(Base):
@@ -243,6 +277,21 @@ class Job(Base):
     )
 
 
+class JobClaim(Base):
+    """One claim of a job by a worker (the lease it took), written with the claim: the study
+    page's timeline shows each one, when and by whom."""
+
+    __tablename__ = "job_claims"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[int] = mapped_column(BigInteger)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    claimed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    owner: Mapped[str] = mapped_column(String(128))  # host:pid:incarnation of the worker
+
+
 class VersionInstance(Base):
     """The fixed set of instances of one study version, recorded when the version is queued
     (PS3.3 C.17.2: the SR's evidence lists this set). The analysis uses exactly these; an
@@ -284,3 +333,14 @@ class ConsoleAction(Base):
     action: Mapped[str] = mapped_column(String(32))
     study_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True, index=True)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class ConsoleLogout(Base):
+    """A console session logged out before it expired (its random id, from the signed cookie),
+    kept until then: the cookie, or a copy of it, opens nothing any more, across restarts and
+    on every node that shares the database."""
+
+    __tablename__ = "console_logouts"
+
+    session: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

@@ -3,7 +3,9 @@
 A row is leased by the sender (guarded updates, as for jobs); success and warnings complete it;
 0xA7xx and connection failures retry with backoff; any other refusal is dead-lettered with the
 reason. When every row of an SR is settled, the study is done (or failed, naming the dead
-destination). All functions take ``now``.
+destination). Each attempt's end (sent, retry, dead, or interrupted by the death of the process
+sending it) is recorded in ``delivery_attempts`` in the same transaction as the row's new state.
+All functions take ``now``.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from storage.errors import LeaseLost
-from storage.models import DeliveryState, Outbox, StudyState
+from storage.models import DeliveryAttempt, DeliveryOutcome, DeliveryState, Outbox, StudyState
 from storage.owners import orphaned
 from storage.studies import update_study_version
 
@@ -33,6 +35,7 @@ class Delivery:
     sr_sop_instance_uid: str
     attempts: int
     lease_token: str
+    claimed_at: dt.datetime | None = None  # when this attempt began
 
 
 def retry_delay(attempts: int, base_seconds: float = 15.0, cap_seconds: float = 900.0) -> float:
@@ -126,7 +129,7 @@ def claim(
             Outbox.attempts,
         )
     ).one_or_none()
-    return None if row is None else Delivery(*row, lease_token=token)
+    return None if row is None else Delivery(*row, lease_token=token, claimed_at=now)
 
 
 def reclaim_orphans(session: Session, host: str, alive: Callable[[int], bool], now: dt.datetime) -> int:
@@ -134,12 +137,21 @@ def reclaim_orphans(session: Session, host: str, alive: Callable[[int], bool], n
     (the PACS may have stored the SR already: it gets the same SOP Instance UID again, which a
     PACS keeps once). Returns how many."""
     rows = session.execute(
-        select(Outbox.id, Outbox.lease_owner)
+        select(
+            Outbox.id,
+            Outbox.lease_owner,
+            Outbox.study_instance_uid,
+            Outbox.study_version,
+            Outbox.destination,
+            Outbox.attempts,
+            Outbox.updated_at,
+        )
         .where(Outbox.state == DeliveryState.SENDING)
         .where(Outbox.lease_owner.like(f"{host}:%"))
         .with_for_update(skip_locked=True)
     ).all()
-    dead = [delivery_id for delivery_id, owner in rows if orphaned(owner, host, alive)]
+    stopped = [row for row in rows if orphaned(row.lease_owner, host, alive)]
+    dead = [row.id for row in stopped]
     if dead:
         session.execute(
             update(Outbox)
@@ -155,10 +167,35 @@ def reclaim_orphans(session: Session, host: str, alive: Callable[[int], bool], n
                 updated_at=now,
             )
         )
+        session.execute(
+            insert(DeliveryAttempt),
+            [
+                {
+                    "outbox_id": row.id,
+                    "study_instance_uid": row.study_instance_uid,
+                    "study_version": row.study_version,
+                    "destination": row.destination,
+                    "attempt": row.attempts,
+                    "started_at": row.updated_at,  # the claim's time
+                    "ended_at": now,
+                    "outcome": DeliveryOutcome.INTERRUPTED,
+                    "status": None,
+                    "error": "the process sending it stopped",
+                }
+                for row in stopped
+            ],
+        )
     return len(dead)
 
 
-def _finish(session: Session, delivery: Delivery, values: dict[str, object], action: str) -> None:
+def _finish(
+    session: Session,
+    delivery: Delivery,
+    values: dict[str, object],
+    action: str,
+    outcome: DeliveryOutcome,
+    now: dt.datetime,
+) -> None:
     result = session.execute(
         update(Outbox)
         .where(Outbox.id == delivery.id)
@@ -168,6 +205,20 @@ def _finish(session: Session, delivery: Delivery, values: dict[str, object], act
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise LeaseLost(f"outbox {delivery.id}: lease {delivery.lease_token} no longer held, cannot {action}")
+    session.execute(
+        insert(DeliveryAttempt).values(
+            outbox_id=delivery.id,
+            study_instance_uid=delivery.study_instance_uid,
+            study_version=delivery.study_version,
+            destination=delivery.destination,
+            attempt=delivery.attempts,
+            started_at=delivery.claimed_at,
+            ended_at=now,
+            outcome=outcome,
+            status=values.get("last_status"),
+            error=values.get("last_error"),
+        )
+    )
     _settle_study(session, delivery)
 
 
@@ -184,6 +235,8 @@ def mark_sent(session: Session, delivery: Delivery, status: int, now: dt.datetim
             "lease_expires_at": None,
         },
         "mark sent",
+        DeliveryOutcome.SENT,
+        now,
     )
 
 
@@ -209,6 +262,8 @@ def mark_retry(
             "lease_expires_at": None,
         },
         "retry",
+        DeliveryOutcome.RETRY,
+        now,
     )
 
 
@@ -224,6 +279,8 @@ def mark_dead(session: Session, delivery: Delivery, error: str, status: int | No
             "lease_expires_at": None,
         },
         "dead-letter",
+        DeliveryOutcome.DEAD,
+        now,
     )
 
 

@@ -15,16 +15,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, and_, case, func, literal, literal_column, or_, select, tuple_, union_all
+from sqlalchemy.orm import Session, defer
 
 from storage.models import (
     ApiCall,
     ConsoleAction,
+    DeliveryAttempt,
     DeliveryState,
     Instance,
     Job,
+    JobClaim,
     JobKind,
+    JobState,
     Outbox,
     Study,
     StudyState,
@@ -32,6 +35,7 @@ from storage.models import (
 )
 
 T = TypeVar("T")
+Rows = Select[*tuple[Any, ...]]  # a SELECT of any columns
 # Well under SQLite's limit on bound parameters (32766 since 3.32, 999 before).
 IN_CHUNK = 500
 UNSENT_STATES = (DeliveryState.PENDING, DeliveryState.SENDING, DeliveryState.DEAD)
@@ -50,14 +54,27 @@ def _chunks(values: Sequence[T] | None, size: int = IN_CHUNK) -> Iterator[Sequen
         yield values[start : start + size]
 
 
+def _slices(values: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
 def _among(column: Any, chunk: Sequence[str] | None) -> Any:
     return column.in_(chunk) if chunk is not None else column.is_not(None)
 
 
+# A version's state: the study's own for its current version; for an earlier one, what became
+# of it (a job that never ran because a newer version replaced it is "superseded").
+SUPERSEDED = "superseded"
+VERSION_STATES = (*(str(s) for s in StudyState), SUPERSEDED)
+
+
 @dataclass(frozen=True)
 class StudyFilter:
-    """The studies page's filters; every one optional. ``uid``: a Study Instance UID or its
-    beginning; ``received_from``/``received_before``: first received in [from, before)."""
+    """The studies page's filters; every one optional. ``state``: the version's state;
+    ``uid``: a Study Instance UID or its beginning; ``received_from``/``received_before``: the
+    version's time (when it settled and was queued; while receiving, when it will) in
+    [from, before)."""
 
     state: str | None = None
     modality: str | None = None
@@ -67,18 +84,13 @@ class StudyFilter:
     uid: str | None = None
 
     def __post_init__(self) -> None:
-        if self.state is not None and self.state not in set(StudyState):
-            raise ValueError(f'Argument "state" must be one of {sorted(StudyState)}, got {self.state!r}')
+        if self.state is not None and self.state not in VERSION_STATES:
+            raise ValueError(f'Argument "state" must be one of {sorted(VERSION_STATES)}, got {self.state!r}')
 
-    def apply(self, statement: Select[Any]) -> Select[Any]:
-        if self.state:
-            statement = statement.where(Study.state == self.state)
+    def apply_study(self, statement: Rows) -> Rows:
+        """The filters that are about the study (calling AE, UID, modality)."""
         if self.calling_ae_title:
             statement = statement.where(Study.calling_ae_title == self.calling_ae_title)
-        if self.received_from is not None:
-            statement = statement.where(Study.first_received_at >= self.received_from)
-        if self.received_before is not None:
-            statement = statement.where(Study.first_received_at < self.received_before)
         if self.uid:
             # A range on the primary key, not LIKE (case-insensitive in SQLite, so no index):
             # UIDs are digits and dots, all below "~".
@@ -96,9 +108,12 @@ class StudyFilter:
             )
         return statement
 
-
-def count_studies(session: Session, where: StudyFilter = StudyFilter()) -> int:
-    return int(session.scalar(where.apply(select(func.count()).select_from(Study))) or 0)
+    def apply_time(self, statement: Rows, at: Any) -> Rows:
+        if self.received_from is not None:
+            statement = statement.where(at >= self.received_from)
+        if self.received_before is not None:
+            statement = statement.where(at < self.received_before)
+        return statement
 
 
 def _current_jobs(session: Session, studies: Sequence[Study], every: bool) -> dict[str, Any]:
@@ -258,20 +273,228 @@ def study_rows(session: Session) -> list[dict[str, Any]]:
     return rows
 
 
-def study_page(
+def _outbox_of_job(states: Sequence[str] | None = None) -> Any:
+    """EXISTS a delivery of the job's study version (in one of ``states``)."""
+    query = select(Outbox.id).where(
+        Outbox.study_instance_uid == Job.study_instance_uid, Outbox.study_version == Job.study_version
+    )
+    return (query.where(Outbox.state.in_(list(states))) if states else query).exists()
+
+
+def earlier_version_state() -> Any:
+    """What became of an earlier version of a study, from its job and its deliveries, in SQL
+    (for the filter): as ``storage.outbox`` settles a study, anything still to send first, then
+    anything dead-lettered. A job that never ran because a newer version replaced it is
+    "superseded"; one that succeeded with no findings and nothing to send found nothing to
+    analyse. (The current version's state is the study's own.)"""
+    return case(
+        (Job.state.in_([JobState.QUEUED, JobState.CANCELLED]), literal(SUPERSEDED)),
+        (Job.state == JobState.RUNNING, literal(str(StudyState.ANALYSING))),
+        (Job.state == JobState.FAILED, literal(str(StudyState.FAILED))),
+        (_outbox_of_job([DeliveryState.PENDING, DeliveryState.SENDING]), literal(str(StudyState.SENDING))),
+        (_outbox_of_job([DeliveryState.DEAD]), literal(str(StudyState.FAILED))),
+        (and_(Job.findings_json.is_(None), ~_outbox_of_job()), literal(str(StudyState.SKIPPED))),
+        else_=literal(str(StudyState.DONE)),
+    )
+
+
+def _earlier_state(job: Any, deliveries: Sequence[Any]) -> str:
+    """:func:`earlier_version_state` for one version already read (the page's rows): the same
+    rules, in the same order."""
+    if job is None or job.state in (JobState.QUEUED, JobState.CANCELLED):
+        return SUPERSEDED
+    if job.state == JobState.RUNNING:
+        return str(StudyState.ANALYSING)
+    if job.state == JobState.FAILED:
+        return str(StudyState.FAILED)
+    states = {d.state for d in deliveries}
+    if states & {DeliveryState.PENDING, DeliveryState.SENDING}:
+        return str(StudyState.SENDING)
+    if DeliveryState.DEAD in states:
+        return str(StudyState.FAILED)
+    if not job.has_findings and not deliveries:
+        return str(StudyState.SKIPPED)
+    return str(StudyState.DONE)
+
+
+def _version_arms(where: StudyFilter) -> tuple[Rows, Rows]:
+    """Every study version as a row (uid, version, at, state), in two index walks, newest
+    first. Each study's current version comes from the studies table, at its ``settle_at``
+    (when it settled and was queued, or, while it is receiving, when it will), so the state
+    filter and the order are one index (state, settle_at). The earlier versions are the jobs
+    below their study's version, at the time each was queued; their state is worked out from
+    their job and deliveries (in SQL only to filter on it; a page's rows in Python)."""
+    current: Rows = select(
+        Study.study_instance_uid.label("uid"),
+        Study.version.label("version"),
+        Study.settle_at.label("at"),
+    )
+    current = where.apply_time(where.apply_study(current), Study.settle_at)
+    state = earlier_version_state()
+    # Driven from the studies past version 1 (an index on the version; IN, not a join: SQLite
+    # would walk every job first, reading each one's row), then their jobs through the
+    # (kind, study, version) key. Their number, not the number of studies, is what it costs.
+    studies_with_earlier = where.apply_study(select(Study.study_instance_uid).where(Study.version > 1))
+    current_version = (
+        select(Study.version).where(Study.study_instance_uid == Job.study_instance_uid).scalar_subquery()
+    )
+    earlier: Rows = select(
+        Job.study_instance_uid.label("uid"),
+        Job.study_version.label("version"),
+        Job.created_at.label("at"),
+    ).where(
+        Job.kind == JobKind.ANALYSE,
+        Job.study_instance_uid.in_(studies_with_earlier),
+        Job.study_version < current_version,
+    )
+    earlier = where.apply_time(earlier, Job.created_at)
+    if where.state:
+        current = current.where(Study.state == where.state)
+        earlier = earlier.where(state == where.state)
+    return current, earlier
+
+
+def count_versions(session: Session, where: StudyFilter = StudyFilter()) -> int:
+    """How many study versions the filter matches (the studies page's rows)."""
+    return sum(
+        int(session.scalar(select(func.count()).select_from(arm.subquery())) or 0)
+        for arm in _version_arms(where)
+    )
+
+
+def version_page(
     session: Session, where: StudyFilter = StudyFilter(), limit: int = 50, offset: int = 0
 ) -> list[dict[str, Any]]:
-    """One page of studies, newest first, with modalities, body parts and the time of their last
-    move (the console's studies page)."""
+    """One page of study versions, newest first (the console's studies page): each version's
+    state, attempts, cost, SR and deliveries, with its study's modalities, body parts, counts
+    and calling AE, in a fixed number of queries whatever the page's length."""
     if limit < 1:
         raise ValueError(f'Argument "limit" must be at least 1, got {limit}')
     if offset < 0:
         raise ValueError(f'Argument "offset" must not be negative, got {offset}')
-    statement = where.apply(select(Study)).order_by(
-        Study.first_received_at.desc(), Study.study_instance_uid.desc()
-    )
-    studies = list(session.scalars(statement.limit(limit).offset(offset)))
-    return _rows(session, studies, header_facts=True, timestamps=True)
+    # UNION ALL of two index walks, each newest first: both databases merge them and stop
+    # after the page.
+    order: list[Any] = [literal_column(name).desc() for name in ("at", "uid", "version")]
+    picked = session.execute(
+        union_all(*_version_arms(where)).order_by(*order).limit(limit).offset(offset)
+    ).all()
+    uids = sorted({row.uid for row in picked})
+    wanted = {(row.uid, row.version) for row in picked}
+    studies = {
+        study.study_instance_uid: study
+        for chunk in _chunks(uids)
+        for study in session.scalars(select(Study).where(_among(Study.study_instance_uid, chunk)))
+    }
+    # Exactly the page's versions (row values), never all the versions of its studies: one of
+    # them may have thousands.
+    pairs = sorted(wanted)
+    jobs: dict[tuple[str, int], Any] = {}
+    for pair_chunk in _slices(pairs, IN_CHUNK // 2):  # two parameters each
+        for found in session.execute(
+            select(
+                Job.id,
+                Job.study_instance_uid,
+                Job.study_version,
+                Job.state,
+                Job.attempts,
+                Job.last_error,
+                Job.updated_at,
+                Job.findings_json.is_not(None).label("has_findings"),
+            ).where(
+                Job.kind == JobKind.ANALYSE,
+                # The UIDs alone first: SQLite looks row values up by no index (a scan of jobs).
+                Job.study_instance_uid.in_(sorted({uid for uid, _ in pair_chunk})),
+                tuple_(Job.study_instance_uid, Job.study_version).in_(pair_chunk),
+            )
+        ):
+            jobs[(found.study_instance_uid, found.study_version)] = found
+    job_costs: dict[int, float] = {}
+    loose_costs: dict[str, float] = {}  # calls recorded without their job: the current version's
+    job_ids = [job.id for job in jobs.values()]
+    for chunk in _chunks(uids):
+        for uid, job_id, total in session.execute(
+            select(ApiCall.study_instance_uid, ApiCall.job_id, func.sum(ApiCall.cost_usd))
+            .where(
+                _among(ApiCall.study_instance_uid, chunk),
+                or_(ApiCall.job_id.in_(job_ids), ApiCall.job_id.is_(None)),
+            )
+            .group_by(ApiCall.study_instance_uid, ApiCall.job_id)
+        ):
+            if job_id is None:
+                loose_costs[uid] = float(total or 0.0)
+            else:
+                job_costs[job_id] = float(total or 0.0)
+    sends: dict[tuple[str, int], list[Any]] = {}
+    for pair_chunk in _slices(pairs, IN_CHUNK // 2):  # two parameters each
+        for send in session.execute(
+            select(
+                Outbox.study_instance_uid,
+                Outbox.study_version,
+                Outbox.destination,
+                Outbox.sr_path,
+                Outbox.state,
+                Outbox.last_error,
+                Outbox.sr_sop_instance_uid,
+                Outbox.updated_at,
+            )
+            .where(
+                Outbox.study_instance_uid.in_(sorted({uid for uid, _ in pair_chunk})),
+                tuple_(Outbox.study_instance_uid, Outbox.study_version).in_(pair_chunk),
+            )
+            .order_by(Outbox.id)
+        ):
+            sends.setdefault((send.study_instance_uid, send.study_version), []).append(send)
+    facts = _header_facts(session, uids)
+    rows: list[dict[str, Any]] = []
+    for picked_row in picked:
+        study = studies[picked_row.uid]
+        job = jobs.get((picked_row.uid, picked_row.version))
+        current = picked_row.version == study.version
+        deliveries = sends.get((picked_row.uid, picked_row.version), [])
+        if current:
+            sr = study.sr_sop_instance_uid
+        else:
+            sr = next((d.sr_sop_instance_uid for d in deliveries if d.sr_path.startswith("sr/")), None)
+        cost = job_costs.get(job.id) if job is not None else None
+        if current and picked_row.uid in loose_costs:
+            cost = (cost or 0.0) + loose_costs[picked_row.uid]
+        problems = [
+            f"{d.destination}: {d.last_error}"
+            for d in deliveries
+            if d.last_error and d.state != DeliveryState.SENT
+        ]
+        error = (study.last_error if current else None) or (job.last_error if job is not None else None)
+        moments = [d.updated_at for d in deliveries]
+        if job is not None:
+            moments.append(job.updated_at)
+        if current:
+            moments.append(study.last_received_at)
+        rows.append(
+            {
+                "study_instance_uid": picked_row.uid,
+                "version": picked_row.version,
+                "current": current,
+                "versions": study.version,
+                "state": study.state if current else _earlier_state(job, deliveries),
+                "at": picked_row.at,
+                "state_since": max(moments) if moments else picked_row.at,
+                "instance_count": study.instance_count,
+                "series_count": study.series_count,
+                "calling_ae_title": study.calling_ae_title,
+                "first_received": study.first_received_at,
+                "attempts": job.attempts if job is not None else 0,
+                "cost_usd": round(cost, 6) if cost is not None else None,
+                "sr_sop_instance_uid": sr,
+                "last_error": error,
+                "problems": problems,
+                "deliveries": [
+                    {"destination": d.destination, "state": d.state, "last_error": d.last_error}
+                    for d in deliveries
+                ],
+                **facts.get(picked_row.uid, {"modalities": [], "body_parts": []}),
+            }
+        )
+    return rows
 
 
 def filter_choices(session: Session) -> dict[str, list[str]]:
@@ -281,29 +504,64 @@ def filter_choices(session: Session) -> dict[str, list[str]]:
         select(Instance.modality).where(Instance.modality.is_not(None)).distinct().order_by(Instance.modality)
     )
     return {
-        "states": [str(s) for s in StudyState],
+        "states": list(VERSION_STATES),
         "modalities": [m for m in modalities if m],
         "calling_ae_titles": [a for a in aes if a],
     }
 
 
+# The study page on a study with thousands of versions or delivery attempts: the newest so many
+# of each are read, and the newest TIMELINE_LIMIT moments shown (``ainode status --json`` and
+# the database keep all of them).
+DETAIL_LIMIT = 2000
+TIMELINE_LIMIT = 500
+
+
+def file_kind(path: str) -> str:
+    """What a file the node made is, from its folder (``sr/...``, ``summary/...``)."""
+    folder = path.split("/", 1)[0]
+    return {"sr": "SR", "summary": "summary image", "kos": "key images", "gsps": "presentation state"}.get(
+        folder, folder
+    )
+
+
 @dataclass(frozen=True)
 class StudyDetail:
     study: Study
-    jobs: list[Job]
+    jobs: list[Job]  # oldest version first (findings_json deferred: read for one version only)
     version_sizes: dict[int, int]
     series: list[dict[str, Any]]
     api_calls: list[ApiCall]
     deliveries: list[Outbox]
+    attempts: list[DeliveryAttempt]  # each delivery attempt that ended, oldest first
+    claims: list[JobClaim]  # each claim of an analysis by a worker, oldest first
     actions: list[ConsoleAction]
     a_file: str | None  # one instance file (relative to the storage root), for the patient header
+    truncated: bool = False  # some source held more than DETAIL_LIMIT rows: only the newest read
 
     @property
     def current_job(self) -> Job | None:
-        return next((j for j in self.jobs if j.study_version == self.study.version), None)
+        return self.job_of(self.study.version)
 
-    def timeline(self) -> list[dict[str, Any]]:
-        """Every recorded moment of the study, oldest first."""
+    def job_of(self, version: int) -> Job | None:
+        return next((j for j in self.jobs if j.study_version == version), None)
+
+    def report_uid(self, version: int, folder: str = "sr") -> str | None:
+        """The SOP Instance UID of the SR (or summary image: ``folder``) made for ``version``."""
+        if folder == "sr" and version == self.study.version and self.study.sr_sop_instance_uid:
+            return self.study.sr_sop_instance_uid
+        return next(
+            (
+                d.sr_sop_instance_uid
+                for d in reversed(self.deliveries)
+                if d.study_version == version and d.sr_path.startswith(f"{folder}/")
+            ),
+            None,
+        )
+
+    def timeline(self, limit: int = TIMELINE_LIMIT) -> tuple[list[dict[str, Any]], int]:
+        """The study's recorded moments, oldest first: the newest ``limit`` of them, and how
+        many earlier ones are left out."""
         study = self.study
         events: list[dict[str, Any]] = [
             {"at": study.first_received_at, "what": "first instance received", "detail": ""},
@@ -331,6 +589,14 @@ class StudyDetail:
                     + (f"; {job.last_error}" if job.last_error else ""),
                 }
             )
+        for claim in self.claims:
+            events.append(
+                {
+                    "at": claim.claimed_at,
+                    "what": f"version {claim.study_version} claimed by a worker",
+                    "detail": f"attempt {claim.attempt}, by {claim.owner}",
+                }
+            )
         for call in self.api_calls:
             events.append(
                 {
@@ -348,13 +614,12 @@ class StudyDetail:
                     ),
                 }
             )
+        attempted = {a.outbox_id for a in self.attempts}
         built: set[str] = set()
         for delivery in self.deliveries:
+            kind = file_kind(delivery.sr_path)
             if delivery.sr_sop_instance_uid not in built:
                 built.add(delivery.sr_sop_instance_uid)
-                kind = {"sr": "SR", "summary": "summary image"}.get(
-                    delivery.sr_path.split("/", 1)[0], delivery.sr_path.split("/", 1)[0]
-                )
                 events.append(
                     {
                         "at": delivery.created_at,
@@ -362,13 +627,48 @@ class StudyDetail:
                         "detail": delivery.sr_sop_instance_uid,
                     }
                 )
+            if delivery.state == DeliveryState.PENDING and delivery.attempts > 0:
+                events.append(
+                    {
+                        "at": delivery.updated_at,
+                        "what": f"delivery to {delivery.destination}: next attempt due",
+                        "detail": f"version {delivery.study_version} {kind}, attempt "
+                        f"{delivery.attempts + 1} at {_iso(delivery.next_attempt_at)}",
+                    }
+                )
+            if delivery.id not in attempted and delivery.attempts > 0 and not self.truncated:
+                # Attempts made before they were recorded one by one: the row's last word.
+                events.append(
+                    {
+                        "at": delivery.sent_at or delivery.updated_at,
+                        "what": f"delivery to {delivery.destination}: {delivery.state}",
+                        "detail": f"version {delivery.study_version} {kind}, {delivery.attempts} "
+                        "attempt(s)"
+                        + (
+                            f", status 0x{delivery.last_status:04X}"
+                            if delivery.last_status is not None
+                            else ""
+                        )
+                        + (f"; {delivery.last_error}" if delivery.last_error else ""),
+                    }
+                )
+        kinds = {d.id: file_kind(d.sr_path) for d in self.deliveries}
+        for attempt in self.attempts:
+            took = (
+                f", {(attempt.ended_at - attempt.started_at).total_seconds() * 1000:.0f} ms"
+                if attempt.started_at is not None
+                else ""
+            )
             events.append(
                 {
-                    "at": delivery.sent_at or delivery.updated_at,
-                    "what": f"delivery to {delivery.destination}: {delivery.state}",
-                    "detail": f"{delivery.attempts} attempt(s)"
-                    + (f", status 0x{delivery.last_status:04X}" if delivery.last_status is not None else "")
-                    + (f"; {delivery.last_error}" if delivery.last_error else ""),
+                    "at": attempt.ended_at,
+                    "what": f"delivery to {attempt.destination}: {attempt.outcome}",
+                    "detail": f"version {attempt.study_version} {kinds.get(attempt.outbox_id, 'file')}, "
+                    f"attempt {attempt.attempt}"
+                    + (f", status 0x{attempt.status:04X}" if attempt.status is not None else "")
+                    + took
+                    + (f"; {attempt.error}" if attempt.error else ""),
+                    "outcome": attempt.outcome,
                 }
             )
         for action in self.actions:
@@ -376,7 +676,15 @@ class StudyDetail:
                 {"at": action.at, "what": f"{action.action} by {action.who}", "detail": action.detail or ""}
             )
         events.sort(key=lambda e: e["at"])
-        return events
+        hidden = max(0, len(events) - limit)
+        return events[hidden:], hidden
+
+
+def _newest(session: Session, statement: Select[Any], key: Any) -> tuple[list[Any], bool]:
+    """The newest DETAIL_LIMIT rows of ``statement`` by ``key``, oldest first, and whether
+    there were more."""
+    rows = list(session.scalars(statement.order_by(key.desc()).limit(DETAIL_LIMIT + 1)))
+    return rows[:DETAIL_LIMIT][::-1], len(rows) > DETAIL_LIMIT
 
 
 def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | None:
@@ -384,8 +692,12 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | Non
     if study is None:
         return None
     uid = study_instance_uid
-    jobs = list(
-        session.scalars(select(Job).where(Job.kind == JobKind.ANALYSE, Job.study_instance_uid == uid))
+    jobs, more_jobs = _newest(
+        session,
+        select(Job)
+        .options(defer(Job.findings_json))
+        .where(Job.kind == JobKind.ANALYSE, Job.study_instance_uid == uid),
+        Job.study_version,
     )
     sizes = dict(
         session.execute(  # type: ignore[arg-type]
@@ -408,20 +720,43 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | Non
             .order_by(Instance.series_instance_uid)
         )
     ]
-    calls = list(
-        session.scalars(select(ApiCall).where(ApiCall.study_instance_uid == uid).order_by(ApiCall.id))
+    calls, more_calls = _newest(session, select(ApiCall).where(ApiCall.study_instance_uid == uid), ApiCall.id)
+    deliveries, more_deliveries = _newest(
+        session, select(Outbox).where(Outbox.study_instance_uid == uid), Outbox.id
     )
-    deliveries = list(
-        session.scalars(select(Outbox).where(Outbox.study_instance_uid == uid).order_by(Outbox.id))
+    attempts, more_attempts = _newest(
+        session, select(DeliveryAttempt).where(DeliveryAttempt.study_instance_uid == uid), DeliveryAttempt.id
     )
-    actions = list(
-        session.scalars(
-            select(ConsoleAction).where(ConsoleAction.study_instance_uid == uid).order_by(ConsoleAction.id)
-        )
+    claims, more_claims = _newest(
+        session, select(JobClaim).where(JobClaim.study_instance_uid == uid), JobClaim.id
+    )
+    actions, more_actions = _newest(
+        session, select(ConsoleAction).where(ConsoleAction.study_instance_uid == uid), ConsoleAction.id
     )
     a_file = session.scalar(select(Instance.path).where(Instance.study_instance_uid == uid).limit(1))
     return StudyDetail(
-        study, sorted(jobs, key=lambda j: j.study_version), sizes, series, calls, deliveries, actions, a_file
+        study,
+        jobs,
+        sizes,
+        series,
+        calls,
+        deliveries,
+        attempts,
+        claims,
+        actions,
+        a_file,
+        truncated=more_jobs or more_calls or more_deliveries or more_attempts or more_claims or more_actions,
+    )
+
+
+def version_findings(session: Session, study_instance_uid: str, version: int) -> str | None:
+    """The findings (JSON) the model gave for one version of a study, or None."""
+    return session.scalar(
+        select(Job.findings_json).where(
+            Job.kind == JobKind.ANALYSE,
+            Job.study_instance_uid == study_instance_uid,
+            Job.study_version == version,
+        )
     )
 
 
@@ -435,6 +770,11 @@ def unsent_deliveries(
             select(Outbox).where(Outbox.state.in_(states)).order_by(Outbox.id).limit(limit).offset(offset)
         )
     )
+
+
+def count_unsent(session: Session, state: str | None = None) -> int:
+    states = [state] if state else list(UNSENT_STATES)
+    return int(session.scalar(select(func.count()).select_from(Outbox).where(Outbox.state.in_(states))) or 0)
 
 
 def delivery_counts(session: Session) -> list[dict[str, Any]]:

@@ -13,11 +13,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from storage.errors import LeaseLost
-from storage.models import Job, JobKind, JobState, Study, StudyState
+from storage.models import Job, JobClaim, JobKind, JobState, Study, StudyState
 from storage.owners import orphaned
 from storage.studies import update_study_version
 
@@ -100,6 +100,16 @@ def claim(
     if row is None:
         return None
     job = ClaimedJob(row[0], row[1], row[2], row[3], row[4], row[5], token, expires)
+    session.execute(  # each claim, for the console's timeline
+        insert(JobClaim).values(
+            job_id=job.id,
+            study_instance_uid=job.study_instance_uid,
+            study_version=job.study_version,
+            attempt=job.attempts,
+            claimed_at=now,
+            owner=owner[:128],
+        )
+    )
     if job.kind == JobKind.ANALYSE:
         # A study that waited for a key no longer does: its reason goes with the wait.
         update_study_version(

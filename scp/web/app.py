@@ -13,15 +13,18 @@ the port, as before (monitoring scrapes them without a login).
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import json
+import logging
 import math
 import platform
+import re
 import time
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import SplitResult, urlencode, urlsplit
 
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
@@ -33,25 +36,33 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conf import Settings
 from scp.web import documents
-from scp.web.auth import COOKIE, CSRF_FIELD, CSRF_HEADER, Gate, Visitor
+from scp.web.auth import COOKIE, CSRF_FIELD, CSRF_HEADER, Gate, Visitor, session_key
 from scp.web.metrics import CONTENT_TYPE, health, metrics_registry, metrics_text
 from storage import overview
 from storage.actions import cancel_study, record_action, redeliver
 from storage.db import transaction
-from storage.models import StudyState, utc_now
+from storage.models import DeliveryState, StudyState, utc_now
 from storage.overview import disclosure_query
 from storage.studies import complete_study, requeue_study
 
 HERE = Path(__file__).parent
+log = logging.getLogger("ainode.http")
 PAGE_SIZE = 50
+DELIVERIES_PAGE = 500
 CHOICES_SECONDS = 60.0
+UID_TEXT = re.compile(r"[0-9.]{1,64}")  # a DICOM UID (no glob or path characters)
+VERSION_LINKS = 20  # the study page links its newest versions; any other by number
 # The largest study version or delivery id a database integer column holds: a bigger number in
 # a URL or a form names nothing (SQLite and PostgreSQL refuse to bind it: a 500, not a 404).
 MAX_ROW_NUMBER = 2**31 - 1
 OPEN_PATHS = ("/healthz", "/metrics", "/static/", "/login")
+# No form of the console comes near this (bulk redeliver of 500 deliveries is about 10 KiB): a
+# bigger body is refused (413) before it is read, whether it says its length or is chunked.
+MAX_BODY_BYTES = 64 * 1024
 SECURITY_HEADERS = {
     # Scripts only from this server (htmx and console.js are files here), never inline; inline
     # style attributes (bar widths) are allowed.
@@ -74,6 +85,9 @@ STATE_COLOURS = {
     "sending": "teal",
     "sent": "green",
     "dead": "red",
+    overview.SUPERSEDED: "grey",
+    "retry": "amber",
+    "interrupted": "amber",
 }
 KEY_LIBRARIES = (
     "ainode",
@@ -159,6 +173,75 @@ def hidden_settings(settings: Settings) -> dict[str, Any]:
     return data
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuse a request body over ``limit`` bytes with 413: at once when its Content-Length
+    says so (nothing of it is read), else (chunked) as soon as what arrived passes the limit,
+    before the application has it whole. A plain ASGI middleware, outermost, so nothing reads
+    a body around it."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        lengths = [v for k, v in scope["headers"] if k == b"content-length"]
+        if lengths and any(not v.isdigit() or len(v) > 12 or int(v) > self.limit for v in lengths):
+            await _too_large(self.limit)(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracked)
+        except Exception as exc:
+            # Raised from inside the application's own reading (through Starlette's middleware
+            # task group, so perhaps in an exception group of its own).
+            if started or not _only_too_large(exc):
+                raise
+            await _too_large(self.limit)(scope, receive, send)
+
+
+def _only_too_large(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(_BodyTooLarge)
+        return matched is not None and rest is None
+    return isinstance(exc, _BodyTooLarge)
+
+
+def _too_large(limit: int) -> Response:
+    # Connection: close, as the rest of the body is never read.
+    return _secure(
+        Response(
+            f"request body over {limit} bytes\n",
+            status_code=413,
+            media_type="text/plain",
+            headers={"connection": "close"},
+        )
+    )
+
+
 class AccessMiddleware(BaseHTTPMiddleware):
     """Loopback-only without users, a login with them, the CSRF token on every action."""
 
@@ -188,10 +271,24 @@ class AccessMiddleware(BaseHTTPMiddleware):
                 )
             )
         visitor = self.gate.visitor(request.cookies.get(COOKIE))
+        if visitor is not None and await run_in_threadpool(self.gate.logged_out, visitor):
+            visitor = None  # logged out, here or on another node
         new_cookie = None
         if visitor is None and path != "/login":
             if self.gate.login_required:
-                if request.method != "GET" or "hx-request" in request.headers:
+                if "hx-request" in request.headers:
+                    # A page refreshing itself (htmx) whose session ended: the whole page goes
+                    # to the login, instead of silently showing old rows.
+                    back = _local_path(urlsplit(request.headers.get("hx-current-url", "")), "/studies")
+                    return _secure(
+                        Response(
+                            "login required\n",
+                            status_code=401,
+                            media_type="text/plain",
+                            headers={"hx-redirect": f"/login?{urlencode({'next': back})}"},
+                        )
+                    )
+                if request.method != "GET":
                     return _secure(Response("login required\n", status_code=401, media_type="text/plain"))
                 return _secure(RedirectResponse(f"/login?{urlencode({'next': path})}", status_code=303))
             new_cookie = self.gate.cookie_for(None)  # loopback: an anonymous session for its CSRF token
@@ -210,8 +307,14 @@ class AccessMiddleware(BaseHTTPMiddleware):
                 )
         response = await call_next(request)
         if new_cookie is not None:
-            response.set_cookie(COOKIE, new_cookie, **self.gate.cookie_flags())  # type: ignore[arg-type]
+            self.gate.set_cookie(response, new_cookie)
         return _secure(response)
+
+
+def _local_path(url: SplitResult, fallback: str) -> str:
+    """The path and query of a URL when they name a page here (never another site's)."""
+    path = url.path + (f"?{url.query}" if url.query else "")
+    return path if path.startswith("/") and not path.startswith("//") and "\\" not in path else fallback
 
 
 def row_number(text: str) -> int | None:
@@ -230,13 +333,25 @@ def _secure(response: Response) -> Response:
     return response
 
 
+def _gate(settings: Settings, sessions: sessionmaker[Session]) -> Gate:
+    """Sessions signed with the key under the storage root (they survive a restart); a random
+    key, with a warning, when the root cannot hold it."""
+    try:
+        key: bytes | None = session_key(settings.storage.root)
+    except OSError as exc:
+        log.warning("console sessions end at restart: no key file under the storage root (%s)", exc)
+        key = None
+    return Gate(settings, key, sessions)
+
+
 def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | None = None) -> Starlette:
-    gate = gate if gate is not None else Gate(settings)
+    gate = gate if gate is not None else _gate(settings, sessions)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
     env.filters["ago"] = _ago
     env.filters["when"] = _when
     env.filters["short"] = _short
+    env.filters["kind"] = overview.file_kind
     env.globals["colour"] = lambda state: STATE_COLOURS.get(state, "grey")
     env.globals["login_required"] = gate.login_required
     registry = metrics_registry(sessions)
@@ -293,7 +408,7 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
                 day = dt.datetime.strptime(chosen["date"], "%Y-%m-%d").replace(tzinfo=dt.UTC)
             except ValueError:
                 chosen["date"] = ""
-        state = chosen["state"] if chosen["state"] in set(StudyState) else None
+        state = chosen["state"] if chosen["state"] in overview.VERSION_STATES else None
         where = overview.StudyFilter(
             state=state,
             modality=chosen["modality"] or None,
@@ -313,10 +428,10 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         where, number, chosen = _filters(request)
 
         def load(session: Session) -> dict[str, Any]:
-            total = overview.count_studies(session, where)
+            total = overview.count_versions(session, where)
             pages = max(1, math.ceil(total / PAGE_SIZE))
             current = min(number, pages)
-            rows = overview.study_page(session, where, PAGE_SIZE, (current - 1) * PAGE_SIZE)
+            rows = overview.version_page(session, where, PAGE_SIZE, (current - 1) * PAGE_SIZE)
             return {"rows": rows, "total": total, "pages": pages, "page": current}
 
         data = await read(load)
@@ -345,29 +460,48 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
                 patient = await run_in_threadpool(documents.patient_header, root / detail.a_file)
             except OSError:
                 patient = None
-        job = detail.current_job
-        findings = json.loads(job.findings_json) if job is not None and job.findings_json else None
-        sr_path = (
-            documents.newest_file(root, "sr", uid, detail.study.sr_sop_instance_uid)
-            if detail.study.sr_sop_instance_uid
-            else None
-        )
+        asked = row_number(request.query_params.get("version", ""))
+        selected = asked if asked is not None and 1 <= asked <= detail.study.version else detail.study.version
+        job = detail.job_of(selected)
+        findings_json = await read(lambda s: overview.version_findings(s, uid, selected)) if job else None
+        findings = json.loads(findings_json) if findings_json else None
+        sr_uid = detail.report_uid(selected)
+        sr_path = documents.newest_file(root, "sr", uid, sr_uid) if sr_uid else None
         tree = await run_in_threadpool(documents.sr_tree, sr_path) if sr_path is not None else None
-        summary = documents.newest_file(root, "summary", uid)
-        versions = sorted({j.study_version for j in detail.jobs})
+        summary_uid = detail.report_uid(selected, "summary")
+        summary = (
+            documents.newest_file(root, "summary", uid, summary_uid)
+            if summary_uid
+            else (documents.newest_file(root, "summary", uid) if selected == detail.study.version else None)
+        )
+        versions = [j.study_version for j in detail.jobs]
+        timeline, hidden = detail.timeline()
+        deliveries = [
+            d for d in detail.deliveries if d.study_version == selected or d.state != DeliveryState.SENT
+        ]
+        version_cost = sum(c.cost_usd for c in detail.api_calls if job is not None and c.job_id == job.id)
         return await page(
             request,
             "study.html",
             {
                 "d": detail,
                 "study": detail.study,
+                "selected": selected,
                 "job": job,
                 "findings": findings,
                 "tree": tree,
+                "sr_uid": sr_uid,
                 "summary": summary is not None,
+                "summary_uid": summary_uid or "",
                 "patient": patient,
                 "versions": versions,
-                "timeline": detail.timeline(),
+                "recent_versions": versions[-VERSION_LINKS:],
+                "timeline": timeline,
+                "hidden_events": hidden,
+                "detail_limit": overview.DETAIL_LIMIT,
+                "deliveries": deliveries,
+                "version_cost": version_cost,
+                "study_cost": sum(c.cost_usd for c in detail.api_calls),
                 "message": request.query_params.get("message"),
                 "now": utc_now(),
             },
@@ -419,7 +553,10 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         return JSONResponse({**made.manifest, "prompt": made.prompt, "provider": made.provider})
 
     async def summary_png(request: Request) -> Response:
-        path = documents.newest_file(root, "summary", request.path_params["uid"])
+        sop = request.query_params.get("sop") or None  # one version's summary, else the newest
+        if sop is not None and not UID_TEXT.fullmatch(sop):
+            return Response("no summary image\n", status_code=404, media_type="text/plain")
+        path = documents.newest_file(root, "summary", request.path_params["uid"], sop)
         if path is None:
             return Response("no summary image\n", status_code=404, media_type="text/plain")
         png = await run_in_threadpool(documents.summary_png, path)
@@ -480,17 +617,33 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         state = request.query_params.get("state") or None
         state = state if state in overview.UNSENT_STATES else None
 
+        number = row_number(request.query_params.get("page", "1")) or 1
+
         def load(session: Session) -> dict[str, Any]:
+            total = overview.count_unsent(session, state)
+            pages = max(1, math.ceil(total / DELIVERIES_PAGE))
+            current = min(max(1, number), pages)
             return {
-                "items": overview.unsent_deliveries(session, state),
+                "items": overview.unsent_deliveries(
+                    session, state, DELIVERIES_PAGE, (current - 1) * DELIVERIES_PAGE
+                ),
                 "by_destination": overview.delivery_counts(session),
+                "total": total,
+                "page": current,
+                "pages": pages,
             }
 
         data = await read(load)
         return await page(
             request,
             "deliveries.html",
-            {**data, "state": state or "", "message": request.query_params.get("message"), "now": utc_now()},
+            {
+                **data,
+                "state": state or "",
+                "page_query": lambda n: urlencode({**({"state": state} if state else {}), "page": n}),
+                "message": request.query_params.get("message"),
+                "now": utc_now(),
+            },
         )
 
     async def costs(request: Request) -> Response:
@@ -522,41 +675,68 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         )
 
     async def login(request: Request) -> Response:
-        next_path = request.query_params.get("next", "/studies")
-        next_path = next_path if next_path.startswith("/") and not next_path.startswith("//") else "/studies"
+        next_path = _local_path(urlsplit(request.query_params.get("next", "/studies")), "/studies")
+        if not gate.login_required:
+            return RedirectResponse("/studies", status_code=303)
         error = None
         status_code = 200
         headers = {}
+        cookie = request.cookies.get(COOKIE)
+        already = gate.visitor(cookie)
+        if (
+            request.method == "GET"
+            and already is not None
+            and not await run_in_threadpool(gate.logged_out, already)
+        ):
+            return RedirectResponse(next_path, status_code=303)  # logged in: keep that session
         if request.method == "POST":
+            form = await request.form()
             peer = request.client.host if request.client else None
-            wait = gate.begin_login(peer)
-            if wait > 0:
+            expected = gate.login_token(cookie)
+            sent = str(form.get(CSRF_FIELD, ""))
+            if expected is None or not hmac.compare_digest(sent.encode("utf-8"), expected.encode("utf-8")):
+                # Login CSRF: another site's form would log this browser into an account of its
+                # choosing. The form carries the pre-login session's token; the cookie
+                # (SameSite=Strict) never comes with another site's post.
+                status_code = 403
+                error = "This login form has expired or did not come from this console: log in again."
+            elif (wait := gate.begin_login(peer)) > 0:
                 status_code = 429
                 headers["retry-after"] = str(math.ceil(wait))
                 error = f"Too many failed logins from this address: try again in {math.ceil(wait)} s."
             else:
-                form = await request.form()
-                user = await run_in_threadpool(
-                    gate.check_login, str(form.get("user", "")), str(form.get("password", ""))
+                found = await run_in_threadpool(
+                    gate.authenticate, str(form.get("user", "")), str(form.get("password", ""))
                 )
-                if user is not None:
+                if found is not None:
                     gate.login_succeeded(peer)
-                    response = RedirectResponse(next_path, status_code=303)
-                    response.set_cookie(COOKIE, gate.cookie_for(user), **gate.cookie_flags())  # type: ignore[arg-type]
-                    return response
+                    moved = RedirectResponse(next_path, status_code=303)
+                    # A new session (and token): never the pre-login one (session fixation).
+                    gate.set_cookie(moved, gate.cookie_for(found[0], by_token=found[1]))
+                    return moved
                 error = "Wrong name or password."
-        if not gate.login_required:
-            return RedirectResponse("/studies", status_code=303)
-        return templates.TemplateResponse(
+        token = gate.login_token(cookie)
+        fresh = gate.cookie_for(None) if token is None else None  # a pre-login session for the form
+        response = templates.TemplateResponse(
             request,
             "login.html",
-            {"next": next_path, "error": error, "visitor": None, "counts": None},
+            {
+                "next": next_path,
+                "error": error,
+                "visitor": None,
+                "counts": None,
+                "csrf_field": CSRF_FIELD,
+                "login_csrf": token if fresh is None else gate.login_token(fresh),
+            },
             status_code=status_code,
             headers=headers,
         )
+        if fresh is not None:
+            gate.set_cookie(response, fresh)
+        return response
 
     async def logout(request: Request) -> Response:
-        gate.revoke(request.cookies.get(COOKIE))
+        await run_in_threadpool(gate.revoke, request.cookies.get(COOKIE))
         response = RedirectResponse("/login" if gate.login_required else "/studies", status_code=303)
         response.delete_cookie(COOKIE, path="/")
         return response
@@ -581,4 +761,10 @@ def make_app(settings: Settings, sessions: sessionmaker[Session], gate: Gate | N
         Route("/logout", logout, methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(AccessMiddleware, gate=gate, templates=templates)])
+    return Starlette(
+        routes=routes,
+        middleware=[
+            Middleware(BodyLimit),  # outermost: before anything reads a body
+            Middleware(AccessMiddleware, gate=gate, templates=templates),
+        ],
+    )

@@ -92,7 +92,7 @@ def test_the_console_shows_what_was_sent_and_retry_makes_a_new_sr_in_orthanc(
         _shot(page, tmp_path, "studies")
 
         row.locator("a").first.click()
-        page.wait_for_url(f"{base}/studies/{study}")
+        page.wait_for_url(f"{base}/studies/{study}?version=1")
         timeline = page.locator("table.timeline")
         for moment in ("first instance received", "version 1 settled and queued", "model call simulator"):
             expect(timeline).to_contain_text(moment)
@@ -129,6 +129,20 @@ def test_the_console_shows_what_was_sent_and_retry_makes_a_new_sr_in_orthanc(
         page.reload()
         expect(page.locator("table.timeline")).to_contain_text("retry by local operator (loopback)")
         expect(page.locator("table.timeline")).to_contain_text("version 2 analysis succeeded")
+        # The studies page: one row per version, newest first, each with its own SR.
+        page.goto(f"{base}/studies")
+        rows = page.locator(f'tr[data-study="{study}"]')
+        expect(rows).to_have_count(2)
+        assert [rows.nth(i).get_attribute("data-version") for i in range(2)] == ["2", "1"]
+        for i in range(2):
+            expect(rows.nth(i).locator(".badge")).to_have_text("done")
+            expect(rows.nth(i).locator("a", has_text="SR")).to_have_count(1)
+        srs = {rows.nth(i).locator("a", has_text="SR").get_attribute("title") for i in range(2)}
+        assert len(srs) == 2  # two SR versions
+        _shot(page, tmp_path, "studies-versions")
+        rows.nth(1).locator("a").first.click()  # version 1's own page
+        expect(page.locator(".notice").last).to_contain_text("Showing version 1")
+        expect(page.locator("ul.tree.sr")).to_contain_text("Imaging Measurement Report")
 
         for name in ("deliveries", "costs", "health"):
             page.goto(f"{base}/{name}")
@@ -163,7 +177,20 @@ def test_a_dead_lettered_delivery_is_redelivered_from_the_page(
             assert all(d["state"] == "sent" for d in done["deliveries"])
             assert len(sr_in_orthanc(http_port, study)) == 1
         page.goto(f"{base}/studies/{study}")
-        expect(page.locator("table.timeline")).to_contain_text("redeliver by local operator (loopback)")
+        timeline = page.locator("table.timeline")
+        expect(timeline).to_contain_text("redeliver by local operator (loopback)")
+        # Each attempt per destination with its outcome: refused (nobody listening), then sent.
+        attempts = timeline.locator("tr.attempt")
+        expect(timeline.locator("tr.attempt.dead").first).to_contain_text("delivery to pacs: dead")
+        expect(timeline.locator("tr.attempt.dead").first).to_contain_text("cannot reach 127.0.0.1")
+        expect(timeline.locator("tr.attempt.sent").first).to_contain_text("delivery to pacs: sent")
+        expect(timeline.locator("tr.attempt.sent").first).to_contain_text("attempt 1, status 0x0000")
+        outcomes = [row.get_attribute("class") for row in attempts.all()]
+        first_sent = outcomes.index("attempt sent")
+        assert "attempt dead" in outcomes[:first_sent]  # the history in order: dead, then sent
+        expect(timeline).to_contain_text("claimed by a worker")
+        expect(page.locator("img.sent").first).to_be_visible(timeout=30_000)
+        _shot(page, tmp_path, "study-delivery-history")
 
 
 def test_with_users_the_console_asks_for_a_login_shows_patient_data_and_checks_csrf(

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.actions import redeliver
 from storage.db import transaction
 from storage.models import ApiCall, Instance, Job, Outbox, Study, utc_now
-from storage.overview import StudyFilter, count_studies, study_page, study_rows
+from storage.overview import StudyFilter, count_versions, study_rows, version_page
 
 
 def _fill(sessions: sessionmaker[Session], count: int) -> dt.datetime:
@@ -113,13 +113,13 @@ def test_a_page_costs_the_same_queries_for_5_rows_as_for_50(
     _fill(sessions, 60)
     with sessions() as session:
         counted.clear()
-        small = study_page(session, limit=5)
+        small = version_page(session, limit=5)
         few = len(counted)
         counted.clear()
-        big = study_page(session, limit=50)
+        big = version_page(session, limit=50)
         many = len(counted)
     assert len(small) == 5 and len(big) == 50
-    assert few == many == 5  # studies, jobs, costs, deliveries, modalities
+    assert few == many == 6  # versions, studies, jobs, costs, deliveries, modalities
     assert [r["study_instance_uid"] for r in small] == [
         f"1.2.3.{n}" for n in range(59, 54, -1)
     ]  # newest first
@@ -134,14 +134,14 @@ def test_a_page_costs_the_same_queries_for_5_rows_as_for_50(
 def test_filters_and_search(sessions: sessionmaker[Session]) -> None:
     _fill(sessions, 30)
     with sessions() as session:
-        assert count_studies(session) == 30
-        assert count_studies(session, StudyFilter(state="failed")) == 3
-        assert count_studies(session, StudyFilter(modality="CT")) == 15
-        assert count_studies(session, StudyFilter(calling_ae_title="MR01", state="failed")) == 3
-        assert [r["study_instance_uid"] for r in study_page(session, StudyFilter(uid="1.2.3.2"))][
+        assert count_versions(session) == 30
+        assert count_versions(session, StudyFilter(state="failed")) == 3
+        assert count_versions(session, StudyFilter(modality="CT")) == 15
+        assert count_versions(session, StudyFilter(calling_ae_title="MR01", state="failed")) == 3
+        assert [r["study_instance_uid"] for r in version_page(session, StudyFilter(uid="1.2.3.2"))][
             -1
         ] == "1.2.3.2"
-        assert count_studies(session, StudyFilter(uid="1.2.3.2")) == 11  # 1.2.3.2 and 1.2.3.20-29
+        assert count_versions(session, StudyFilter(uid="1.2.3.2")) == 11  # 1.2.3.2 and 1.2.3.20-29
     with pytest.raises(ValueError, match='Argument "state" must be one of'):
         StudyFilter(state="lost")
 

@@ -20,7 +20,7 @@ from scp.web import documents
 from scp.web.app import hidden_settings, make_app
 from scp.web.auth import COOKIE, LOGIN_FREE_FAILURES, hash_password
 from storage.db import make_engine, make_session_factory, migrate, transaction
-from storage.models import Study, utc_now
+from storage.models import Job, Outbox, Study, utc_now
 
 UID = "1.2.826.0.1.3680043.8.498.1"
 
@@ -94,6 +94,13 @@ def _client(tmp_path: Path, sessions: sessionmaker[Session], **http: object) -> 
     return Browser(_app(tmp_path, sessions, **http))
 
 
+def _login(client: Browser, user: str, password: str, **kwargs: Any) -> httpx.Response:
+    """Log in as a browser does: the login form first (its CSRF token), then the post."""
+    found = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text)
+    assert found is not None
+    return client.post("/login", data={"user": user, "password": password, "csrf": found.group(1)}, **kwargs)
+
+
 def _csrf(client: Browser) -> str:
     found = re.search(r'name="csrf" value="([^"]+)"', client.get(f"/studies/{UID}").text)
     assert found is not None
@@ -137,7 +144,7 @@ def test_a_session_cookie_is_dead_after_logout_even_when_replayed_from_elsewhere
 ) -> None:
     app = _app(tmp_path, sessions, users={"admin": hash_password("pw")})
     operator = Browser(app, peer="10.0.0.7")
-    assert operator.post("/login", data={"user": "admin", "password": "pw"}).status_code == 303
+    assert _login(operator, "admin", "pw").status_code == 303
     cookie = operator.cookies[COOKIE]
     assert operator.get(f"/studies/{UID}").status_code == 200
     assert operator.post("/logout", data={"csrf": _csrf(operator)}).status_code == 303
@@ -153,13 +160,13 @@ def test_login_guessing_is_answered_429_after_a_few_failures_from_one_address(
     app = _app(tmp_path, sessions, users={"admin": hash_password("pw")})
     guesser = Browser(app, peer="10.0.0.66")
     for n in range(LOGIN_FREE_FAILURES):
-        wrong = guesser.post("/login", data={"user": "admin", "password": f"guess{n}"})
+        wrong = _login(guesser, "admin", f"guess{n}")
         assert wrong.status_code == 200 and "Wrong name or password" in wrong.text
-    held = guesser.post("/login", data={"user": "admin", "password": "pw"})  # even the right one
+    held = _login(guesser, "admin", "pw")  # even the right one
     assert held.status_code == 429 and int(held.headers["retry-after"]) >= 1
-    assert COOKIE not in guesser.cookies
+    assert guesser.get("/studies").status_code == 303  # not logged in
     operator = Browser(app, peer="10.0.0.7")
-    assert operator.post("/login", data={"user": "admin", "password": "pw"}).status_code == 303
+    assert _login(operator, "admin", "pw").status_code == 303
 
 
 @pytest.mark.parametrize(
@@ -244,3 +251,67 @@ def test_a_nul_character_in_a_url_is_a_bad_request_not_a_database_error(
     assert client.get(path).status_code == 400
     response = client.post("/studies/1.2%00/retry", data={"csrf": _csrf(client)})
     assert response.status_code == 400
+
+
+def test_the_deliveries_page_pages_through_everything_not_delivered(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    now = utc_now()
+    with transaction(sessions) as session:
+        session.execute(
+            insert(Outbox),
+            [
+                {
+                    "study_instance_uid": UID,
+                    "study_version": 1,
+                    "destination": "pacs",
+                    "sr_path": f"{'kos' if n == 0 else 'sr'}/{UID}/2.25.{n}.x.dcm",
+                    "sr_sop_instance_uid": f"2.25.{n}",
+                    "state": "pending" if n == 0 else "dead",
+                    "attempts": 2,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for n in range(501)
+            ],
+        )
+    client = _client(tmp_path, sessions)
+    first = client.get("/deliveries")
+    assert "501 not delivered" in first.text and "page 1 of 2" in first.text
+    assert first.text.count('name="id"') == 499  # 500 rows, the first one retrying
+    assert ">retrying</span>" in first.text and "key images" in first.text
+    second = client.get("/deliveries", params={"page": "2"})
+    assert second.text.count('name="id"') == 1 and 'value="/deliveries?page=2"' in second.text
+    assert client.get("/deliveries", params={"page": "9" * 40}).status_code == 200
+
+
+def test_the_study_page_shows_an_earlier_version_when_asked(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    now = utc_now()
+    with transaction(sessions) as session:
+        session.execute(update(Study).values(version=2))
+        for version in (1, 2):
+            session.execute(
+                insert(Job).values(
+                    kind="analyse",
+                    study_instance_uid=UID,
+                    study_version=version,
+                    state="succeeded",
+                    attempts=1,
+                    findings_json=json.dumps({"summary": f"summary of version {version}", "findings": []}),
+                    run_after=now,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    client = _client(tmp_path, sessions)
+    assert "summary of version 2" in client.get(f"/studies/{UID}").text
+    earlier = client.get(f"/studies/{UID}", params={"version": "1"})
+    assert "summary of version 1" in earlier.text and "the current version is" in earlier.text
+    for nonsense in ("0", "3", "x", "9" * 40):  # no such version: the current one
+        assert "summary of version 2" in client.get(f"/studies/{UID}", params={"version": nonsense}).text
+    rows = client.get("/studies").text
+    assert rows.count(f'data-study="{UID}"') == 2  # one row per version
+    assert client.get(f"/studies/{UID}/summary.png", params={"sop": "*"}).status_code == 404

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import stat
+from pathlib import Path
+
 import pytest
 
 from conf import Settings
@@ -11,6 +14,7 @@ from scp.web.auth import (
     Gate,
     hash_password,
     is_loopback,
+    session_key,
     verify_password,
 )
 
@@ -123,3 +127,66 @@ def test_the_token_cannot_log_in_under_a_users_name() -> None:
     assert gate.check_login("alice", "tok-123") == "token (alice)"
     assert gate.check_login("night shift", "tok-123") == "token (night shift)"
     assert gate.check_login("alice", "pw") == "alice"
+
+
+def test_a_session_ends_when_its_password_or_token_changes_or_its_user_is_removed() -> None:
+    key = b"k" * 32
+    before = Gate(_settings(users={"alice": hash_password("pw"), "bob": hash_password("b")}, token="t1"), key)
+    alice, bob = before.cookie_for("alice"), before.cookie_for("bob")
+    by_token = before.cookie_for("token (night)", by_token=True)
+    same = Gate(before.settings, key)  # the node restarted with the same configuration
+    assert same.visitor(alice) is not None and same.visitor(by_token) is not None
+    after = Gate(_settings(users={"alice": hash_password("new")}, token="t2"), key)
+    assert after.visitor(alice) is None  # new password
+    assert after.visitor(bob) is None  # removed
+    assert after.visitor(by_token) is None  # new token
+
+
+def test_a_user_named_like_the_token_is_not_a_token_session() -> None:
+    key = b"k" * 32
+    gate = Gate(_settings(users={"token": hash_password("pw")}, token="tok"), key)
+    assert gate.authenticate("token", "pw") == ("token", False)
+    assert gate.authenticate("", "tok") == ("token", True)
+    password_session = gate.cookie_for("token", by_token=False)
+    assert Gate(_settings(users={"token": hash_password("pw")}), key).visitor(password_session) is None
+    assert Gate(_settings(token="tok"), key).visitor(password_session) is None  # user gone
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[]",
+        b"{}",
+        b'{"u": 5, "e": 9e99, "c": "x", "t": false, "k": null}',
+        b'{"u": null, "e": "never", "c": "x", "t": false, "k": null}',
+        b"not json",
+        b'{"u": "admin", "e": 9e99, "c": "x"}',
+    ],
+)
+def test_a_cookie_signed_with_the_key_but_of_another_shape_is_no_session(payload: bytes) -> None:
+    gate = Gate(_settings(users={"admin": hash_password("pw")}), b"k" * 32)
+    import base64
+
+    body = base64.urlsafe_b64encode(payload).decode().rstrip("=")
+    cookie = f"{body}.{gate._sign(payload)}"
+    assert gate.visitor(cookie) is None and gate.login_token(cookie) is None
+    gate.revoke(cookie)
+
+
+@pytest.mark.parametrize(
+    "cookie", ["", ".", "a.b", "é.ü", "x" * 10000, "a" * 5000 + "." + "b" * 43, "%00.%00"]
+)
+def test_garbage_cookies_are_no_session(cookie: str) -> None:
+    gate = Gate(_settings(users={"admin": hash_password("pw")}))
+    assert gate.visitor(cookie) is None and gate.login_token(cookie) is None
+
+
+def test_the_session_key_is_made_once_private_and_kept(tmp_path: Path) -> None:
+    key = session_key(tmp_path)
+    path = tmp_path / "console" / "session.key"
+    assert len(key) == 32 and path.read_bytes() == key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert session_key(tmp_path) == key  # the next start: the same key, sessions go on
+    path.write_bytes(b"short")
+    assert session_key(tmp_path) not in (key, b"short")  # not a key: replaced
+    assert not [p for p in path.parent.iterdir() if p.name != "session.key"]  # no temporary left
