@@ -5,9 +5,9 @@ they expire (sessions now survive a restart, so a logout must too); indexes for 
 page's one row per study version, newest first (current versions by settle time, the studies
 that have earlier versions, a version's deliveries by state)
 
-Revision ID: 0014
+Revision ID: 0013
 Revises: 0012
-Create Date: 2026-12-09
+Create Date: 2026-11-30
 """
 
 import sqlalchemy as sa
@@ -15,7 +15,7 @@ from alembic import op
 
 from storage.models import UTCDateTime
 
-revision = "0014"
+revision = "0013"
 down_revision = "0012"
 branch_labels = None
 depends_on = None
