@@ -60,6 +60,8 @@ class NodeSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=0, le=65535)
     allowed_calling_aets: tuple[str, ...] = ()
+    # An association whose called AE title is not ae_title is rejected (as a PACS does)
+    check_called_aet: bool = True
     network_timeout_seconds: float = Field(default=30.0, gt=0)
     acse_timeout_seconds: float = Field(default=30.0, gt=0)
     dimse_timeout_seconds: float = Field(default=60.0, gt=0)

@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conf import Settings
 from scp import reactor, tls
+from scp.association_log import AssociationLog
 from scp.dataset_check import DatasetLimits, InflateLimits, check_dataset_file
 from scp.errors import DatasetCorrupt, DatasetMismatch
 from scp.statuses import StoreStatus
@@ -239,6 +240,8 @@ class StorageSCP:
         # and hashed.
         self._byte_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         self._open: dict[int, set[str]] = {}
+        self.associations = AssociationLog(settings.storage.root)
+        self._stored: dict[int, int] = {}  # instances each open association stored
         self._open_lock = threading.Lock()
         self._stop = threading.Event()
         self._server: NodeServer | None = None
@@ -255,6 +258,7 @@ class StorageSCP:
         ae.maximum_associations = node.max_associations
         if node.allowed_calling_aets:
             ae.require_calling_aet = list(node.allowed_calling_aets)
+        ae.require_called_aet = node.check_called_aet  # a caller must address us by our title
         ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES)
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax is not None:
@@ -344,9 +348,22 @@ class StorageSCP:
 
     # -- association bookkeeping -------------------------------------------------------------
 
+    def _peer(self, event: evt.Event) -> dict[str, object]:
+        requestor = event.assoc.requestor
+        return {
+            "calling_ae": str(requestor.ae_title).strip(),
+            # the title the caller addressed (the A-ASSOCIATE-RQ's), not necessarily ours
+            "called_ae": str(getattr(requestor.primitive, "called_ae_title", "") or "").strip(),
+            "peer_address": requestor.address,
+            "peer_port": requestor.port,
+            "tls": self.settings.node.tls_enabled,
+        }
+
     def _on_accepted(self, event: evt.Event) -> None:
         with self._open_lock:
             self._open[id(event.assoc)] = set()
+            self._stored[id(event.assoc)] = 0
+        self.associations.write("association-accepted", outcome="success", **self._peer(event))
         log.info(
             "association accepted from %s (%s)",
             event.assoc.requestor.ae_title,
@@ -387,6 +404,7 @@ class StorageSCP:
             assoc.kill()
 
     def _on_rejected(self, event: evt.Event) -> None:
+        self.associations.write("association-rejected", outcome="rejected", **self._peer(event))
         log.warning(
             "association from %s (%s) rejected",
             event.assoc.requestor.ae_title,
@@ -396,6 +414,19 @@ class StorageSCP:
     def _on_closed(self, event: evt.Event) -> None:
         with self._open_lock:
             studies = self._open.pop(id(event.assoc), None)
+            stored = self._stored.pop(id(event.assoc), None)
+        if stored is not None:  # the first of released / aborted / closed ends it
+            ending = event.event
+            outcome = (
+                "released"
+                if ending == evt.EVT_RELEASED
+                else "aborted"
+                if ending == evt.EVT_ABORTED
+                else "closed"
+            )
+            self.associations.write(
+                "association-ended", outcome=outcome, instances_stored=stored, **self._peer(event)
+            )
         if studies:
             self._push_settle(studies)
 
@@ -487,6 +518,8 @@ class StorageSCP:
         if study is not None:
             with self._open_lock:
                 self._open.setdefault(id(assoc), set()).add(study)
+                if id(assoc) in self._stored:
+                    self._stored[id(assoc)] += 1
         elapsed_ms = (time.perf_counter() - started) * 1000
         if status.is_success:
             log.info(
