@@ -204,6 +204,19 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return tls.server_context(settings.node)
 
 
+def _ending(event: evt.Event) -> str:
+    """How an association ended. The peer closing the connection after our A-RELEASE-RP races
+    the association thread's EVT_RELEASED: a close in Sta13 (release response sent, waiting for
+    the close) that was no abort is the release."""
+    if event.event == evt.EVT_RELEASED:
+        return "released"
+    if event.event == evt.EVT_ABORTED or event.assoc.is_aborted:
+        return "aborted"
+    if event.assoc.is_released or event.assoc.dul.state_machine.current_state == "Sta13":
+        return "released"
+    return "closed"
+
+
 class StorageSCP:
     """The node's DICOM listener and the settle loop that queues studies."""
 
@@ -416,16 +429,8 @@ class StorageSCP:
             studies = self._open.pop(id(event.assoc), None)
             stored = self._stored.pop(id(event.assoc), None)
         if stored is not None:  # the first of released / aborted / closed ends it
-            ending = event.event
-            outcome = (
-                "released"
-                if ending == evt.EVT_RELEASED
-                else "aborted"
-                if ending == evt.EVT_ABORTED
-                else "closed"
-            )
             self.associations.write(
-                "association-ended", outcome=outcome, instances_stored=stored, **self._peer(event)
+                "association-ended", outcome=_ending(event), instances_stored=stored, **self._peer(event)
             )
         if studies:
             self._push_settle(studies)
