@@ -1,6 +1,10 @@
-"""Slab projections of a volume, vectorised with numpy: each slab's slices are read once, put
-through the modality LUT into one (slices, rows, columns) float32 array, and reduced along the
-slice axis (maximum, mean or minimum) for every window the series is shown in.
+"""Slab projections of a volume, vectorised with numpy: each slab's slices are read once into one
+(slices, rows, columns) array (plain slices straight from their bytes into a buffer reused from
+slab to slab, :mod:`analysis.native`; the rest through pydicom), kept as the stored integers
+while the slab shares one linear Modality LUT, reduced along the slice axis (maximum, sum or
+minimum) and windowed from the reduction (a table look-up for 8- and 16-bit values) for every
+window the series is shown in. The pixels are those of windowing the values and projecting
+them, as :func:`project` and :func:`analysis.imaging.apply_window` do.
 
 And the way back: :func:`locate` finds, for a box on a slab tile, the slice the projected value
 came from (for a MIP, the slice of the brightest voxel inside the box), so the SR's region lands
@@ -9,8 +13,11 @@ on the image where the finding is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -19,12 +26,15 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut
 
 from analysis.errors import ImageSkipped
-from analysis.imaging import MAX_SOURCE_PIXELS, DisplayFrame, WindowChoice, apply_window
+from analysis.imaging import MAX_SOURCE_PIXELS, DisplayFrame, Gray8, WindowChoice, apply_window
+from analysis.native import read_header, read_pixels
 from analysis.selection import ChosenFrame
 from analysis.slabs import Slab
 from analysis.windows import WindowSpec
 
 Values = NDArray[np.float32]
+# Offered a slice's (rows, columns) and stored type, an array to read it into, or None.
+Destination = Callable[[tuple[int, int], np.dtype[Any]], NDArray[Any] | None]
 
 
 def _rescale(ds: Dataset, frame_index: int) -> tuple[float, float] | None:
@@ -51,13 +61,24 @@ def _rescale(ds: Dataset, frame_index: int) -> tuple[float, float] | None:
 
 
 class SliceReader:
-    """Values (after the modality LUT) of the frames of a series, keeping the last multi-frame
-    file decoded so a stack of its frames is decoded once."""
+    """Values (after the modality LUT) of the frames of a series. A plain uncompressed slice is
+    read straight from its bytes (:mod:`analysis.native`); anything else through pydicom, keeping
+    the last multi-frame file decoded so a stack of its frames is decoded once."""
 
     def __init__(self) -> None:
         self._path: Path | None = None
         self._dataset: Dataset | None = None
         self._pixels: NDArray[np.generic] | None = None
+        self._buffer: NDArray[Any] | None = None
+
+    def buffer(self, slices: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> NDArray[Any]:
+        """A (slices, *shape) array of ``dtype`` to stack a slab in, the same memory from one slab
+        to the next while it fits: fresh memory per slab costs a page fault per 4 KiB, as much
+        as reading the slices."""
+        kept = self._buffer
+        if kept is None or kept.dtype != dtype or kept.shape[1:] != tuple(shape) or kept.shape[0] < slices:
+            kept = self._buffer = np.empty((slices, *shape), dtype=dtype)
+        return kept[:slices]
 
     def header(self, frame: ChosenFrame) -> Dataset:
         self._load(frame.image.path)
@@ -75,8 +96,24 @@ class SliceReader:
             raise ImageSkipped(f"frame of {rows}x{columns} pixels exceeds the limit; not decoded")
         self._dataset, self._pixels = ds, _native(ds, rows, columns)
 
-    def values(self, frame: ChosenFrame) -> Values:
+    def stored(
+        self, frame: ChosenFrame, into: Destination | None = None
+    ) -> tuple[NDArray[np.generic], float, float]:
+        """The frame's stored values and the linear Modality LUT (slope, intercept) that makes
+        them values; values already through a Modality LUT Sequence come with (1, 0). ``into``
+        may offer an array to read a plain slice straight into (given its shape and type)."""
         try:
+            if frame.image.number_of_frames == 1 and self._path != frame.image.path:
+                with frame.image.path.open("rb") as file:
+                    header = read_header(file)
+                    if header is not None:
+                        rows, columns = header.rows, header.columns
+                        if rows * columns > MAX_SOURCE_PIXELS:
+                            raise ImageSkipped(
+                                f"frame of {rows}x{columns} pixels exceeds the limit; not decoded"
+                            )
+                        out = into((header.rows, header.columns), header.dtype) if into else None
+                        return read_pixels(file, header, out), header.slope, header.intercept
             self._load(frame.image.path)
         except ImageSkipped:
             raise
@@ -86,19 +123,28 @@ class SliceReader:
         if ds is None or pixels is None:
             raise ImageSkipped(f"cannot read {frame.image.sop_instance_uid}")
         frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames > 1 and not 0 <= frame.frame_index < frames:
+            raise ImageSkipped(f"frame {frame.frame_index} of {frames} frames does not exist")
         raw = pixels[frame.frame_index] if frames > 1 else pixels
         if raw.ndim != 2:
             raise ImageSkipped(f"frame {frame.frame_index} is not a grayscale image")
         rescale = _rescale(ds, frame.frame_index)
         if rescale is None:
-            return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
-        slope, intercept = rescale
-        values = raw.astype(np.float32)
-        if slope != 1.0:
-            values *= np.float32(slope)
-        if intercept != 0.0:
-            values += np.float32(intercept)
-        return values
+            return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32), 1.0, 0.0
+        return raw, *rescale
+
+    def values(self, frame: ChosenFrame) -> Values:
+        raw, slope, intercept = self.stored(frame)
+        return _rescaled(raw, slope, intercept)
+
+
+def _rescaled(raw: NDArray[np.generic], slope: float, intercept: float) -> Values:
+    values = raw.astype(np.float32)
+    if slope != 1.0:
+        values *= np.float32(slope)
+    if intercept != 0.0:
+        values += np.float32(intercept)
+    return values
 
 
 _NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
@@ -132,28 +178,141 @@ def _native(ds: Dataset, rows: int, columns: int) -> NDArray[np.generic]:
     return array
 
 
-def stack(slab: Slab, reader: SliceReader) -> tuple[Values, list[ChosenFrame], list[tuple[ChosenFrame, str]]]:
-    """The slab's values as one (slices, rows, columns) array; slices that cannot be read or do
-    not match the first one's size are returned apart with the reason."""
-    arrays: list[Values] = []
+@dataclass(frozen=True)
+class SlabValues:
+    """A slab's slices as one (slices, rows, columns) array: the stored values with one linear
+    Modality LUT shared by every slice (the usual CT and MR series, kept as integers so the
+    projections reduce half or a quarter of the bytes), or float32 values when the slices'
+    rescales differ (PET) or a Modality LUT Sequence was applied (slope 1, intercept 0)."""
+
+    stored: NDArray[np.generic]
+    slope: float = 1.0
+    intercept: float = 0.0
+
+    @property
+    def slices(self) -> int:
+        return int(self.stored.shape[0])
+
+    def values(self) -> Values:
+        """Every slice in values (float32): for tests and the rare caller that wants them all."""
+        return _rescaled(self.stored, self.slope, self.intercept)
+
+    def reduce(self, projection: str) -> tuple[NDArray[Any], float, float]:
+        """The slab reduced along its slices, and the linear map (slope, intercept) from it to
+        the projection's values. A linear rescale commutes with the mean, and with the maximum
+        and minimum (swapped when the slope is negative), so the reduction runs on the stored
+        integers: the maximum stays in their type (a window is then a table look-up), the
+        mean is their sum with ``slope / slices``."""
+        if self.stored.ndim != 3 or self.stored.shape[0] == 0:
+            shape = self.stored.shape
+            raise ValueError(
+                f'Argument "values" must be a non-empty (slices, rows, columns) array, got {shape}'
+            )
+        if self.slope < 0 and projection in ("mip", "minip"):
+            projection = "minip" if projection == "mip" else "mip"
+        if projection == "mip":
+            return self.stored.max(axis=0), self.slope, self.intercept
+        if projection == "minip":
+            return self.stored.min(axis=0), self.slope, self.intercept
+        if projection == "average":
+            # float32 holds any sum of up to 255 16-bit values exactly (< 2**24)
+            total = self.stored.sum(axis=0, dtype=np.float64 if self.stored.itemsize > 2 else np.float32)
+            return total, self.slope / self.slices, self.intercept
+        raise ValueError(f'Argument "projection" must be "mip", "average" or "minip", got "{projection}"')
+
+    def project(self, projection: str) -> Values:
+        """The slab's projection (:func:`project`) in values (float32)."""
+        reduced, slope, intercept = self.reduce(projection)
+        return _rescaled(reduced, slope, intercept)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_table(dtype: str, slope: float, intercept: float, center: float, width: float) -> Gray8:
+    """Display pixel for every stored value of an 8- or 16-bit type, indexed by its bit pattern
+    read as unsigned: the window of the value's rescale, exactly as :func:`apply_window` gives it."""
+    kind = np.dtype(dtype)
+    unsigned = np.dtype(f"<u{kind.itemsize}")
+    patterns = np.arange(1 << (8 * kind.itemsize), dtype=np.int64).astype(unsigned)
+    values = _rescaled(patterns.view(kind), slope, intercept)
+    table = apply_window(values, WindowChoice(center, width, "table"))
+    table.setflags(write=False)
+    return table
+
+
+def windowed(reduced: NDArray[Any], slope: float, intercept: float, center: float, width: float) -> Gray8:
+    """``apply_window`` of ``reduced * slope + intercept`` without the float image in between: a
+    table look-up for 8- and 16-bit integers, else one fused multiply-add in float32."""
+    if reduced.dtype.kind in "iu" and reduced.dtype.itemsize <= 2:
+        table = _window_table(reduced.dtype.str, slope, intercept, center, width)
+        unsigned = reduced.view(f"<u{reduced.dtype.itemsize}") if reduced.dtype.kind == "i" else reduced
+        looked_up: Gray8 = np.take(table, unsigned)  # take: a third of the time of table[unsigned]
+        return looked_up
+    if width == 1:
+        return apply_window(_rescaled(reduced, slope, intercept), WindowChoice(center, width, "step"))
+    # ((v - (c - 0.5)) / (w - 1) + 0.5) * 255 with v = x * slope + intercept, as x * a + b
+    a = slope * 255.0 / (width - 1)
+    b = ((intercept - (center - 0.5)) / (width - 1) + 0.5) * 255.0
+    scaled = reduced.astype(np.float32)  # a copy, so the work below is in place
+    scaled *= np.float32(a)
+    scaled += np.float32(b)
+    np.clip(scaled, 0, 255, out=scaled)
+    np.rint(scaled, out=scaled)
+    out: Gray8 = scaled.astype(np.uint8)
+    return out
+
+
+def stack(
+    slab: Slab, reader: SliceReader
+) -> tuple[SlabValues, list[ChosenFrame], list[tuple[ChosenFrame, str]]]:
+    """The slab's slices read once into one (slices, rows, columns) array; slices that cannot be
+    read or do not match the first one's size are returned apart with the reason.
+
+    Plain slices are read straight into the reader's buffer (:meth:`SliceReader.buffer`), so the
+    array returned is valid until the reader stacks the next slab."""
+    count = len(slab.members)
+    volume: NDArray[Any] | None = None
+    converted = False  # the volume holds values (float32), not the stored integers
+    slope, intercept = 1.0, 0.0
     used: list[ChosenFrame] = []
     skipped: list[tuple[ChosenFrame, str]] = []
+
+    def slot(shape: tuple[int, int], dtype: np.dtype[Any]) -> NDArray[Any] | None:
+        nonlocal volume
+        if volume is None:
+            volume = reader.buffer(count, shape, dtype)
+        if converted or volume.shape[1:] != shape or volume.dtype != dtype:
+            return None
+        place: NDArray[Any] = volume[len(used)]
+        return place
+
     for member in slab.members:
         try:
-            values = reader.values(member)
+            raw, member_slope, member_intercept = reader.stored(member, slot)
         except ImageSkipped as exc:
             skipped.append((member, str(exc)))
             continue
-        if arrays and values.shape != arrays[0].shape:
-            skipped.append(
-                (member, f"{values.shape[0]}x{values.shape[1]} pixels, unlike the rest of its slab")
-            )
+        if not used:  # the first slice read decides the slab's size, type and rescale
+            if volume is None or (volume.shape[1:], volume.dtype) != (raw.shape, raw.dtype):
+                volume = reader.buffer(count, raw.shape, raw.dtype)
+            slope, intercept = member_slope, member_intercept
+        assert volume is not None
+        if raw.shape != volume.shape[1:]:
+            skipped.append((member, f"{raw.shape[0]}x{raw.shape[1]} pixels, unlike the rest of its slab"))
             continue
-        arrays.append(values)
+        if not converted and (raw.dtype, member_slope, member_intercept) != (volume.dtype, slope, intercept):
+            # A slice whose rescale (or type) differs from the first's: values from here on.
+            done = _rescaled(volume[: len(used)], slope, intercept)
+            volume = np.empty(volume.shape, dtype=np.float32)
+            volume[: len(used)] = done
+            slope, intercept, converted = 1.0, 0.0, True
+        if converted:
+            volume[len(used)] = _rescaled(raw, member_slope, member_intercept)
+        elif not np.may_share_memory(raw, volume):  # not read straight into its place
+            volume[len(used)] = raw
         used.append(member)
-    if not arrays:
-        return np.zeros((0, 0, 0), dtype=np.float32), used, skipped
-    return np.stack(arrays), used, skipped
+    if volume is None or not used:
+        return SlabValues(np.zeros((0, 0, 0), dtype=np.float32)), used, skipped
+    return SlabValues(volume[: len(used)], slope, intercept), used, skipped
 
 
 def project(values: Values, projection: str) -> Values:
@@ -174,19 +333,19 @@ def project(values: Values, projection: str) -> Values:
 
 
 def render(
-    values: Values,
+    values: SlabValues,
     window: WindowSpec,
     monochrome1: bool,
     frame_index: int,
     spacing: tuple[float, float] | None,
 ) -> DisplayFrame:
     """A slab's projection in one window (or three, as RGB) to display pixels."""
-    projected = project(values, window.projection)
+    reduced, slope, intercept = values.reduce(window.projection)
     if window.rgb is not None:
-        channels = [apply_window(projected, WindowChoice(c, w, "rgb channel")) for c, w in window.rgb]
+        channels = [windowed(reduced, slope, intercept, c, w) for c, w in window.rgb]
         pixels = np.ascontiguousarray(np.stack(channels, axis=2))
     else:
-        pixels = apply_window(projected, WindowChoice(window.center, window.width, window.explanation))
+        pixels = windowed(reduced, slope, intercept, window.center, window.width)
         if monochrome1:
             pixels = 255 - pixels
     return DisplayFrame(
