@@ -5,6 +5,7 @@ A slab tile keeps its slices, so a box on it maps to the slice the finding is on
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,6 +117,44 @@ def _resized(pixels: NDArray[np.uint8], scale: float) -> NDArray[np.uint8]:
     return np.asarray(Image.fromarray(pixels).resize(size, method))
 
 
+@functools.lru_cache(maxsize=1)
+def _label_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+@functools.lru_cache(maxsize=4096)
+def _label_ink(text: str) -> tuple[NDArray[np.uint8], tuple[int, int, int, int]]:
+    """The label's ink (alpha, drawn at the origin) and its text box, rendered once: a slab's
+    label is the same in every window, and FreeType costs more per label than the rest of a tile."""
+    font = _label_font()
+    left, top, right, bottom = (
+        int(v) for v in ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), text, font=font)
+    )
+    ink = Image.new("L", (max(right, 1), max(bottom, 1)))
+    ImageDraw.Draw(ink).text((0, 0), text, fill=255, font=font)
+    alpha = np.asarray(ink)
+    alpha.setflags(write=False)
+    return alpha, (left, top, right, bottom)
+
+
+def _put_label(canvas: NDArray[np.uint8], text: str, x: int, y: int, color: bool) -> None:
+    """A black box under the text (its box, both edges included, as ImageDraw.rectangle), then the
+    text white (yellow on colour), as ImageDraw.text draws it there."""
+    alpha, (left, top, right, bottom) = _label_ink(text)
+    height, width = canvas.shape[:2]
+    canvas[max(y + top, 0) : min(y + bottom + 1, height), max(x + left, 0) : min(x + right + 1, width)] = 0
+    rows, columns = min(alpha.shape[0], height - y), min(alpha.shape[1], width - x)
+    if rows <= 0 or columns <= 0:
+        return
+    ink = alpha[:rows, :columns]
+    region = canvas[y : y + rows, x : x + columns]
+    if color:
+        region[..., 0] = np.maximum(region[..., 0], ink)
+        region[..., 1] = np.maximum(region[..., 1], ink)
+    else:
+        np.maximum(region, ink, out=region)
+
+
 def _as_rgb(pixels: NDArray[np.uint8]) -> NDArray[np.uint8]:
     return pixels if pixels.ndim == 3 else np.repeat(pixels[:, :, None], 3, axis=2)
 
@@ -181,16 +220,11 @@ def compose_mosaic(
         y0 = cell_y * tile_px + (tile_px - shown.shape[0]) // 2
         canvas[y0 : y0 + shown.shape[0], x0 : x0 + shown.shape[1]] = shown
         tiles.append(_tile(chosen, frame, x0, y0, shown, scale, slabs[index] if slabs is not None else None))
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
     for tile, (cell_index, _) in zip(tiles, enumerate(frames), strict=True):
         cell_y, cell_x = divmod(cell_index, columns)
-        x, y = cell_x * tile_px + 2, cell_y * tile_px + 2
-        box = draw.textbbox((x, y), tile.label, font=font)
-        draw.rectangle(box, fill=0)
-        draw.text((x, y), tile.label, fill=255 if not color else (255, 255, 0), font=font)
-    return ComposedImage(np.asarray(image), tuple(tiles), description)
+        _put_label(canvas, tile.label, cell_x * tile_px + 2, cell_y * tile_px + 2, color)
+    canvas.setflags(write=False)  # as the PIL image's array was
+    return ComposedImage(canvas, tuple(tiles), description)
 
 
 def compose_single(

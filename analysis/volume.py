@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +188,7 @@ class SlabValues:
     stored: NDArray[np.generic]
     slope: float = 1.0
     intercept: float = 0.0
+    _reductions: dict[str, NDArray[Any]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def slices(self) -> int:
@@ -201,24 +202,48 @@ class SlabValues:
         """The slab reduced along its slices, and the linear map (slope, intercept) from it to
         the projection's values. A linear rescale commutes with the mean, and with the maximum
         and minimum (swapped when the slope is negative), so the reduction runs on the stored
-        integers: the maximum stays in their type (a window is then a table look-up), the
-        mean is their sum with ``slope / slices``."""
+        integers: the maximum stays in their type (a window is then a table look-up), the mean
+        is their sum with ``slope / slices``, summed in their own type when it cannot overflow
+        (a quarter of the time of a float sum). Each reduction is made once per slab."""
         if self.stored.ndim != 3 or self.stored.shape[0] == 0:
             shape = self.stored.shape
             raise ValueError(
-                f'Argument "values" must be a non-empty (slices, rows, columns) array, got {shape}'
+                f'Argument "values" must be a non-empty (slices, rows, columns) array, not {shape}'
             )
+        if projection not in ("mip", "minip", "average"):
+            raise ValueError(f'Argument "projection" must be "mip", "average" or "minip", got "{projection}"')
         if self.slope < 0 and projection in ("mip", "minip"):
             projection = "minip" if projection == "mip" else "mip"
         if projection == "mip":
-            return self.stored.max(axis=0), self.slope, self.intercept
+            return self._reduction("max"), self.slope, self.intercept
         if projection == "minip":
-            return self.stored.min(axis=0), self.slope, self.intercept
-        if projection == "average":
+            return self._reduction("min"), self.slope, self.intercept
+        return self._reduction("sum"), self.slope / self.slices, self.intercept
+
+    def _reduction(self, kind: str) -> NDArray[Any]:
+        found = self._reductions.get(kind)
+        if found is not None:
+            return found
+        stored = self.stored
+        if kind == "max":
+            reduced: NDArray[Any] = stored.max(axis=0)
+        elif kind == "min":
+            reduced = stored.min(axis=0)
+        elif stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2 and self._sum_fits():
+            reduced = stored.sum(axis=0, dtype=stored.dtype)
+        else:
             # float32 holds any sum of up to 255 16-bit values exactly (< 2**24)
-            total = self.stored.sum(axis=0, dtype=np.float64 if self.stored.itemsize > 2 else np.float32)
-            return total, self.slope / self.slices, self.intercept
-        raise ValueError(f'Argument "projection" must be "mip", "average" or "minip", got "{projection}"')
+            reduced = stored.sum(axis=0, dtype=np.float64 if stored.itemsize > 2 else np.float32)
+        self._reductions[kind] = reduced
+        return reduced
+
+    def _sum_fits(self) -> bool:
+        """Whether the slab's sum fits its stored integer type (from the maximum and minimum,
+        which a MIP of the slab has already made)."""
+        limits = np.iinfo(self.stored.dtype)  # type: ignore[type-var]
+        high = int(self._reduction("max").max()) * self.slices
+        low = int(self._reduction("min").min()) * self.slices if self.stored.dtype.kind == "i" else 0
+        return limits.min <= low and high <= limits.max
 
     def project(self, projection: str) -> Values:
         """The slab's projection (:func:`project`) in values (float32)."""
