@@ -16,7 +16,6 @@ Reference: DICOM PS3.5 §7.1 (element encoding), §7.5 (sequences), §8.1.1 (pix
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 from collections.abc import Callable
@@ -188,33 +187,30 @@ def _number(text: bytes | None, default: float) -> float:
 HEADER_CHUNK = 8192  # bytes read for the header first; more when it is longer
 
 
-def read_header(file: io.BufferedIOBase) -> NativeHeader | None:
-    """The header of the open file (read from its start): None for anything but an uncompressed
-    little-endian single-frame grayscale image with 8, 16 or 32 bits allocated, whose pixels the
-    caller then reads with pydicom. ``OSError`` propagates."""
-    descriptor = file.fileno()
+def read_header(descriptor: int) -> NativeHeader | None:
+    """The header of the file open as ``descriptor`` (read by position, from its start): None for
+    anything but an uncompressed little-endian single-frame grayscale image with 8, 16 or 32
+    bits allocated, whose pixels the caller then reads with pydicom. ``OSError`` propagates."""
     size = os.fstat(descriptor).st_size
 
     def peek(offset: int, count: int) -> bytes:
         return os.pread(descriptor, count, offset)
 
-    buf = file.read(HEADER_CHUNK)
+    buf = os.pread(descriptor, HEADER_CHUNK, 0)
     final = len(buf) < HEADER_CHUNK
     while True:
         try:
             return _parse(buf, final, size, peek)
         except _NeedMore:
             wanted = len(buf)  # doubling: a long header costs a few reads, not many
-            more = file.read(wanted)
+            more = os.pread(descriptor, wanted, len(buf))
             final = len(more) < wanted
             buf += more
         except (_Unsupported, struct.error, ValueError, UnicodeDecodeError):
             return None
 
 
-def read_pixels(
-    file: io.BufferedIOBase, header: NativeHeader, out: NDArray[Any] | None = None
-) -> NDArray[Any]:
+def read_pixels(descriptor: int, header: NativeHeader, out: NDArray[Any] | None = None) -> NDArray[Any]:
     """The stored values the header describes, read into ``out`` (a (rows, columns) array of the
     header's dtype, reused by the caller so no fresh memory is touched per slice) or a new array.
     ``OSError`` when the file is shorter than its header says."""
@@ -223,11 +219,10 @@ def read_pixels(
         out = np.empty(shape, dtype=header.dtype)
     elif out.shape != shape or out.dtype != header.dtype or not out.flags.c_contiguous:
         raise ValueError(f'Argument "out" must be a contiguous {shape} {header.dtype} array')
-    file.seek(header.offset)
     view = memoryview(out).cast("B")  # type: ignore[arg-type]
     got = 0
     while got < out.nbytes:
-        count = file.readinto(view[got:])
+        count = os.preadv(descriptor, [view[got:]], header.offset + got)
         if not count:
             raise OSError(f"pixel data ends after {got} of {out.nbytes} bytes")
         got += count
@@ -239,11 +234,14 @@ def read_pixels(
 def read_native(path: Path) -> NativeSlice | None:
     """The slice's stored values and linear rescale in a new array, or None when
     :func:`read_header` says pydicom must read it."""
-    with path.open("rb") as file:
-        header = read_header(file)
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        header = read_header(descriptor)
         if header is None:
             return None
-        return NativeSlice(read_pixels(file, header), header.slope, header.intercept)
+        return NativeSlice(read_pixels(descriptor, header), header.slope, header.intercept)
+    finally:
+        os.close(descriptor)
 
 
 def _element(buf: bytes, pos: int, implicit: bool) -> tuple[int, int, bytes | None, int, int]:

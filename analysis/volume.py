@@ -14,6 +14,7 @@ on the image where the finding is.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,16 +105,19 @@ class SliceReader:
         may offer an array to read a plain slice straight into (given its shape and type)."""
         try:
             if frame.image.number_of_frames == 1 and self._path != frame.image.path:
-                with frame.image.path.open("rb") as file:
-                    header = read_header(file)
+                descriptor = os.open(frame.image.path, os.O_RDONLY)
+                try:
+                    header = read_header(descriptor)
                     if header is not None:
                         rows, columns = header.rows, header.columns
                         if rows * columns > MAX_SOURCE_PIXELS:
                             raise ImageSkipped(
                                 f"frame of {rows}x{columns} pixels exceeds the limit; not decoded"
                             )
-                        out = into((header.rows, header.columns), header.dtype) if into else None
-                        return read_pixels(file, header, out), header.slope, header.intercept
+                        out = into((rows, columns), header.dtype) if into else None
+                        return read_pixels(descriptor, header, out), header.slope, header.intercept
+                finally:
+                    os.close(descriptor)
             self._load(frame.image.path)
         except ImageSkipped:
             raise
