@@ -10,6 +10,7 @@ decides how much of the study the cost budget shows.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,26 @@ NON_IMAGE_SOP_CLASS_PREFIXES = (
 )
 
 
+# The ``instances`` columns :meth:`SourceImage.from_instance` reads.
+SOURCE_COLUMNS = (
+    "sop_instance_uid",
+    "series_instance_uid",
+    "sop_class_uid",
+    "path",
+    "modality",
+    "image_type",
+    "instance_number",
+    "image_position_patient",
+    "image_orientation_patient",
+    "rows",
+    "columns",
+    "number_of_frames",
+    "burned_in_annotation",
+    "body_part_examined",
+    "view_position",
+)
+
+
 @dataclass(frozen=True)
 class SourceImage:
     """One stored instance as the planner sees it."""
@@ -60,22 +81,44 @@ class SourceImage:
     @classmethod
     def from_instance(cls, row: Instance | Any, root: Path) -> SourceImage:
         """From an ``instances`` row (ORM object or Core row with the same column names)."""
+        return cls.from_columns(tuple(getattr(row, name) for name in SOURCE_COLUMNS), root)
+
+    @classmethod
+    def from_columns(cls, values: Sequence[Any], root: Path) -> SourceImage:
+        """From the values of :data:`SOURCE_COLUMNS`, in that order (a Core row of them)."""
+        (
+            sop_instance_uid,
+            series_instance_uid,
+            sop_class_uid,
+            path,
+            modality,
+            image_type,
+            instance_number,
+            position,
+            orientation,
+            rows,
+            columns,
+            number_of_frames,
+            burned_in_annotation,
+            body_part_examined,
+            view_position,
+        ) = values
         return cls(
-            sop_instance_uid=row.sop_instance_uid,
-            series_instance_uid=row.series_instance_uid,
-            sop_class_uid=row.sop_class_uid,
-            path=root / row.path,
-            modality=(row.modality or "").upper(),
-            image_type=tuple(v.strip().upper() for v in (row.image_type or "").split("\\") if v.strip()),
-            instance_number=_int(row.instance_number),
-            position=_floats(row.image_position_patient, 3),  # type: ignore[arg-type]
-            orientation=_floats(row.image_orientation_patient, 6),  # type: ignore[arg-type]
-            rows=row.rows,
-            columns=row.columns,
-            number_of_frames=max(_int(row.number_of_frames) or 1, 1),
-            burned_in_annotation=(row.burned_in_annotation or "").upper(),
-            body_part_examined=(row.body_part_examined or "").upper(),
-            view_position=(row.view_position or "").upper(),
+            sop_instance_uid=sop_instance_uid,
+            series_instance_uid=series_instance_uid,
+            sop_class_uid=sop_class_uid,
+            path=root / path,
+            modality=(modality or "").upper(),
+            image_type=_image_type(image_type or ""),
+            instance_number=_int(instance_number),
+            position=_floats(position, 3),  # type: ignore[arg-type]
+            orientation=_orientation(orientation),  # type: ignore[arg-type]
+            rows=rows,
+            columns=columns,
+            number_of_frames=max(_int(number_of_frames) or 1, 1),
+            burned_in_annotation=(burned_in_annotation or "").upper(),
+            body_part_examined=(body_part_examined or "").upper(),
+            view_position=(view_position or "").upper(),
         )
 
     def along_normal(self) -> float | None:
@@ -94,6 +137,18 @@ def _int(text: str | None) -> int | None:
         return int(str(text).strip()) if text not in (None, "") else None
     except ValueError:
         return None
+
+
+@functools.lru_cache(maxsize=256)
+def _image_type(text: str) -> tuple[str, ...]:
+    """Image Type's values (a series repeats one string: parsed once)."""
+    return tuple(v.strip().upper() for v in text.split("\\") if v.strip())
+
+
+@functools.lru_cache(maxsize=256)
+def _orientation(text: str | None) -> tuple[float, ...] | None:
+    """Image Orientation (a series repeats one string: parsed once)."""
+    return _floats(text, 6)
 
 
 def _floats(text: str | None, count: int) -> tuple[float, ...] | None:
