@@ -74,26 +74,27 @@ def partition(frames: Sequence[ChosenFrame], thickness_mm: float, frames_per_sla
     if not frames:
         return []
     positions = [f.slice_position_mm for f in frames]
-    if any(p is None for p in positions):
+    if None in positions:
         ordered = sorted(frames, key=lambda f: f.frame_index)
         size = min(frames_per_slab, MAX_SLICES_PER_SLAB)
         return [Slab(tuple(ordered[i : i + size]), None) for i in range(0, len(ordered), size)]
     ordered = sorted(frames, key=lambda f: (f.slice_position_mm, f.image.instance_number or 0, f.frame_index))
-    spacing = slice_spacing([f.slice_position_mm for f in ordered if f.slice_position_mm is not None])
+    zs = [f.slice_position_mm or 0.0 for f in ordered]
+    spacing = slice_spacing(zs)
     step = spacing or thickness_mm
-    start = (ordered[0].slice_position_mm or 0.0) - step / 2
+    start = zs[0] - step / 2
     # A whole number of slice spacings (so a slab's n slices cover n * s <= t mm), and never less
     # than one slice per slab, however thin the request.
     width = max(math.floor(thickness_mm / step + 1e-9), 1) * step
-    groups: dict[int, list[ChosenFrame]] = {}
-    for frame in ordered:
-        position = frame.slice_position_mm or 0.0
-        # A hair of tolerance: positions written as decimal strings are not exact multiples.
-        index = math.floor((position - start) / width + 1e-6)
-        groups.setdefault(index, []).append(frame)
+    floor = math.floor
+    # A hair of tolerance: positions written as decimal strings are not exact multiples.
+    # Positions are sorted, so each interval's slices are one run.
+    indices = [floor((z - start) / width + 1e-6) for z in zs]
     slabs: list[Slab] = []
-    for index in sorted(groups):
-        members = groups[index]
-        for i in range(0, len(members), MAX_SLICES_PER_SLAB):
-            slabs.append(Slab(tuple(members[i : i + MAX_SLICES_PER_SLAB]), spacing))
+    begin = 0
+    for end in range(1, len(ordered) + 1):
+        if end == len(ordered) or indices[end] != indices[begin]:
+            for i in range(begin, end, MAX_SLICES_PER_SLAB):
+                slabs.append(Slab(tuple(ordered[i : min(i + MAX_SLICES_PER_SLAB, end)]), spacing))
+            begin = end
     return slabs
