@@ -60,6 +60,21 @@ def _rescale(ds: Dataset, frame_index: int) -> tuple[float, float] | None:
         return 1.0, 0.0
 
 
+class Scratch:
+    """Work arrays reused from one slab to the next, by name: fresh memory costs a page fault per
+    4 KiB each time it is touched, as much as the arithmetic done in it. An array handed out
+    is valid until the same name is asked for again."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, NDArray[Any]] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any] | type) -> NDArray[Any]:
+        kept = self._arrays.get(name)
+        if kept is None or kept.shape != shape or kept.dtype != np.dtype(dtype):
+            kept = self._arrays[name] = np.empty(shape, dtype=dtype)
+        return kept
+
+
 class SliceReader:
     """Values (after the modality LUT) of the frames of a series. A plain uncompressed slice is
     read straight from its bytes (:mod:`analysis.native`); anything else through pydicom, keeping
@@ -70,6 +85,7 @@ class SliceReader:
         self._dataset: Dataset | None = None
         self._pixels: NDArray[np.generic] | None = None
         self._buffer: NDArray[Any] | None = None
+        self.scratch = Scratch()  # for the reductions and windows of the slabs it stacks
 
     def buffer(self, slices: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> NDArray[Any]:
         """A (slices, *shape) array of ``dtype`` to stack a slab in, the same memory from one slab
@@ -191,6 +207,7 @@ class SlabValues:
     stored: NDArray[np.generic]
     slope: float = 1.0
     intercept: float = 0.0
+    scratch: Scratch | None = field(default=None, compare=False, repr=False)  # where reductions go
     _reductions: dict[str, NDArray[Any]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -205,9 +222,10 @@ class SlabValues:
         """The slab reduced along its slices, and the linear map (slope, intercept) from it to
         the projection's values. A linear rescale commutes with the mean, and with the maximum
         and minimum (swapped when the slope is negative), so the reduction runs on the stored
-        integers: the maximum stays in their type (a window is then a table look-up), the mean
-        is their sum with ``slope / slices``, summed in their own type when it cannot overflow
-        (a quarter of the time of a float sum). Each reduction is made once per slab."""
+        integers: the maximum stays in their type, the mean is their sum with ``slope / slices``,
+        summed in their own type when it cannot overflow (a quarter of the time of a float
+        sum). Each reduction is made once per slab (in the reader's scratch arrays when the
+        slab came from :func:`stack`: valid until it stacks the next slab)."""
         if self.stored.ndim != 3 or self.stored.shape[0] == 0:
             shape = self.stored.shape
             raise ValueError(
@@ -228,15 +246,18 @@ class SlabValues:
         if found is not None:
             return found
         stored = self.stored
-        if kind == "max":
-            reduced: NDArray[Any] = stored.max(axis=0)
-        elif kind == "min":
-            reduced = stored.min(axis=0)
-        elif stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2 and self._sum_fits():
-            reduced = stored.sum(axis=0, dtype=stored.dtype)
-        else:
+        dtype = stored.dtype  # the maximum and minimum, and a sum that fits
+        narrow = stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2
+        if kind == "sum" and not (narrow and self._sum_fits()):
             # float32 holds any sum of up to 255 16-bit values exactly (< 2**24)
-            reduced = stored.sum(axis=0, dtype=np.float64 if stored.itemsize > 2 else np.float32)
+            dtype = np.dtype(np.float64 if stored.itemsize > 2 else np.float32)
+        out = self.scratch.get(kind, stored.shape[1:], dtype) if self.scratch is not None else None
+        if kind == "max":
+            reduced: NDArray[Any] = stored.max(axis=0, out=out)
+        elif kind == "min":
+            reduced = stored.min(axis=0, out=out)
+        else:
+            reduced = stored.sum(axis=0, dtype=dtype, out=out)
         self._reductions[kind] = reduced
         return reduced
 
@@ -254,16 +275,25 @@ class SlabValues:
         return _rescaled(reduced, slope, intercept)
 
 
-def windowed(reduced: NDArray[Any], slope: float, intercept: float, center: float, width: float) -> Gray8:
+def windowed(
+    reduced: NDArray[Any],
+    slope: float,
+    intercept: float,
+    center: float,
+    width: float,
+    scratch: Scratch | None = None,
+) -> Gray8:
     """:func:`apply_window` of ``reduced * slope + intercept`` in one fused multiply-add (float32),
-    without the image of values in between. (A table look-up by stored value was slower in the
-    whole pipeline: its index array is four times the image.)"""
+    without the image of values in between (its work array from ``scratch`` when given). A
+    table look-up by stored value was slower in the whole pipeline: its index array is four
+    times the image."""
     if width == 1:
         return apply_window(_rescaled(reduced, slope, intercept), WindowChoice(center, width, "step"))
     # ((v - (c - 0.5)) / (w - 1) + 0.5) * 255 with v = x * slope + intercept, as x * a + b
     a = slope * 255.0 / (width - 1)
     b = ((intercept - (center - 0.5)) / (width - 1) + 0.5) * 255.0
-    scaled = np.multiply(reduced, np.float32(a), dtype=np.float32)
+    work = scratch.get("window", reduced.shape, np.float32) if scratch is not None else None
+    scaled = np.multiply(reduced, np.float32(a), dtype=np.float32, out=work)
     scaled += np.float32(b)
     np.clip(scaled, 0, 255, out=scaled)
     np.rint(scaled, out=scaled)
@@ -322,7 +352,7 @@ def stack(
         used.append(member)
     if volume is None or not used:
         return SlabValues(np.zeros((0, 0, 0), dtype=np.float32)), used, skipped
-    return SlabValues(volume[: len(used)], slope, intercept), used, skipped
+    return SlabValues(volume[: len(used)], slope, intercept, reader.scratch), used, skipped
 
 
 def project(values: Values, projection: str) -> Values:
@@ -352,10 +382,10 @@ def render(
     """A slab's projection in one window (or three, as RGB) to display pixels."""
     reduced, slope, intercept = values.reduce(window.projection)
     if window.rgb is not None:
-        channels = [windowed(reduced, slope, intercept, c, w) for c, w in window.rgb]
+        channels = [windowed(reduced, slope, intercept, c, w, values.scratch) for c, w in window.rgb]
         pixels = np.ascontiguousarray(np.stack(channels, axis=2))
     else:
-        pixels = windowed(reduced, slope, intercept, window.center, window.width)
+        pixels = windowed(reduced, slope, intercept, window.center, window.width, values.scratch)
         if monochrome1:
             pixels = 255 - pixels
     return DisplayFrame(
