@@ -108,13 +108,20 @@ class ComposedImage:
         return None
 
 
-def _resized(pixels: NDArray[np.uint8], scale: float) -> NDArray[np.uint8]:
+def _resized_image(pixels: NDArray[np.uint8], scale: float) -> Image.Image:
     height, width = pixels.shape[:2]
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = Image.fromarray(pixels)
     if size == (width, height):
+        return image
+    return image.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC)
+
+
+def _resized(pixels: NDArray[np.uint8], scale: float) -> NDArray[np.uint8]:
+    height, width = pixels.shape[:2]
+    if (max(1, round(width * scale)), max(1, round(height * scale))) == (width, height):
         return pixels
-    method = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
-    return np.asarray(Image.fromarray(pixels).resize(size, method))
+    return np.asarray(_resized_image(pixels, scale))
 
 
 @functools.lru_cache(maxsize=1)
@@ -123,7 +130,7 @@ def _label_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 @functools.lru_cache(maxsize=4096)
-def _label_ink(text: str) -> tuple[NDArray[np.uint8], tuple[int, int, int, int]]:
+def _label_ink(text: str) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """The label's ink (alpha, drawn at the origin) and its text box, rendered once: a slab's
     label is the same in every window, and FreeType costs more per label than the rest of a tile."""
     font = _label_font()
@@ -132,31 +139,15 @@ def _label_ink(text: str) -> tuple[NDArray[np.uint8], tuple[int, int, int, int]]
     )
     ink = Image.new("L", (max(right, 1), max(bottom, 1)))
     ImageDraw.Draw(ink).text((0, 0), text, fill=255, font=font)
-    alpha = np.asarray(ink)
-    alpha.setflags(write=False)
-    return alpha, (left, top, right, bottom)
+    return ink, (left, top, right, bottom)
 
 
-def _put_label(canvas: NDArray[np.uint8], text: str, x: int, y: int, color: bool) -> None:
+def _put_label(canvas: Image.Image, text: str, x: int, y: int) -> None:
     """A black box under the text (its box, both edges included, as ImageDraw.rectangle), then the
-    text white (yellow on colour), as ImageDraw.text draws it there."""
-    alpha, (left, top, right, bottom) = _label_ink(text)
-    height, width = canvas.shape[:2]
-    canvas[max(y + top, 0) : min(y + bottom + 1, height), max(x + left, 0) : min(x + right + 1, width)] = 0
-    rows, columns = min(alpha.shape[0], height - y), min(alpha.shape[1], width - x)
-    if rows <= 0 or columns <= 0:
-        return
-    ink = alpha[:rows, :columns]
-    region = canvas[y : y + rows, x : x + columns]
-    if color:
-        region[..., 0] = np.maximum(region[..., 0], ink)
-        region[..., 1] = np.maximum(region[..., 1], ink)
-    else:
-        np.maximum(region, ink, out=region)
-
-
-def _as_rgb(pixels: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    return pixels if pixels.ndim == 3 else np.repeat(pixels[:, :, None], 3, axis=2)
+    text white (yellow on colour) through its ink, as ImageDraw.text draws it there."""
+    ink, (left, top, right, bottom) = _label_ink(text)
+    canvas.paste(0, (x + left, y + top, x + right + 1, y + bottom + 1))
+    canvas.paste((255, 255, 0) if canvas.mode == "RGB" else 255, (x, y, x + ink.width, y + ink.height), ink)
 
 
 def _tile(
@@ -164,7 +155,7 @@ def _tile(
     frame: DisplayFrame,
     x0: int,
     y0: int,
-    shown: NDArray[np.uint8],
+    shown: tuple[int, int],  # (height, width) placed
     scale: float,
     slab: SlabTile | None = None,
 ) -> Tile:
@@ -178,8 +169,8 @@ def _tile(
         source_columns=int(frame.pixels.shape[1]),
         x0=x0,
         y0=y0,
-        width=int(shown.shape[1]),
-        height=int(shown.shape[0]),
+        width=int(shown[1]),
+        height=int(shown[0]),
         scale=scale,
         pixel_spacing=frame.pixel_spacing,
         slab=slab,
@@ -207,24 +198,23 @@ def compose_mosaic(
     columns = min(columns or math.ceil(math.sqrt(len(frames))), len(frames))
     rows = math.ceil(len(frames) / columns)
     color = any(frame.pixels.ndim == 3 for _, frame in frames)
-    shape = (rows * tile_px, columns * tile_px, 3) if color else (rows * tile_px, columns * tile_px)
-    canvas = np.zeros(shape, dtype=np.uint8)
+    canvas = Image.new("RGB" if color else "L", (columns * tile_px, rows * tile_px))
     tiles: list[Tile] = []
     for index, (chosen, frame) in enumerate(frames):
         height, width = frame.pixels.shape[:2]
         scale = min(tile_px / width, tile_px / height)
-        shown = _resized(frame.pixels, scale)
-        shown = _as_rgb(shown) if color else shown
+        shown = _resized_image(frame.pixels, scale)  # pasted as it is: no copy through numpy
         cell_y, cell_x = divmod(index, columns)
-        x0 = cell_x * tile_px + (tile_px - shown.shape[1]) // 2
-        y0 = cell_y * tile_px + (tile_px - shown.shape[0]) // 2
-        canvas[y0 : y0 + shown.shape[0], x0 : x0 + shown.shape[1]] = shown
-        tiles.append(_tile(chosen, frame, x0, y0, shown, scale, slabs[index] if slabs is not None else None))
+        x0 = cell_x * tile_px + (tile_px - shown.width) // 2
+        y0 = cell_y * tile_px + (tile_px - shown.height) // 2
+        canvas.paste(shown.convert("RGB") if color and shown.mode != "RGB" else shown, (x0, y0))
+        slab = slabs[index] if slabs is not None else None
+        tiles.append(_tile(chosen, frame, x0, y0, (shown.height, shown.width), scale, slab))
     for tile, (cell_index, _) in zip(tiles, enumerate(frames), strict=True):
         cell_y, cell_x = divmod(cell_index, columns)
-        _put_label(canvas, tile.label, cell_x * tile_px + 2, cell_y * tile_px + 2, color)
-    canvas.setflags(write=False)  # as the PIL image's array was
-    return ComposedImage(canvas, tuple(tiles), description)
+        _put_label(canvas, tile.label, cell_x * tile_px + 2, cell_y * tile_px + 2)
+    pixels: NDArray[np.uint8] = np.asarray(canvas)  # read-only, as before
+    return ComposedImage(pixels, tuple(tiles), description)
 
 
 def compose_single(
@@ -236,4 +226,5 @@ def compose_single(
     height, width = frame.pixels.shape[:2]
     scale = min(1.0, long_edge_px / max(height, width))
     shown = _resized(frame.pixels, scale)
-    return ComposedImage(shown, (_tile(chosen, frame, 0, 0, shown, scale),), description)
+    placed = (int(shown.shape[0]), int(shown.shape[1]))
+    return ComposedImage(shown, (_tile(chosen, frame, 0, 0, placed, scale),), description)
