@@ -15,6 +15,7 @@ from analysis.budget import VolumeRequest, allocate
 from analysis.findings import Box
 from analysis.imaging import CT_PRESETS
 from analysis.layout import MosaicLayout, choose_layout
+from analysis.prepare import for_provider
 from analysis.regions import map_box_to_source
 from analysis.selection import ChosenFrame, ImageBudget, plan_study
 from analysis.slabs import partition
@@ -22,6 +23,7 @@ from analysis.vision.tokens import PROCESSED_SCALE
 from analysis.volume import SliceReader, project
 from analysis.windows import WindowSpec, series_windows
 from conf import ImagingSettings
+from conf.providers import PRESETS
 from tests.analysis.test_selection import image
 from tests.data.ingest import prepared_study
 from tests.data.phantom import head_ct, write_volume
@@ -204,7 +206,8 @@ def test_a_study_too_large_for_the_budget_says_so_in_the_exclusions() -> None:
     assert tight.tokens <= 6000
     reasons = {e.reason for e in tight.exclusions}
     assert len(reasons) == 1 and reasons.pop().startswith(
-        "over the study's budget of 64 images and 6000 image tokens"
+        "over the study's budget of 6000 image tokens (imaging.max_image_tokens, "
+        "vision.max_cost_usd_per_study): it needs "
     )
     # The lung window (first) is shown as far as the budget goes; what is not shown in it is
     # excluded outright, and every mediastinal slab not shown is excluded for that window.
@@ -225,7 +228,13 @@ def test_through_the_settings_a_too_large_study_lands_in_the_manifest(tmp_path: 
     assert len(manifest["images"]) == 1 and manifest["images"][0]["window"].startswith("lung window")
     assert {e["window"] for e in manifest["excluded"]} == {"mediastinum"}
     assert len(manifest["excluded"]) == 40
-    assert all(e["reason"].startswith("over the study's budget of 1 images") for e in manifest["excluded"])
+    assert all(
+        e["reason"].startswith(
+            "over the study's budget of 1 image in its one request (imaging.max_images and the "
+            "provider's limit per request): it needs 2 images"
+        )
+        for e in manifest["excluded"]
+    )
 
 
 @pytest.mark.parametrize("formula", ["openai", "anthropic", "gemini"])
@@ -235,3 +244,36 @@ def test_tiles_keep_a_5_mm_finding_3_pixels_across_after_the_providers_rescaling
     width, height = layout.columns * layout.tile_px, layout.rows * layout.tile_px
     assert layout.tile_px * PROCESSED_SCALE[formula](width, height) >= needed
     assert layout.tiles >= 9  # and many tiles per image, not one slice per image
+
+
+def test_more_images_than_one_request_takes_are_left_out_and_say_so(tmp_path: Path) -> None:
+    """ainode sends one request per study (not several, see the issue 12 note): a study that needs
+    more images than the provider takes in one request shows each series' first window first and
+    lists the rest, naming that limit."""
+    slices = [np.full((64, 64), 40.0, dtype=np.float32) for _ in range(40)]
+    study = "1.2.826.0.1.3680043.8.498.12"
+    paths: list[Path] = []
+    for n in range(3):
+        series, _, _ = write_volume(
+            tmp_path / f"in{n}",
+            slices,
+            [1.25 * i for i in range(40)],
+            0.7,
+            body_part="CHEST",
+            study_instance_uid=study,
+        )
+        paths += series
+    # 4 images a request; tokens enough for more
+    settings = for_provider(ImagingSettings(max_image_tokens=100_000), PRESETS["ollama"])
+    prepared, _ = prepared_study(paths, tmp_path, settings)
+    manifest = prepared.manifest()
+    assert len(manifest["images"]) == 4
+    windows = sorted(image["window"].split(" window")[0] for image in manifest["images"])
+    assert windows == ["lung", "lung", "lung", "mediastinum"]
+    assert len(manifest["excluded"]) == 80 and {e["window"] for e in manifest["excluded"]} == {"mediastinum"}
+    (reason,) = {e["reason"] for e in manifest["excluded"]}
+    assert reason.startswith(
+        "over the study's budget of 4 images in its one request (imaging.max_images and the provider's "
+        "limit per request): it needs 6 images and "
+    )
+    assert reason.endswith(" image tokens at 10 mm slabs")
