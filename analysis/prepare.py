@@ -78,6 +78,7 @@ class PreparedStudy:
                     "height": data.height,
                     "series_instance_uid": plan.series_instance_uid,
                     "kind": "volume" if plan.kind == "mosaic" else "single",
+                    **({"stack": plan.series.stack} if plan.series.stack else {}),
                     "description": image.description,
                     "image_tokens": plan.tokens,
                     **(
@@ -335,8 +336,9 @@ def _compose(
     if not frames:
         return None
     columns, _ = allocation.layout.grid_for(len(frames))
+    stack = f", {image.series.stack}" if image.series.stack else ""
     description = (
-        f"{image.modality} series {image.series_instance_uid}, {image.window.words}, "
+        f"{image.modality} series {image.series_instance_uid}{stack}, {image.window.words}, "
         f"{PROJECTION_WORDS[image.window.projection]} slabs, mosaic {image.part} of {image.parts}"
     )
     return compose_mosaic(frames, allocation.layout.tile_px, description, columns=columns, slabs=slabs)

@@ -33,12 +33,13 @@ def _describe(index: int, plan: ImagePlan, image: ComposedImage) -> str:
         thickness = (
             f"slabs of up to {max(thicknesses):.1f} mm" if thicknesses else "slabs of consecutive frames"
         )
+        whole = f"this series' {plan.series.stack}" if plan.series.stack else "this series"
         facts.append(
             f"{plan.window.words}, {PROJECTION_WORDS[plan.window.projection]} {thickness}; "
-            f"mosaic {plan.part} of {plan.parts} of this series in this window; the slabs together cover "
-            f"every slice of the series ({plan.series.available}); {len(image.tiles)} tiles, numbered row by "
-            "row from the top left, each labelled with its number and its slab's slice centres (mm along "
-            "the slice normal)"
+            f"mosaic {plan.part} of {plan.parts} of {whole} in this window; the slabs together cover "
+            f"every slice of {'the stack' if plan.series.stack else 'the series'} ({plan.series.available}); "
+            f"{len(image.tiles)} tiles, numbered row by row from the top left, each labelled with its number "
+            "and its slab's slice centres (mm along the slice normal)"
         )
         tiles = "; ".join(
             f"tile {n}: {slab.thickness_mm:.1f} mm, {slab.position_words()}"

@@ -184,7 +184,8 @@ class SeriesPlan:
     modality: str
     kind: str  # "volume" or "single"
     frames: tuple[ChosenFrame, ...]
-    available: int  # slices or frames the series had
+    available: int  # slices or frames the series (its stack) had
+    stack: str = ""  # "frame stack 2 of 3" when the series holds several (analysis.selection)
 
 
 @dataclass(frozen=True)
@@ -233,61 +234,103 @@ def _normal(orientation: Sequence[float]) -> tuple[float, float, float]:
     return ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
 
 
-def frame_positions(path: Path, frames: int) -> list[float | None]:
-    """Each frame's position along the slice normal from an enhanced multi-frame header
-    (PS3.3 C.7.6.16: Plane Position and Plane Orientation functional groups); Nones when the
+def frame_positions(path: Path, frames: int) -> list[tuple[float | None, str]]:
+    """Each frame's position along its slice normal and its stack, from an enhanced multi-frame
+    header (PS3.3 C.7.6.16: Plane Position, Plane Orientation and Frame Content functional
+    groups). The stack is the frame's Stack ID and orientation: frames of one stack share a
+    normal, so their positions order them. Positions are None (one stack, frame order) when the
     header does not say."""
+    unknown: list[tuple[float | None, str]] = [(None, "")] * frames
     try:
         ds = dcmread(path, stop_before_pixels=True)
         shared = ds.get("SharedFunctionalGroupsSequence")
         per_frame = ds.get("PerFrameFunctionalGroupsSequence")
         if not per_frame or len(per_frame) != frames:
-            return [None] * frames
+            return unknown
 
         def orientation(group: Any) -> Any:
             sequence = group.get("PlaneOrientationSequence") if group is not None else None
             return sequence[0].ImageOrientationPatient if sequence else None
 
-        shared_orientation = orientation(shared[0]) if shared else None
-        positions: list[float | None] = []
+        def stack_id(group: Any) -> str:
+            sequence = group.get("FrameContentSequence") if group is not None else None
+            return str(sequence[0].get("StackID", "") or "").strip() if sequence else ""
+
+        shared_group = shared[0] if shared else None
+        shared_orientation = orientation(shared_group)
+        placed: list[tuple[float | None, str]] = []
         for item in per_frame:
             own = orientation(item) or shared_orientation
             plane = item.get("PlanePositionSequence")
             if own is None or not plane:
-                return [None] * frames
-            nx, ny, nz = _normal(own)
+                return unknown
+            normal = _normal(own)
+            nx, ny, nz = normal
             px, py, pz = (float(v) for v in plane[0].ImagePositionPatient)
-            positions.append(nx * px + ny * py + nz * pz)
-        return positions
+            direction = ",".join(f"{v:.3f}" for v in normal)
+            placed.append(
+                (nx * px + ny * py + nz * pz, f"{stack_id(item) or stack_id(shared_group)}|{direction}")
+            )
+        return placed
     except Exception:  # an unreadable header: frame order it is
-        return [None] * frames
+        return unknown
 
 
-def _volume_frames(images: list[SourceImage]) -> tuple[list[ChosenFrame], int]:
-    """Every slice (or frame) of a volume, in position order, each labelled with its position."""
-    if len(images) == 1 and images[0].number_of_frames > 1:  # enhanced / multi-frame volume
-        image = images[0]
-        positions = frame_positions(image.path, image.number_of_frames)
-        frames = [
-            ChosenFrame(image, i, f"F{i + 1}" + (f" z={z:.1f}" if z is not None else ""), z)
-            for i, z in enumerate(positions)
-        ]
-        if all(z is not None for z in positions):
-            frames.sort(key=lambda f: (f.slice_position_mm, f.frame_index))
-        return frames, image.number_of_frames
-    ordered = sorted(images, key=lambda im: (im.along_normal() or 0.0, im.instance_number or 0))
-    chosen = []
-    for image in ordered:
-        z = image.along_normal()
-        chosen.append(ChosenFrame(image, 0, f"z={z:.1f}" if z is not None else "", z))
-    return chosen, len(ordered)
+def _normal_key(image: SourceImage) -> str:
+    if image.orientation is None:
+        return ""
+    rx, ry, rz, cx, cy, cz = image.orientation
+    return ",".join(f"{v:.3f}" for v in (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx))
+
+
+def _split_repeats(frames: list[ChosenFrame]) -> list[list[ChosenFrame]]:
+    """Frames of one stack (in acquisition order) split where positions repeat: the k-th frame
+    at a position goes to the k-th stack (a second acquisition, a time point, an echo), so no
+    slab mixes them. One stack when no position repeats (or none is known); a few repeats (fewer
+    than a volume's slices: a slice sent twice) stay in the first stack, in the slab of their
+    position, rather than cost mosaics of their own."""
+    seen: dict[float, int] = {}
+    stacks: list[list[ChosenFrame]] = []
+    for frame in frames:
+        if frame.slice_position_mm is None:
+            return [frames]
+        key = round(frame.slice_position_mm, 3)
+        k = seen.get(key, 0)
+        seen[key] = k + 1
+        while len(stacks) <= k:
+            stacks.append([])
+        stacks[k].append(frame)
+    kept = [stacks[0]] + [stack for stack in stacks[1:] if len(stack) >= MIN_VOLUME_SLICES]
+    kept[0] += [frame for stack in stacks[1:] if len(stack) < MIN_VOLUME_SLICES for frame in stack]
+    return kept
+
+
+def _volume_frames(images: list[SourceImage]) -> list[list[ChosenFrame]]:
+    """A volume's frame stacks, each in position order with each frame labelled with its
+    position: frames (or slices) are grouped by Stack ID and orientation, then split where a
+    position repeats, so a slab never mixes two acquisitions of the same place."""
+    groups: dict[str, list[ChosenFrame]] = {}
+    for image in sorted(images, key=lambda im: (im.instance_number or 0, im.sop_instance_uid)):
+        if image.number_of_frames > 1:  # enhanced / multi-frame: its frames by their groups
+            for i, (z, key) in enumerate(frame_positions(image.path, image.number_of_frames)):
+                label = f"F{i + 1}" + (f" z={z:.1f}" if z is not None else "")
+                groups.setdefault(key, []).append(ChosenFrame(image, i, label, z))
+        else:
+            z = image.along_normal()
+            label = f"z={z:.1f}" if z is not None else ""
+            groups.setdefault(f"|{_normal_key(image)}", []).append(ChosenFrame(image, 0, label, z))
+    stacks = [part for group in groups.values() for part in _split_repeats(group)]
+    for stack in stacks:
+        if all(f.slice_position_mm is not None for f in stack):
+            stack.sort(key=lambda f: (f.slice_position_mm, f.image.instance_number or 0, f.frame_index))
+    return stacks
 
 
 def _is_volume(modality: str, images: list[SourceImage]) -> bool:
     if modality not in VOLUME_MODALITIES:
         return False
-    if len(images) == 1:
-        return images[0].number_of_frames >= MIN_VOLUME_SLICES
+    if all(im.number_of_frames > 1 for im in images):  # multi-frame files: their frames
+        return sum(im.number_of_frames for im in images) >= MIN_VOLUME_SLICES
     return len(images) >= MIN_VOLUME_SLICES and all(im.along_normal() is not None for im in images)
 
 
@@ -321,8 +364,10 @@ def plan_study(images: list[SourceImage], budget: ImageBudget) -> tuple[list[Ser
 
     plans: list[SeriesPlan] = []
     for series, members in volumes:
-        frames, available = _volume_frames(members)
-        plans.append(SeriesPlan(series, members[0].modality, "volume", tuple(frames), available))
+        stacks = _volume_frames(members)
+        for n, frames in enumerate(stacks, start=1):
+            stack = f"frame stack {n} of {len(stacks)}" if len(stacks) > 1 else ""
+            plans.append(SeriesPlan(series, members[0].modality, "volume", tuple(frames), len(frames), stack))
     for image in singles:
         middle = image.number_of_frames // 2  # a cine loop: its middle frame
         label = f"F{middle + 1}" if image.number_of_frames > 1 else "I1"

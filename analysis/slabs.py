@@ -75,7 +75,9 @@ def partition(frames: Sequence[ChosenFrame], thickness_mm: float, frames_per_sla
         return []
     positions = [f.slice_position_mm for f in frames]
     if None in positions:
-        ordered = sorted(frames, key=lambda f: f.frame_index)
+        ordered = sorted(
+            frames, key=lambda f: (f.image.instance_number or 0, f.image.sop_instance_uid, f.frame_index)
+        )
         size = min(frames_per_slab, MAX_SLICES_PER_SLAB)
         return [Slab(tuple(ordered[i : i + size]), None) for i in range(0, len(ordered), size)]
     ordered = sorted(frames, key=lambda f: (f.slice_position_mm, f.image.instance_number or 0, f.frame_index))

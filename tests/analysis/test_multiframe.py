@@ -11,10 +11,11 @@ import numpy as np
 
 from analysis.findings import Box
 from analysis.mosaic import ComposedImage, Tile
+from analysis.prepare import PreparedStudy
 from analysis.regions import SourceRegion, map_box_to_source
 from conf import ImagingSettings
 from tests.data.ingest import prepared_study
-from tests.data.phantom import write_enhanced_volume
+from tests.data.phantom import write_enhanced_volume, write_volume
 
 
 def _box_around(composed: ComposedImage, tile: Tile, column: float, row: float, half: float) -> Box:
@@ -63,3 +64,69 @@ def test_an_enhanced_ct_is_a_volume_placed_by_its_per_frame_plane_positions(tmp_
     region = map_box_to_source(_box_around(composed, tile, 41, 31, 4), composed)
     assert isinstance(region, SourceRegion)
     assert region.frame_index == order.index(13)
+
+
+def _members(prepared: PreparedStudy, window: str) -> list[list[tuple[str, int]]]:
+    """Per image in ``window``: the (SOP Instance UID, frame) of every slice its slabs show."""
+    return [
+        [(m.image.sop_instance_uid, m.frame_index) for t in image.tiles if t.slab for m in t.slab.members]
+        for plan, image in zip(prepared.plans, prepared.composed, strict=True)
+        if plan.window is not None and plan.window.name == window
+    ]
+
+
+def test_frame_stacks_at_the_same_positions_are_shown_apart(tmp_path: Path) -> None:
+    """Two stacks (Stack ID 1 and 2) over the same 24 positions: two volumes, never one slab
+    holding both (a MIP would show only the brighter stack)."""
+    dark = [np.full((64, 64), -850.0, dtype=np.float32) for _ in range(24)]
+    bright = [np.full((64, 64), 200.0, dtype=np.float32) for _ in range(24)]
+    path = tmp_path / "e.dcm"
+    positions = [1.25 * i for i in range(24)] * 2
+    write_enhanced_volume(path, dark + bright, positions, 0.7, stacks=["1"] * 24 + ["2"] * 24)
+    prepared, _ = prepared_study([path], tmp_path, ImagingSettings(mosaic_grid=4, max_images=4))
+    manifest = prepared.manifest()
+    stacks = [(image["stack"], image["window"].split(" window")[0]) for image in manifest["images"]]
+    assert sorted(stacks) == [
+        ("frame stack 1 of 2", "lung"),
+        ("frame stack 1 of 2", "mediastinum"),
+        ("frame stack 2 of 2", "lung"),
+        ("frame stack 2 of 2", "mediastinum"),
+    ]
+    lung = _members(prepared, "lung")
+    assert sorted(frame for _, frame in lung[0]) == list(range(24))
+    assert sorted(frame for _, frame in lung[1]) == list(range(24, 48))
+    assert "stack 2 of 2" in prepared.prompt and "every slice of the stack (24)" in prepared.prompt
+
+
+def test_a_series_acquired_twice_is_two_stacks_and_a_slice_sent_twice_is_not(tmp_path: Path) -> None:
+    phases = [np.full((64, 64), v, dtype=np.float32) for v in [-850.0] * 16 + [300.0] * 16]
+    paths, _, _ = write_volume(
+        tmp_path / "a", phases, [1.25 * i for i in range(16)] * 2, 0.7, body_part="CHEST"
+    )
+    prepared, _ = prepared_study(paths, tmp_path / "a", ImagingSettings(mosaic_grid=4, max_images=4))
+    lung = _members(prepared, "lung")
+    assert [len(image) for image in lung] == [16, 16]
+    assert not {uid for uid, _ in lung[0]} & {uid for uid, _ in lung[1]}
+
+    once = [np.full((64, 64), -850.0, dtype=np.float32) for _ in range(17)]
+    positions = [1.25 * i for i in range(16)] + [1.25 * 5]  # slice 5 again, as a new instance
+    paths, _, _ = write_volume(tmp_path / "b", once, positions, 0.7, body_part="CHEST")
+    prepared, _ = prepared_study(paths, tmp_path / "b", ImagingSettings(mosaic_grid=4, max_images=4))
+    lung = _members(prepared, "lung")
+    assert len(lung) == 1 and len(lung[0]) == len(set(lung[0])) == 17  # each in exactly one slab
+
+
+def test_an_enhanced_series_in_several_files_is_one_volume(tmp_path: Path) -> None:
+    slices = [np.full((64, 64), -850.0, dtype=np.float32) for _ in range(24)]
+    positions = [1.25 * i for i in range(24)]
+    study = "1.2.826.0.1.3680043.8.498.77"
+    first, second = tmp_path / "1.dcm", tmp_path / "2.dcm"
+    _, series = write_enhanced_volume(first, slices[12:], positions[12:], 0.7, study_instance_uid=study)
+    write_enhanced_volume(
+        second, slices[:12], positions[:12], 0.7, study_instance_uid=study, series_instance_uid=series
+    )
+    prepared, _ = prepared_study([first, second], tmp_path, ImagingSettings(mosaic_grid=4, max_images=4))
+    lung = [member for image in _members(prepared, "lung") for member in image]
+    assert len(lung) == len(set(lung)) == 24 and {frame for _, frame in lung} == set(range(12))
+    plan = next(p for p in prepared.plans if p.window is not None and p.window.name == "lung")
+    assert [f.slice_position_mm for f in plan.series.frames] == positions  # across the two files

@@ -110,6 +110,7 @@ def write_enhanced_volume(
     stacks: Sequence[str] | None = None,
     body_part: str | None = "CHEST",
     study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
 ) -> tuple[str, str]:
     """One Enhanced CT Image (PS3.3 A.38) holding the HU ``slices`` as frames: frame ``k`` is
     slice ``frame_order[k]`` (so frames need not be stored in position order), each placed by
@@ -124,7 +125,8 @@ def write_enhanced_volume(
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_instance_uid or generate_uid(), generate_uid()
+    ds.StudyInstanceUID = study_instance_uid or generate_uid()
+    ds.SeriesInstanceUID = series_instance_uid or generate_uid()
     ds.Modality = "CT"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
     ds.PatientName, ds.PatientID = "Phantom^Synthetic", "PHANTOM"
