@@ -400,9 +400,12 @@ def locate(
     box: tuple[float, float, float, float],
 ) -> ChosenFrame:
     """The slice a box (column_min, row_min, column_max, row_max in source pixels) on a slab tile
-    comes from: MIP, the slice of the brightest voxel in the box; MinIP, the darkest; average,
-    the brightest voxel that is not far above the window (so the skull next to a subdural
-    haematoma does not pull the region to another slice). Reads the slab's slices again: only
+    comes from. MIP: the slice of the brightest voxel in the box (the one the tile shows there);
+    MinIP: the darkest. Average (and the RGB windows, an average): the slice whose voxel in the
+    box differs most from the slab's mean there, both clipped to what the window shows (for RGB,
+    the widest channel's range): a bleed lands on its slice and so does a dark infarct, while
+    bone beyond the window's top, on every slice alike, pulls nowhere. When nothing in the box
+    differs (a uniform region), the slab's middle slice. Reads the slab's slices again: only
     for the few boxes a model draws, and the slab holds no copy of its voxels meanwhile."""
     if not members:
         raise ValueError('Argument "members" must not be empty')
@@ -427,9 +430,14 @@ def locate(
     cube = np.stack(crops)
     if projection == "minip":
         flat = int(np.argmin(cube))
-    elif projection == "mip" or window.rgb is not None:
+    elif projection == "mip":
         flat = int(np.argmax(cube))
     else:
-        ceiling = window.center + window.width  # half a width past the window's top
-        flat = int(np.argmax(np.where(cube <= ceiling, cube, -np.inf)))
+        channels = window.rgb or ((window.center, window.width),)
+        low, high = min(c - w / 2 for c, w in channels), max(c + w / 2 for c, w in channels)
+        shown = np.clip(cube, low, high)
+        deviation = np.abs(shown - shown.mean(axis=0))
+        flat = int(np.argmax(deviation))
+        if not deviation.flat[flat] > 0:
+            return members[(len(members) - 1) // 2]
     return kept[np.unravel_index(flat, cube.shape)[0]]
