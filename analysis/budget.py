@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from analysis.layout import MosaicLayout
-from analysis.selection import Exclusion, SeriesPlan
+from analysis.selection import Exclusion, SeriesPlan, cine_grid
 from analysis.slabs import Slab, partition
 from analysis.vision.tokens import IMAGE_TOKEN_FORMULAS
 from analysis.windows import WindowSpec
@@ -69,8 +69,13 @@ def _chunks(count: int, size: int) -> list[int]:
 
 
 def single_tokens(plan: SeriesPlan, formula: str, long_edge_px: int) -> int:
+    """Image tokens of one image: a frame within ``long_edge_px``, or a cine loop's frames in
+    their mosaic (:func:`analysis.selection.cine_grid`)."""
     image = plan.frames[0].image
     rows, columns = image.rows or long_edge_px, image.columns or long_edge_px
+    if len(plan.frames) > 1:
+        grid_columns, grid_rows, tile = cine_grid(len(plan.frames), long_edge_px, max(rows, columns))
+        return IMAGE_TOKEN_FORMULAS[formula](grid_columns * tile, grid_rows * tile)
     scale = min(1.0, long_edge_px / max(rows, columns))
     return IMAGE_TOKEN_FORMULAS[formula](max(1, round(columns * scale)), max(1, round(rows * scale)))
 

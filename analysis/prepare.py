@@ -36,6 +36,7 @@ from analysis.selection import (
     ImageBudget,
     SeriesPlan,
     SourceImage,
+    cine_grid,
     plan_study,
 )
 from analysis.slabs import Slab
@@ -77,7 +78,9 @@ class PreparedStudy:
                     "width": data.width,
                     "height": data.height,
                     "series_instance_uid": plan.series_instance_uid,
-                    "kind": "volume" if plan.kind == "mosaic" else "single",
+                    "kind": "volume"
+                    if plan.kind == "mosaic"
+                    else ("cine" if len(plan.series.frames) > 1 else "single"),
                     **({"stack": plan.series.stack} if plan.series.stack else {}),
                     "description": image.description,
                     "image_tokens": plan.tokens,
@@ -219,18 +222,20 @@ def _mask(frame: DisplayFrame, image: SourceImage, settings: ImagingSettings) ->
 def _render_single(
     plan: SeriesPlan, settings: ImagingSettings
 ) -> tuple[list[tuple[ChosenFrame, DisplayFrame]], list[Exclusion]]:
-    chosen = plan.frames[0]
+    """The plan's frame (or a cine loop's frames), rendered and masked as they may leave; when
+    none can be, the instance is listed with the reasons."""
+    image = plan.frames[0].image
     rendered: list[tuple[ChosenFrame, DisplayFrame]] = []
-    skipped: list[Exclusion] = []
-    for result in render_file(chosen.image.path, [chosen.frame_index], settings.ct_window_by_body_part):
-        if isinstance(result, ImageSkipped):
-            skipped.append(Exclusion(chosen.image.sop_instance_uid, str(result)))
+    reasons: list[str] = []
+    indices = [chosen.frame_index for chosen in plan.frames]
+    results = render_file(image.path, indices, settings.ct_window_by_body_part)
+    for chosen, result in zip(plan.frames, results, strict=False):  # a decoder failure ends it
+        masked = result if isinstance(result, ImageSkipped) else _mask(result, chosen.image, settings)
+        if isinstance(masked, ImageSkipped):
+            reasons.append(str(masked))
         else:
-            masked = _mask(result, chosen.image, settings)
-            if isinstance(masked, ImageSkipped):
-                skipped.append(Exclusion(chosen.image.sop_instance_uid, str(masked)))
-            else:
-                rendered.append((chosen, masked))
+            rendered.append((chosen, masked))
+    skipped = [] if rendered else [Exclusion(image.sop_instance_uid, r) for r in dict.fromkeys(reasons)]
     return rendered, skipped
 
 
@@ -415,11 +420,15 @@ def prepare_study(
             exclusions += skipped
             if not frames:
                 continue
-            image = compose_single(
-                *frames[0],
-                settings.long_edge_px,
-                f"{plan.modality} image {frames[0][0].image.sop_instance_uid}",
-            )
+            uid = frames[0][0].image.sop_instance_uid
+            if len(plan.series.frames) > 1:  # a cine loop: its frames, spread over it, in one mosaic
+                source = frames[0][1].pixels.shape
+                columns, _, tile = cine_grid(len(frames), settings.long_edge_px, max(source[:2]))
+                numbers = ", ".join(str(chosen.frame_index + 1) for chosen, _ in frames)
+                words = f"{plan.modality} cine {uid}, frames {numbers} of {plan.series.available}"
+                image = compose_mosaic(frames, tile, words, columns=columns)
+            else:
+                image = compose_single(*frames[0], settings.long_edge_px, f"{plan.modality} image {uid}")
         try:
             data = encode(image, settings.image_format, settings.max_bytes_per_image, settings.jpeg_quality)
         except ImageSkipped as exc:

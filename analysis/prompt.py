@@ -51,8 +51,15 @@ def _describe(index: int, plan: ImagePlan, image: ComposedImage) -> str:
         return ", ".join(facts) + "."
     window = image.tiles[0].window
     facts.append(f"displayed with window {window.explanation} (C {window.center:g}, W {window.width:g})")
-    if plan.series.available > 1:
-        facts.append(f"frame {plan.series.frames[0].frame_index + 1} of {plan.series.available}")
+    if len(image.tiles) > 1:
+        frames = ", ".join(str(t.frame_index + 1) for t in image.tiles)
+        facts.append(
+            f"a cine loop of {plan.series.available} frames shown by {len(image.tiles)} of them spread "
+            f"evenly over it (frames {frames}), as tiles numbered row by row from the top left, each "
+            "labelled with its frame number"
+        )
+    elif plan.series.available > 1:
+        facts.append(f"frame {image.tiles[0].frame_index + 1} of {plan.series.available}")
     facts.append(f"{image.width}x{image.height} pixels")
     return ", ".join(facts) + "."
 

@@ -26,6 +26,9 @@ from storage.models import Instance
 
 VOLUME_MODALITIES = frozenset({"CT", "MR", "PT", "NM"})
 MIN_VOLUME_SLICES = 4
+# A multi-frame that is no volume (an ultrasound or XA cine loop): this many frames evenly spaced
+# in time, first and last included, as one mosaic, not only its middle frame.
+CINE_FRAMES = 4
 # SOP classes that carry no image to show (PS3.4 Annex B): SR and KOS, presentation states,
 # RT objects, encapsulated documents, raw data, waveforms.
 NON_IMAGE_SOP_CLASS_PREFIXES = (
@@ -182,7 +185,7 @@ class SeriesPlan:
 
     series_instance_uid: str
     modality: str
-    kind: str  # "volume" or "single"
+    kind: str  # "volume" or "single" (one image: a frame, or a cine loop's frames as one mosaic)
     frames: tuple[ChosenFrame, ...]
     available: int  # slices or frames the series (its stack) had
     stack: str = ""  # "frame stack 2 of 3" when the series holds several (analysis.selection)
@@ -227,6 +230,15 @@ def evenly(count: int, wanted: int) -> list[int]:
     if count <= wanted:
         return list(range(count))
     return sorted({int(i) for i in np.rint(np.linspace(0, count - 1, wanted))})
+
+
+def cine_grid(frames: int, long_edge_px: int, frame_px: int) -> tuple[int, int, int]:
+    """(columns, rows, tile px) of the one mosaic a cine loop's ``frames`` are shown in: near
+    square, within ``long_edge_px``, tiles never larger than the frame (``frame_px``, its long
+    side)."""
+    columns = math.ceil(math.sqrt(frames))
+    rows = math.ceil(frames / columns)
+    return columns, rows, max(16, min(long_edge_px // max(columns, rows), frame_px))
 
 
 def _normal(orientation: Sequence[float]) -> tuple[float, float, float]:
@@ -369,15 +381,12 @@ def plan_study(images: list[SourceImage], budget: ImageBudget) -> tuple[list[Ser
             stack = f"frame stack {n} of {len(stacks)}" if len(stacks) > 1 else ""
             plans.append(SeriesPlan(series, members[0].modality, "volume", tuple(frames), len(frames), stack))
     for image in singles:
-        middle = image.number_of_frames // 2  # a cine loop: its middle frame
-        label = f"F{middle + 1}" if image.number_of_frames > 1 else "I1"
+        if image.number_of_frames > 1:  # a cine loop: frames spread over it
+            picked = evenly(image.number_of_frames, CINE_FRAMES)
+            shown = tuple(ChosenFrame(image, i, f"F{i + 1}") for i in picked)
+        else:
+            shown = (ChosenFrame(image, 0, "I1"),)
         plans.append(
-            SeriesPlan(
-                image.series_instance_uid,
-                image.modality,
-                "single",
-                (ChosenFrame(image, middle, label),),
-                image.number_of_frames,
-            )
+            SeriesPlan(image.series_instance_uid, image.modality, "single", shown, image.number_of_frames)
         )
     return plans, exclusions

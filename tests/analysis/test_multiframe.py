@@ -8,6 +8,8 @@ import random
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
 
 from analysis.findings import Box
 from analysis.mosaic import ComposedImage, Tile
@@ -130,3 +132,48 @@ def test_an_enhanced_series_in_several_files_is_one_volume(tmp_path: Path) -> No
     assert len(lung) == len(set(lung)) == 24 and {frame for _, frame in lung} == set(range(12))
     plan = next(p for p in prepared.plans if p.window is not None and p.window.name == "lung")
     assert [f.slice_position_mm for f in plan.series.frames] == positions  # across the two files
+
+
+def _ultrasound_cine(path: Path, frames: int, rows: int = 120, columns: int = 160) -> None:
+    """An Ultrasound Multi-frame Image, grey, frame k filled with 5 k (so each tile says which
+    frame it is), without BurnedInAnnotation (so it is masked before it leaves)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = UltrasoundMultiFrameImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.ImageType = "US", ["ORIGINAL", "PRIMARY"]
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.FrameTime, ds.FrameIncrementPointer = 33.3, 0x00181063
+    ds.WindowCenter, ds.WindowWidth = 127.5, 256  # shown as stored
+    ds.PixelData = np.stack(
+        [np.full((rows, columns), 5 * k, dtype=np.uint8) for k in range(frames)]
+    ).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_an_ultrasound_cine_is_shown_by_frames_spread_over_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "cine.dcm"
+    _ultrasound_cine(path, 40)
+    settings = ImagingSettings(unlabelled_burned_in={"US": "mask"})
+    prepared, _ = prepared_study([path], tmp_path, settings)
+    (composed,) = prepared.composed
+    assert [t.frame_index for t in composed.tiles] == [0, 13, 26, 39]  # first to last, evenly
+    assert [t.label for t in composed.tiles] == ["F1", "F14", "F27", "F40"]
+    for tile in composed.tiles:  # each tile its own frame, its top band masked
+        below_mask = composed.pixels[tile.y0 + tile.height - 5, tile.x0 + tile.width // 2]
+        top_band = composed.pixels[tile.y0 + 3, tile.x0 + tile.width - 5]
+        assert int(top_band) == 0 and abs(int(below_mask) - 5 * tile.frame_index) <= 1
+    entry = prepared.manifest()["images"][0]
+    assert entry["kind"] == "cine" and [t["frame_index"] for t in entry["tiles"]] == [0, 13, 26, 39]
+    assert "a cine loop of 40 frames shown by 4 of them spread evenly over it (frames 1, 14, 27, 40)" in (
+        prepared.prompt
+    )
+    # A box on the third tile is on frame 27.
+    tile = composed.tiles[2]
+    region = map_box_to_source(_box_around(composed, tile, 80, 80, 10), composed)
+    assert region is not None and region.frame_index == 26
