@@ -18,7 +18,7 @@ from typing import Literal
 
 from analysis.layout import MosaicLayout
 from analysis.selection import Exclusion, SeriesPlan, cine_grid
-from analysis.slabs import Slab, partition
+from analysis.slabs import Slab, max_slices, partition
 from analysis.vision.tokens import IMAGE_TOKEN_FORMULAS
 from analysis.windows import WindowSpec
 
@@ -82,7 +82,8 @@ def single_tokens(plan: SeriesPlan, formula: str, long_edge_px: int) -> int:
 
 def _slabs(plan: SeriesPlan, thickness_mm: float, max_slab_mm: float) -> list[Slab]:
     per_slab = max(1, math.ceil(FRAMES_PER_SLAB_WITHOUT_POSITIONS * thickness_mm / max_slab_mm))
-    return partition(plan.frames, thickness_mm, per_slab)
+    image = plan.frames[0].image
+    return partition(plan.frames, thickness_mm, per_slab, max_slices(image.rows, image.columns))
 
 
 def _volume_images(

@@ -19,7 +19,7 @@ from analysis.mosaic import ComposedImage, Tile
 from analysis.prepare import for_provider
 from analysis.regions import map_box_to_source
 from analysis.selection import ChosenFrame, ImageBudget, plan_study
-from analysis.slabs import partition
+from analysis.slabs import max_slices, partition
 from analysis.vision.tokens import PROCESSED_SCALE
 from analysis.volume import SliceReader, project
 from analysis.windows import MEDGEMMA_RGB_WINDOWS, WindowSpec, series_windows
@@ -343,3 +343,14 @@ def test_a_box_on_an_average_tile_maps_to_the_slice_that_differs_within_the_wind
     assert lands(0, 26, 16, 38) == "00005.dcm"  # the bleed, with bone in the box
     assert lands(36, 6, 50, 20) == "00006.dcm"  # the infarct, darker than its slab
     assert lands(0, 50, 5, 60) == "00003.dcm"  # bone only: the middle of slices 0..7
+
+
+def test_a_slab_of_large_frames_holds_no_more_than_memory_allows() -> None:
+    """Slabs are read into memory whole: 4096 x 4096 frames 0.1 mm apart would make a 10 mm slab
+    of 100 slices (6.4 GB as values); it is cut into runs of at most 8, each slice once, in order."""
+    assert max_slices(512, 512) == 255 and max_slices(4096, 4096) == 8
+    frames = _series(100, spacing=0.1)
+    slabs = partition(frames, 10.0, most=max_slices(4096, 4096))
+    assert max(len(s.members) for s in slabs) == 8
+    positions = [m.slice_position_mm for s in slabs for m in s.members]
+    assert len(positions) == 100 and positions == sorted(positions)
