@@ -150,23 +150,58 @@ def _put_label(canvas: Image.Image, text: str, x: int, y: int) -> None:
     canvas.paste((255, 255, 0) if canvas.mode == "RGB" else 255, (x, y, x + ink.width, y + ink.height), ink)
 
 
+@dataclass(frozen=True)
+class CellImage:
+    """A frame already scaled to fit a mosaic cell (:func:`fit_to_cell`): what a mosaic keeps of
+    it, so the frame's full-size pixels can go as soon as it is rendered."""
+
+    image: Image.Image  # the scaled frame, as it is pasted
+    scale: float  # output pixels per source pixel
+    source_rows: int
+    source_columns: int
+    frame_index: int
+    window: WindowChoice
+    pixel_spacing: tuple[float, float] | None
+
+
+def fit_to_cell(frame: DisplayFrame, tile_px: int) -> CellImage:
+    """``frame`` scaled to fit a ``tile_px`` cell, aspect kept (BOX down, bicubic up)."""
+    if tile_px < 16:
+        raise ValueError(f'Argument "tile_px" must be at least 16, got {tile_px}')
+    height, width = frame.pixels.shape[:2]
+    scale = min(tile_px / width, tile_px / height)
+    return CellImage(
+        _resized_image(frame.pixels, scale),
+        scale,
+        int(height),
+        int(width),
+        frame.frame_index,
+        frame.window,
+        frame.pixel_spacing,
+    )
+
+
 def _tile(
     chosen: ChosenFrame,
-    frame: DisplayFrame,
+    frame: DisplayFrame | CellImage,
     x0: int,
     y0: int,
     shown: tuple[int, int],  # (height, width) placed
     scale: float,
     slab: SlabTile | None = None,
 ) -> Tile:
+    if isinstance(frame, CellImage):
+        rows, columns = frame.source_rows, frame.source_columns
+    else:
+        rows, columns = int(frame.pixels.shape[0]), int(frame.pixels.shape[1])
     return Tile(
         sop_instance_uid=chosen.image.sop_instance_uid,
         series_instance_uid=chosen.image.series_instance_uid,
         frame_index=frame.frame_index,
         label=chosen.label,
         window=frame.window,
-        source_rows=int(frame.pixels.shape[0]),
-        source_columns=int(frame.pixels.shape[1]),
+        source_rows=rows,
+        source_columns=columns,
         x0=x0,
         y0=y0,
         width=int(shown[1]),
@@ -178,15 +213,16 @@ def _tile(
 
 
 def compose_mosaic(
-    frames: list[tuple[ChosenFrame, DisplayFrame]],
+    frames: Sequence[tuple[ChosenFrame, DisplayFrame | CellImage]],
     tile_px: int,
     description: str,
     columns: int | None = None,
     slabs: Sequence[SlabTile | None] | None = None,
 ) -> ComposedImage:
     """Tile frames row by row into a grid of ``tile_px`` cells (``columns`` wide, else near
-    square), each frame scaled to fit its cell (aspect kept, centred) and labelled in its top-left
-    corner; ``slabs``: what each tile shows, when it is a slab."""
+    square), each frame scaled to fit its cell (aspect kept, centred; a :class:`CellImage` is
+    already) and labelled in its top-left corner; ``slabs``: what each tile shows, when it is a
+    slab."""
     if not frames:
         raise ValueError('Argument "frames" must not be empty')
     if tile_px < 16:
@@ -195,23 +231,24 @@ def compose_mosaic(
         raise ValueError(f'Argument "slabs" must have one entry per frame ({len(frames)}), got {len(slabs)}')
     if columns is not None and columns < 1:
         raise ValueError(f'Argument "columns" must be at least 1, got {columns}')
-    columns = min(columns or math.ceil(math.sqrt(len(frames))), len(frames))
-    rows = math.ceil(len(frames) / columns)
-    color = any(frame.pixels.ndim == 3 for _, frame in frames)
+    cells = [(chosen, f if isinstance(f, CellImage) else fit_to_cell(f, tile_px)) for chosen, f in frames]
+    if any(max(cell.image.size) > tile_px for _, cell in cells):
+        raise ValueError(f"a cell image is larger than the {tile_px} px cell")
+    columns = min(columns or math.ceil(math.sqrt(len(cells))), len(cells))
+    rows = math.ceil(len(cells) / columns)
+    color = any(cell.image.mode == "RGB" for _, cell in cells)
     canvas = Image.new("RGB" if color else "L", (columns * tile_px, rows * tile_px))
     tiles: list[Tile] = []
-    for index, (chosen, frame) in enumerate(frames):
-        height, width = frame.pixels.shape[:2]
-        scale = min(tile_px / width, tile_px / height)
-        shown = _resized_image(frame.pixels, scale)  # pasted as it is: no copy through numpy
+    for index, (chosen, cell) in enumerate(cells):
+        shown = cell.image  # pasted as it is: no copy through numpy
         cell_y, cell_x = divmod(index, columns)
         x0 = cell_x * tile_px + (tile_px - shown.width) // 2
         y0 = cell_y * tile_px + (tile_px - shown.height) // 2
         canvas.paste(shown.convert("RGB") if color and shown.mode != "RGB" else shown, (x0, y0))
         slab = slabs[index] if slabs is not None else None
-        tiles.append(_tile(chosen, frame, x0, y0, (shown.height, shown.width), scale, slab))
-    for tile, (cell_index, _) in zip(tiles, enumerate(frames), strict=True):
-        cell_y, cell_x = divmod(cell_index, columns)
+        tiles.append(_tile(chosen, cell, x0, y0, (shown.height, shown.width), cell.scale, slab))
+    for index, tile in enumerate(tiles):
+        cell_y, cell_x = divmod(index, columns)
         _put_label(canvas, tile.label, cell_x * tile_px + 2, cell_y * tile_px + 2)
     pixels: NDArray[np.uint8] = np.asarray(canvas)  # read-only, as before
     return ComposedImage(pixels, tuple(tiles), description)

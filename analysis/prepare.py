@@ -18,7 +18,7 @@ from analysis.encode import EncodedImage, encode
 from analysis.errors import ImageSkipped
 from analysis.imaging import CT_PRESETS, DisplayFrame, render_file
 from analysis.layout import choose_layout, needed_tile_px
-from analysis.mosaic import ComposedImage, SlabTile, compose_mosaic, compose_single
+from analysis.mosaic import CellImage, ComposedImage, SlabTile, compose_mosaic, compose_single, fit_to_cell
 from analysis.pixel_privacy import (
     MaskPlan,
     apply_mask,
@@ -288,15 +288,17 @@ def _volume_requests(
 
 def _render_slabs(
     allocation: Allocation, facts: dict[str, tuple[bool, tuple[float, float] | None]]
-) -> tuple[dict[tuple[int, str], tuple[DisplayFrame, list[ChosenFrame]]], list[Exclusion]]:
-    """Every slab shown, read once and projected in each of its windows."""
+) -> tuple[dict[tuple[int, str], tuple[CellImage, list[ChosenFrame]]], list[Exclusion]]:
+    """Every slab shown, read once and projected in each of its windows, each projection scaled
+    to its mosaic cell at once (its full-size pixels are not kept: a long series' would add up)."""
     wanted: dict[int, tuple[Slab, list[ImagePlan]]] = {}
     for image in allocation.images:
         for slab in image.slabs:
             wanted.setdefault(id(slab), (slab, []))[1].append(image)
-    rendered: dict[tuple[int, str], tuple[DisplayFrame, list[ChosenFrame]]] = {}
+    rendered: dict[tuple[int, str], tuple[CellImage, list[ChosenFrame]]] = {}
     skipped: list[Exclusion] = []
     reader = SliceReader()
+    tile_px = allocation.layout.tile_px if allocation.layout is not None else 0
     for key, (slab, images) in wanted.items():
         values, used, unreadable = stack(slab, reader)
         skipped += [Exclusion(member.image.sop_instance_uid, reason) for member, reason in unreadable]
@@ -307,19 +309,19 @@ def _render_slabs(
         for image in images:
             if image.window is not None and (key, image.window.name) not in rendered:
                 frame = render(values, image.window, monochrome1, middle.frame_index, spacing)
-                rendered[(key, image.window.name)] = (frame, used)
+                rendered[(key, image.window.name)] = (fit_to_cell(frame, tile_px), used)
     return rendered, skipped
 
 
 def _compose(
     image: ImagePlan,
-    rendered: dict[tuple[int, str], tuple[DisplayFrame, list[ChosenFrame]]],
+    rendered: dict[tuple[int, str], tuple[CellImage, list[ChosenFrame]]],
     allocation: Allocation,
     settings: ImagingSettings,
 ) -> ComposedImage | None:
     if image.window is None or allocation.layout is None:
         return None
-    frames: list[tuple[ChosenFrame, DisplayFrame]] = []
+    frames: list[tuple[ChosenFrame, CellImage]] = []
     slabs: list[SlabTile | None] = []
     for slab in image.slabs:
         found = rendered.get((id(slab), image.window.name))
