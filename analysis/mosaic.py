@@ -109,11 +109,16 @@ class ComposedImage:
 
 
 def _resized_image(pixels: NDArray[np.uint8], scale: float) -> Image.Image:
+    """``pixels`` scaled by ``scale``: a box filter down (by a whole factor, Pillow's ``reduce``,
+    the same box average in a quarter of the time), bicubic up."""
     height, width = pixels.shape[:2]
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     image = Image.fromarray(pixels)
     if size == (width, height):
         return image
+    factor = round(1 / scale) if scale < 1 else 1
+    if factor > 1 and width == size[0] * factor and height == size[1] * factor:
+        return image.reduce(factor)
     return image.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC)
 
 
