@@ -352,5 +352,5 @@ def test_a_slab_of_large_frames_holds_no_more_than_memory_allows() -> None:
     frames = _series(100, spacing=0.1)
     slabs = partition(frames, 10.0, most=max_slices(4096, 4096))
     assert max(len(s.members) for s in slabs) == 8
-    positions = [m.slice_position_mm for s in slabs for m in s.members]
+    positions = [m.slice_position_mm or 0.0 for s in slabs for m in s.members]
     assert len(positions) == 100 and positions == sorted(positions)
