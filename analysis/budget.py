@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from analysis.layout import MosaicLayout
-from analysis.selection import Exclusion, SeriesPlan
-from analysis.slabs import Slab, partition
+from analysis.selection import Exclusion, SeriesPlan, cine_grid
+from analysis.slabs import Slab, max_slices, partition
 from analysis.vision.tokens import IMAGE_TOKEN_FORMULAS
 from analysis.windows import WindowSpec
 
@@ -69,15 +69,21 @@ def _chunks(count: int, size: int) -> list[int]:
 
 
 def single_tokens(plan: SeriesPlan, formula: str, long_edge_px: int) -> int:
+    """Image tokens of one image: a frame within ``long_edge_px``, or a cine loop's frames in
+    their mosaic (:func:`analysis.selection.cine_grid`)."""
     image = plan.frames[0].image
     rows, columns = image.rows or long_edge_px, image.columns or long_edge_px
+    if len(plan.frames) > 1:
+        grid_columns, grid_rows, tile = cine_grid(len(plan.frames), long_edge_px, max(rows, columns))
+        return IMAGE_TOKEN_FORMULAS[formula](grid_columns * tile, grid_rows * tile)
     scale = min(1.0, long_edge_px / max(rows, columns))
     return IMAGE_TOKEN_FORMULAS[formula](max(1, round(columns * scale)), max(1, round(rows * scale)))
 
 
 def _slabs(plan: SeriesPlan, thickness_mm: float, max_slab_mm: float) -> list[Slab]:
     per_slab = max(1, math.ceil(FRAMES_PER_SLAB_WITHOUT_POSITIONS * thickness_mm / max_slab_mm))
-    return partition(plan.frames, thickness_mm, per_slab)
+    image = plan.frames[0].image
+    return partition(plan.frames, thickness_mm, per_slab, max_slices(image.rows, image.columns))
 
 
 def _volume_images(
@@ -114,6 +120,26 @@ def candidate_thicknesses(volumes: list[VolumeRequest], max_slab_mm: float) -> l
                 for k in range(1, FRAMES_PER_SLAB_WITHOUT_POSITIONS + 1)
             )
     return sorted(v for v in values if 0 < v <= max_slab_mm + 1e-9)
+
+
+def over_budget_reason(
+    images: int, tokens: int, max_images: int, max_tokens: int | None, slab_mm: float
+) -> str:
+    """Why part of a study is left out, naming the limit that binds: the images one request may
+    carry (ainode sends one request per study, so this is the study's too) or the image tokens
+    the study's budget buys."""
+    limits = []
+    if images > max_images:
+        limits.append(
+            f"{max_images} image{'s' if max_images != 1 else ''} in its one request "
+            "(imaging.max_images and the provider's limit per request)"
+        )
+    if max_tokens is not None and tokens > max_tokens:
+        limits.append(f"{max_tokens} image tokens (imaging.max_image_tokens, vision.max_cost_usd_per_study)")
+    return (
+        f"over the study's budget of {' and '.join(limits) or 'images and tokens'}: "
+        f"it needs {images} images and {tokens} image tokens at {slab_mm:g} mm slabs"
+    )
 
 
 def allocate(
@@ -159,12 +185,8 @@ def allocate(
     # Over the budget even at the thickest slabs: the first window of every series, then the
     # second ..., then single images, each while it fits; the rest is listed, slice by slice.
     needed = sum(image.tokens for _, image in ranked) + sum(i.tokens for i in single_images)
-    reason = (
-        f"over the study's budget of {max_images} images and "
-        f"{'no token limit' if max_tokens is None else f'{max_tokens} image tokens'} "
-        f"(imaging.max_images, imaging.max_image_tokens, vision.max_cost_usd_per_study and the "
-        f"provider's limits); the study needs {len(ranked) + len(single_images)} images and {needed} "
-        f"tokens at {max_slab_mm:g} mm slabs"
+    reason = over_budget_reason(
+        len(ranked) + len(single_images), needed, max_images, max_tokens, thickness or max_slab_mm
     )
     accepted: set[int] = set()
     used_images, used_tokens = 0, 0

@@ -19,7 +19,7 @@ from analysis.errors import ImageSkipped
 from analysis.finding_codes import GENERAL_CODES, BodyRegion, CodeList, code_list, series_regions
 from analysis.imaging import CT_PRESETS, DisplayFrame, render_file
 from analysis.layout import choose_layout, needed_tile_px
-from analysis.mosaic import ComposedImage, SlabTile, compose_mosaic, compose_single
+from analysis.mosaic import CellImage, ComposedImage, SlabTile, compose_mosaic, compose_single, fit_to_cell
 from analysis.pixel_privacy import (
     MaskPlan,
     apply_mask,
@@ -30,7 +30,16 @@ from analysis.pixel_privacy import (
     risk_modality,
 )
 from analysis.prompt import PROMPT_VERSION, build_prompt
-from analysis.selection import ChosenFrame, Exclusion, ImageBudget, SeriesPlan, SourceImage, plan_study
+from analysis.selection import (
+    SOURCE_COLUMNS,
+    ChosenFrame,
+    Exclusion,
+    ImageBudget,
+    SeriesPlan,
+    SourceImage,
+    cine_grid,
+    plan_study,
+)
 from analysis.slabs import Slab
 from analysis.volume import SliceReader, render, stack
 from analysis.windows import PROJECTION_WORDS, series_windows
@@ -74,7 +83,10 @@ class PreparedStudy:
                     "width": data.width,
                     "height": data.height,
                     "series_instance_uid": plan.series_instance_uid,
-                    "kind": "volume" if plan.kind == "mosaic" else "single",
+                    "kind": "volume"
+                    if plan.kind == "mosaic"
+                    else ("cine" if len(plan.series.frames) > 1 else "single"),
+                    **({"stack": plan.series.stack} if plan.series.stack else {}),
                     "description": image.description,
                     "image_tokens": plan.tokens,
                     **(
@@ -189,13 +201,14 @@ def source_images(
     session: Session, study_instance_uid: str, root: Path, only: set[str] | None = None
 ) -> list[SourceImage]:
     """The study's instances (``only``: just these SOP Instance UIDs, a version's fixed set)."""
-    # Core rows, not ORM objects: a 300-slice study loads in a few milliseconds.
+    # Core rows of the columns the planner reads, not ORM objects (nor the received time, whose
+    # conversion per row cost as much as the rest): a 300-slice study loads in a few milliseconds.
     rows = session.execute(
-        select(*Instance.__table__.columns).where(Instance.study_instance_uid == study_instance_uid)
+        select(*(Instance.__table__.columns[name] for name in SOURCE_COLUMNS)).where(
+            Instance.study_instance_uid == study_instance_uid
+        )
     )
-    return [
-        SourceImage.from_instance(row, root) for row in rows if only is None or row.sop_instance_uid in only
-    ]
+    return [SourceImage.from_columns(row, root) for row in rows if only is None or row[0] in only]
 
 
 def _mask(frame: DisplayFrame, image: SourceImage, settings: ImagingSettings) -> DisplayFrame | ImageSkipped:
@@ -236,18 +249,20 @@ def _single_regions(plan: SeriesPlan) -> tuple[tuple[BodyRegion, ...], str]:
 def _render_single(
     plan: SeriesPlan, settings: ImagingSettings
 ) -> tuple[list[tuple[ChosenFrame, DisplayFrame]], list[Exclusion]]:
-    chosen = plan.frames[0]
+    """The plan's frame (or a cine loop's frames), rendered and masked as they may leave; when
+    none can be, the instance is listed with the reasons."""
+    image = plan.frames[0].image
     rendered: list[tuple[ChosenFrame, DisplayFrame]] = []
-    skipped: list[Exclusion] = []
-    for result in render_file(chosen.image.path, [chosen.frame_index], settings.ct_window_by_body_part):
-        if isinstance(result, ImageSkipped):
-            skipped.append(Exclusion(chosen.image.sop_instance_uid, str(result)))
+    reasons: list[str] = []
+    indices = [chosen.frame_index for chosen in plan.frames]
+    results = render_file(image.path, indices, settings.ct_window_by_body_part)
+    for chosen, result in zip(plan.frames, results, strict=False):  # a decoder failure ends it
+        masked = result if isinstance(result, ImageSkipped) else _mask(result, chosen.image, settings)
+        if isinstance(masked, ImageSkipped):
+            reasons.append(str(masked))
         else:
-            masked = _mask(result, chosen.image, settings)
-            if isinstance(masked, ImageSkipped):
-                skipped.append(Exclusion(chosen.image.sop_instance_uid, str(masked)))
-            else:
-                rendered.append((chosen, masked))
+            rendered.append((chosen, masked))
+    skipped = [] if rendered else [Exclusion(image.sop_instance_uid, r) for r in dict.fromkeys(reasons)]
     return rendered, skipped
 
 
@@ -305,15 +320,17 @@ def _volume_requests(
 
 def _render_slabs(
     allocation: Allocation, facts: dict[str, tuple[bool, tuple[float, float] | None]]
-) -> tuple[dict[tuple[int, str], tuple[DisplayFrame, list[ChosenFrame]]], list[Exclusion]]:
-    """Every slab shown, read once and projected in each of its windows."""
+) -> tuple[dict[tuple[int, str], tuple[CellImage, list[ChosenFrame]]], list[Exclusion]]:
+    """Every slab shown, read once and projected in each of its windows, each projection scaled
+    to its mosaic cell at once (its full-size pixels are not kept: a long series' would add up)."""
     wanted: dict[int, tuple[Slab, list[ImagePlan]]] = {}
     for image in allocation.images:
         for slab in image.slabs:
             wanted.setdefault(id(slab), (slab, []))[1].append(image)
-    rendered: dict[tuple[int, str], tuple[DisplayFrame, list[ChosenFrame]]] = {}
+    rendered: dict[tuple[int, str], tuple[CellImage, list[ChosenFrame]]] = {}
     skipped: list[Exclusion] = []
     reader = SliceReader()
+    tile_px = allocation.layout.tile_px if allocation.layout is not None else 0
     for key, (slab, images) in wanted.items():
         values, used, unreadable = stack(slab, reader)
         skipped += [Exclusion(member.image.sop_instance_uid, reason) for member, reason in unreadable]
@@ -324,19 +341,19 @@ def _render_slabs(
         for image in images:
             if image.window is not None and (key, image.window.name) not in rendered:
                 frame = render(values, image.window, monochrome1, middle.frame_index, spacing)
-                rendered[(key, image.window.name)] = (frame, used)
+                rendered[(key, image.window.name)] = (fit_to_cell(frame, tile_px), used)
     return rendered, skipped
 
 
 def _compose(
     image: ImagePlan,
-    rendered: dict[tuple[int, str], tuple[DisplayFrame, list[ChosenFrame]]],
+    rendered: dict[tuple[int, str], tuple[CellImage, list[ChosenFrame]]],
     allocation: Allocation,
     settings: ImagingSettings,
 ) -> ComposedImage | None:
     if image.window is None or allocation.layout is None:
         return None
-    frames: list[tuple[ChosenFrame, DisplayFrame]] = []
+    frames: list[tuple[ChosenFrame, CellImage]] = []
     slabs: list[SlabTile | None] = []
     for slab in image.slabs:
         found = rendered.get((id(slab), image.window.name))
@@ -358,8 +375,9 @@ def _compose(
     if not frames:
         return None
     columns, _ = allocation.layout.grid_for(len(frames))
+    stack = f", {image.series.stack}" if image.series.stack else ""
     description = (
-        f"{image.modality} series {image.series_instance_uid}, {image.window.words}, "
+        f"{image.modality} series {image.series_instance_uid}{stack}, {image.window.words}, "
         f"{PROJECTION_WORDS[image.window.projection]} slabs, mosaic {image.part} of {image.parts}"
     )
     return compose_mosaic(frames, allocation.layout.tile_px, description, columns=columns, slabs=slabs)
@@ -437,11 +455,15 @@ def prepare_study(
             exclusions += skipped
             if not frames:
                 continue
-            image = compose_single(
-                *frames[0],
-                settings.long_edge_px,
-                f"{plan.modality} image {frames[0][0].image.sop_instance_uid}",
-            )
+            uid = frames[0][0].image.sop_instance_uid
+            if len(plan.series.frames) > 1:  # a cine loop: its frames, spread over it, in one mosaic
+                source = frames[0][1].pixels.shape
+                columns, _, tile = cine_grid(len(frames), settings.long_edge_px, max(source[:2]))
+                numbers = ", ".join(str(chosen.frame_index + 1) for chosen, _ in frames)
+                words = f"{plan.modality} cine {uid}, frames {numbers} of {plan.series.available}"
+                image = compose_mosaic(frames, tile, words, columns=columns)
+            else:
+                image = compose_single(*frames[0], settings.long_edge_px, f"{plan.modality} image {uid}")
         try:
             data = encode(image, settings.image_format, settings.max_bytes_per_image, settings.jpeg_quality)
         except ImageSkipped as exc:

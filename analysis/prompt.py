@@ -33,12 +33,13 @@ def _describe(index: int, plan: ImagePlan, image: ComposedImage) -> str:
         thickness = (
             f"slabs of up to {max(thicknesses):.1f} mm" if thicknesses else "slabs of consecutive frames"
         )
+        whole = f"this series' {plan.series.stack}" if plan.series.stack else "this series"
         facts.append(
             f"{plan.window.words}, {PROJECTION_WORDS[plan.window.projection]} {thickness}; "
-            f"mosaic {plan.part} of {plan.parts} of this series in this window; the slabs together cover "
-            f"every slice of the series ({plan.series.available}); {len(image.tiles)} tiles, numbered row by "
-            "row from the top left, each labelled with its number and its slab's slice centres (mm along "
-            "the slice normal)"
+            f"mosaic {plan.part} of {plan.parts} of {whole} in this window; the slabs together cover "
+            f"every slice of {'the stack' if plan.series.stack else 'the series'} ({plan.series.available}); "
+            f"{len(image.tiles)} tiles, numbered row by row from the top left, each labelled with its number "
+            "and its slab's slice centres (mm along the slice normal)"
         )
         tiles = "; ".join(
             f"tile {n}: {slab.thickness_mm:.1f} mm, {slab.position_words()}"
@@ -50,8 +51,15 @@ def _describe(index: int, plan: ImagePlan, image: ComposedImage) -> str:
         return ", ".join(facts) + "."
     window = image.tiles[0].window
     facts.append(f"displayed with window {window.explanation} (C {window.center:g}, W {window.width:g})")
-    if plan.series.available > 1:
-        facts.append(f"frame {plan.series.frames[0].frame_index + 1} of {plan.series.available}")
+    if len(image.tiles) > 1:
+        frames = ", ".join(str(t.frame_index + 1) for t in image.tiles)
+        facts.append(
+            f"a cine loop of {plan.series.available} frames shown by {len(image.tiles)} of them spread "
+            f"evenly over it (frames {frames}), as tiles numbered row by row from the top left, each "
+            "labelled with its frame number"
+        )
+    elif plan.series.available > 1:
+        facts.append(f"frame {image.tiles[0].frame_index + 1} of {plan.series.available}")
     facts.append(f"{image.width}x{image.height} pixels")
     return ", ".join(facts) + "."
 

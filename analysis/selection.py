@@ -10,6 +10,7 @@ decides how much of the study the cost budget shows.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,9 @@ from storage.models import Instance
 
 VOLUME_MODALITIES = frozenset({"CT", "MR", "PT", "NM"})
 MIN_VOLUME_SLICES = 4
+# A multi-frame that is no volume (an ultrasound or XA cine loop): this many frames evenly spaced
+# in time, first and last included, as one mosaic, not only its middle frame.
+CINE_FRAMES = 4
 # SOP classes that carry no image to show (PS3.4 Annex B): SR and KOS, presentation states,
 # RT objects, encapsulated documents, raw data, waveforms.
 NON_IMAGE_SOP_CLASS_PREFIXES = (
@@ -34,6 +38,26 @@ NON_IMAGE_SOP_CLASS_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.104.",
     "1.2.840.10008.5.1.4.1.1.66",
     "1.2.840.10008.5.1.4.1.1.9.",
+)
+
+
+# The ``instances`` columns :meth:`SourceImage.from_instance` reads.
+SOURCE_COLUMNS = (
+    "sop_instance_uid",
+    "series_instance_uid",
+    "sop_class_uid",
+    "path",
+    "modality",
+    "image_type",
+    "instance_number",
+    "image_position_patient",
+    "image_orientation_patient",
+    "rows",
+    "columns",
+    "number_of_frames",
+    "burned_in_annotation",
+    "body_part_examined",
+    "view_position",
 )
 
 
@@ -60,22 +84,44 @@ class SourceImage:
     @classmethod
     def from_instance(cls, row: Instance | Any, root: Path) -> SourceImage:
         """From an ``instances`` row (ORM object or Core row with the same column names)."""
+        return cls.from_columns(tuple(getattr(row, name) for name in SOURCE_COLUMNS), root)
+
+    @classmethod
+    def from_columns(cls, values: Sequence[Any], root: Path) -> SourceImage:
+        """From the values of :data:`SOURCE_COLUMNS`, in that order (a Core row of them)."""
+        (
+            sop_instance_uid,
+            series_instance_uid,
+            sop_class_uid,
+            path,
+            modality,
+            image_type,
+            instance_number,
+            position,
+            orientation,
+            rows,
+            columns,
+            number_of_frames,
+            burned_in_annotation,
+            body_part_examined,
+            view_position,
+        ) = values
         return cls(
-            sop_instance_uid=row.sop_instance_uid,
-            series_instance_uid=row.series_instance_uid,
-            sop_class_uid=row.sop_class_uid,
-            path=root / row.path,
-            modality=(row.modality or "").upper(),
-            image_type=tuple(v.strip().upper() for v in (row.image_type or "").split("\\") if v.strip()),
-            instance_number=_int(row.instance_number),
-            position=_floats(row.image_position_patient, 3),  # type: ignore[arg-type]
-            orientation=_floats(row.image_orientation_patient, 6),  # type: ignore[arg-type]
-            rows=row.rows,
-            columns=row.columns,
-            number_of_frames=max(_int(row.number_of_frames) or 1, 1),
-            burned_in_annotation=(row.burned_in_annotation or "").upper(),
-            body_part_examined=(row.body_part_examined or "").upper(),
-            view_position=(row.view_position or "").upper(),
+            sop_instance_uid=sop_instance_uid,
+            series_instance_uid=series_instance_uid,
+            sop_class_uid=sop_class_uid,
+            path=root / path,
+            modality=(modality or "").upper(),
+            image_type=_image_type(image_type or ""),
+            instance_number=_int(instance_number),
+            position=_floats(position, 3),  # type: ignore[arg-type]
+            orientation=_orientation(orientation),  # type: ignore[arg-type]
+            rows=rows,
+            columns=columns,
+            number_of_frames=max(_int(number_of_frames) or 1, 1),
+            burned_in_annotation=(burned_in_annotation or "").upper(),
+            body_part_examined=(body_part_examined or "").upper(),
+            view_position=(view_position or "").upper(),
         )
 
     def along_normal(self) -> float | None:
@@ -94,6 +140,18 @@ def _int(text: str | None) -> int | None:
         return int(str(text).strip()) if text not in (None, "") else None
     except ValueError:
         return None
+
+
+@functools.lru_cache(maxsize=256)
+def _image_type(text: str) -> tuple[str, ...]:
+    """Image Type's values (a series repeats one string: parsed once)."""
+    return tuple(v.strip().upper() for v in text.split("\\") if v.strip())
+
+
+@functools.lru_cache(maxsize=256)
+def _orientation(text: str | None) -> tuple[float, ...] | None:
+    """Image Orientation (a series repeats one string: parsed once)."""
+    return _floats(text, 6)
 
 
 def _floats(text: str | None, count: int) -> tuple[float, ...] | None:
@@ -127,9 +185,10 @@ class SeriesPlan:
 
     series_instance_uid: str
     modality: str
-    kind: str  # "volume" or "single"
+    kind: str  # "volume" or "single" (one image: a frame, or a cine loop's frames as one mosaic)
     frames: tuple[ChosenFrame, ...]
-    available: int  # slices or frames the series had
+    available: int  # slices or frames the series (its stack) had
+    stack: str = ""  # "frame stack 2 of 3" when the series holds several (analysis.selection)
 
 
 @dataclass(frozen=True)
@@ -173,66 +232,117 @@ def evenly(count: int, wanted: int) -> list[int]:
     return sorted({int(i) for i in np.rint(np.linspace(0, count - 1, wanted))})
 
 
+def cine_grid(frames: int, long_edge_px: int, frame_px: int) -> tuple[int, int, int]:
+    """(columns, rows, tile px) of the one mosaic a cine loop's ``frames`` are shown in: near
+    square, within ``long_edge_px``, tiles never larger than the frame (``frame_px``, its long
+    side)."""
+    columns = math.ceil(math.sqrt(frames))
+    rows = math.ceil(frames / columns)
+    return columns, rows, max(16, min(long_edge_px // max(columns, rows), frame_px))
+
+
 def _normal(orientation: Sequence[float]) -> tuple[float, float, float]:
     rx, ry, rz, cx, cy, cz = (float(v) for v in orientation)
     return ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
 
 
-def frame_positions(path: Path, frames: int) -> list[float | None]:
-    """Each frame's position along the slice normal from an enhanced multi-frame header
-    (PS3.3 C.7.6.16: Plane Position and Plane Orientation functional groups); Nones when the
+def frame_positions(path: Path, frames: int) -> list[tuple[float | None, str]]:
+    """Each frame's position along its slice normal and its stack, from an enhanced multi-frame
+    header (PS3.3 C.7.6.16: Plane Position, Plane Orientation and Frame Content functional
+    groups). The stack is the frame's Stack ID and orientation: frames of one stack share a
+    normal, so their positions order them. Positions are None (one stack, frame order) when the
     header does not say."""
+    unknown: list[tuple[float | None, str]] = [(None, "")] * frames
     try:
         ds = dcmread(path, stop_before_pixels=True)
         shared = ds.get("SharedFunctionalGroupsSequence")
         per_frame = ds.get("PerFrameFunctionalGroupsSequence")
         if not per_frame or len(per_frame) != frames:
-            return [None] * frames
+            return unknown
 
         def orientation(group: Any) -> Any:
             sequence = group.get("PlaneOrientationSequence") if group is not None else None
             return sequence[0].ImageOrientationPatient if sequence else None
 
-        shared_orientation = orientation(shared[0]) if shared else None
-        positions: list[float | None] = []
+        def stack_id(group: Any) -> str:
+            sequence = group.get("FrameContentSequence") if group is not None else None
+            return str(sequence[0].get("StackID", "") or "").strip() if sequence else ""
+
+        shared_group = shared[0] if shared else None
+        shared_orientation = orientation(shared_group)
+        placed: list[tuple[float | None, str]] = []
         for item in per_frame:
             own = orientation(item) or shared_orientation
             plane = item.get("PlanePositionSequence")
             if own is None or not plane:
-                return [None] * frames
-            nx, ny, nz = _normal(own)
+                return unknown
+            normal = _normal(own)
+            nx, ny, nz = normal
             px, py, pz = (float(v) for v in plane[0].ImagePositionPatient)
-            positions.append(nx * px + ny * py + nz * pz)
-        return positions
+            direction = ",".join(f"{v:.3f}" for v in normal)
+            placed.append(
+                (nx * px + ny * py + nz * pz, f"{stack_id(item) or stack_id(shared_group)}|{direction}")
+            )
+        return placed
     except Exception:  # an unreadable header: frame order it is
-        return [None] * frames
+        return unknown
 
 
-def _volume_frames(images: list[SourceImage]) -> tuple[list[ChosenFrame], int]:
-    """Every slice (or frame) of a volume, in position order, each labelled with its position."""
-    if len(images) == 1 and images[0].number_of_frames > 1:  # enhanced / multi-frame volume
-        image = images[0]
-        positions = frame_positions(image.path, image.number_of_frames)
-        frames = [
-            ChosenFrame(image, i, f"F{i + 1}" + (f" z={z:.1f}" if z is not None else ""), z)
-            for i, z in enumerate(positions)
-        ]
-        if all(z is not None for z in positions):
-            frames.sort(key=lambda f: (f.slice_position_mm, f.frame_index))
-        return frames, image.number_of_frames
-    ordered = sorted(images, key=lambda im: (im.along_normal() or 0.0, im.instance_number or 0))
-    chosen = []
-    for image in ordered:
-        z = image.along_normal()
-        chosen.append(ChosenFrame(image, 0, f"z={z:.1f}" if z is not None else "", z))
-    return chosen, len(ordered)
+def _normal_key(image: SourceImage) -> str:
+    if image.orientation is None:
+        return ""
+    rx, ry, rz, cx, cy, cz = image.orientation
+    return ",".join(f"{v:.3f}" for v in (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx))
+
+
+def _split_repeats(frames: list[ChosenFrame]) -> list[list[ChosenFrame]]:
+    """Frames of one stack (in acquisition order) split where positions repeat: the k-th frame
+    at a position goes to the k-th stack (a second acquisition, a time point, an echo), so no
+    slab mixes them. One stack when no position repeats (or none is known); a few repeats (fewer
+    than a volume's slices: a slice sent twice) stay in the first stack, in the slab of their
+    position, rather than cost mosaics of their own."""
+    seen: dict[float, int] = {}
+    stacks: list[list[ChosenFrame]] = []
+    for frame in frames:
+        if frame.slice_position_mm is None:
+            return [frames]
+        key = round(frame.slice_position_mm, 3)
+        k = seen.get(key, 0)
+        seen[key] = k + 1
+        while len(stacks) <= k:
+            stacks.append([])
+        stacks[k].append(frame)
+    kept = [stacks[0]] + [stack for stack in stacks[1:] if len(stack) >= MIN_VOLUME_SLICES]
+    kept[0] += [frame for stack in stacks[1:] if len(stack) < MIN_VOLUME_SLICES for frame in stack]
+    return kept
+
+
+def _volume_frames(images: list[SourceImage]) -> list[list[ChosenFrame]]:
+    """A volume's frame stacks, each in position order with each frame labelled with its
+    position: frames (or slices) are grouped by Stack ID and orientation, then split where a
+    position repeats, so a slab never mixes two acquisitions of the same place."""
+    groups: dict[str, list[ChosenFrame]] = {}
+    for image in sorted(images, key=lambda im: (im.instance_number or 0, im.sop_instance_uid)):
+        if image.number_of_frames > 1:  # enhanced / multi-frame: its frames by their groups
+            for i, (z, key) in enumerate(frame_positions(image.path, image.number_of_frames)):
+                label = f"F{i + 1}" + (f" z={z:.1f}" if z is not None else "")
+                groups.setdefault(key, []).append(ChosenFrame(image, i, label, z))
+        else:
+            z = image.along_normal()
+            label = f"z={z:.1f}" if z is not None else ""
+            groups.setdefault(f"|{_normal_key(image)}", []).append(ChosenFrame(image, 0, label, z))
+    stacks = [part for group in groups.values() for part in _split_repeats(group)]
+    for stack in stacks:
+        if all(f.slice_position_mm is not None for f in stack):
+            stack.sort(key=lambda f: (f.slice_position_mm, f.image.instance_number or 0, f.frame_index))
+    return stacks
 
 
 def _is_volume(modality: str, images: list[SourceImage]) -> bool:
     if modality not in VOLUME_MODALITIES:
         return False
-    if len(images) == 1:
-        return images[0].number_of_frames >= MIN_VOLUME_SLICES
+    if all(im.number_of_frames > 1 for im in images):  # multi-frame files: their frames
+        return sum(im.number_of_frames for im in images) >= MIN_VOLUME_SLICES
     return len(images) >= MIN_VOLUME_SLICES and all(im.along_normal() is not None for im in images)
 
 
@@ -266,18 +376,17 @@ def plan_study(images: list[SourceImage], budget: ImageBudget) -> tuple[list[Ser
 
     plans: list[SeriesPlan] = []
     for series, members in volumes:
-        frames, available = _volume_frames(members)
-        plans.append(SeriesPlan(series, members[0].modality, "volume", tuple(frames), available))
+        stacks = _volume_frames(members)
+        for n, frames in enumerate(stacks, start=1):
+            stack = f"frame stack {n} of {len(stacks)}" if len(stacks) > 1 else ""
+            plans.append(SeriesPlan(series, members[0].modality, "volume", tuple(frames), len(frames), stack))
     for image in singles:
-        middle = image.number_of_frames // 2  # a cine loop: its middle frame
-        label = f"F{middle + 1}" if image.number_of_frames > 1 else "I1"
+        if image.number_of_frames > 1:  # a cine loop: frames spread over it
+            picked = evenly(image.number_of_frames, CINE_FRAMES)
+            shown = tuple(ChosenFrame(image, i, f"F{i + 1}") for i in picked)
+        else:
+            shown = (ChosenFrame(image, 0, "I1"),)
         plans.append(
-            SeriesPlan(
-                image.series_instance_uid,
-                image.modality,
-                "single",
-                (ChosenFrame(image, middle, label),),
-                image.number_of_frames,
-            )
+            SeriesPlan(image.series_instance_uid, image.modality, "single", shown, image.number_of_frames)
         )
     return plans, exclusions

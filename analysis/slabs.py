@@ -17,6 +17,15 @@ from dataclasses import dataclass
 from analysis.selection import ChosenFrame
 
 MAX_SLICES_PER_SLAB = 255  # a slab's "which slice" map is one byte per pixel
+MAX_SLAB_BYTES = 512 * 1024 * 1024  # a slab is read into memory whole: this much at most
+
+
+def max_slices(rows: int | None, columns: int | None) -> int:
+    """Slices a slab of frames this size may hold: :data:`MAX_SLICES_PER_SLAB`, fewer when they
+    would take more than :data:`MAX_SLAB_BYTES` as float32 values (a 4096 x 4096 series at
+    0.1 mm spacing would otherwise read 255 slices of 64 MiB into one slab)."""
+    frame = max(rows or 1, 1) * max(columns or 1, 1) * 4
+    return max(1, min(MAX_SLICES_PER_SLAB, MAX_SLAB_BYTES // frame))
 
 
 @dataclass(frozen=True)
@@ -60,40 +69,51 @@ def slice_spacing(positions: Sequence[float]) -> float | None:
     return steps[len(steps) // 2]
 
 
-def partition(frames: Sequence[ChosenFrame], thickness_mm: float, frames_per_slab: int = 8) -> list[Slab]:
+def partition(
+    frames: Sequence[ChosenFrame],
+    thickness_mm: float,
+    frames_per_slab: int = 8,
+    most: int = MAX_SLICES_PER_SLAB,
+) -> list[Slab]:
     """Partition ``frames`` (one series, any order) into slabs at most ``thickness_mm`` thick.
 
     With positions: slabs are the intervals ``[z0 - s/2 + k*t, z0 - s/2 + (k+1)*t)`` of the slice
     centres (``s`` the slice spacing), so each covers at most ``t`` mm. Without positions (a
-    multi-frame without per-frame positions): ``frames_per_slab`` consecutive frames.
+    multi-frame without per-frame positions): ``frames_per_slab`` consecutive frames. No slab
+    holds more than ``most`` slices: an interval with more is cut in consecutive runs.
     """
     if not thickness_mm > 0:
         raise ValueError(f'Argument "thickness_mm" must be positive, got {thickness_mm}')
+    if most < 1:
+        raise ValueError(f'Argument "most" must be at least 1, got {most}')
     if frames_per_slab < 1:
         raise ValueError(f'Argument "frames_per_slab" must be at least 1, got {frames_per_slab}')
     if not frames:
         return []
     positions = [f.slice_position_mm for f in frames]
-    if any(p is None for p in positions):
-        ordered = sorted(frames, key=lambda f: f.frame_index)
-        size = min(frames_per_slab, MAX_SLICES_PER_SLAB)
+    if None in positions:
+        ordered = sorted(
+            frames, key=lambda f: (f.image.instance_number or 0, f.image.sop_instance_uid, f.frame_index)
+        )
+        size = min(frames_per_slab, most)
         return [Slab(tuple(ordered[i : i + size]), None) for i in range(0, len(ordered), size)]
     ordered = sorted(frames, key=lambda f: (f.slice_position_mm, f.image.instance_number or 0, f.frame_index))
-    spacing = slice_spacing([f.slice_position_mm for f in ordered if f.slice_position_mm is not None])
+    zs = [f.slice_position_mm or 0.0 for f in ordered]
+    spacing = slice_spacing(zs)
     step = spacing or thickness_mm
-    start = (ordered[0].slice_position_mm or 0.0) - step / 2
+    start = zs[0] - step / 2
     # A whole number of slice spacings (so a slab's n slices cover n * s <= t mm), and never less
     # than one slice per slab, however thin the request.
     width = max(math.floor(thickness_mm / step + 1e-9), 1) * step
-    groups: dict[int, list[ChosenFrame]] = {}
-    for frame in ordered:
-        position = frame.slice_position_mm or 0.0
-        # A hair of tolerance: positions written as decimal strings are not exact multiples.
-        index = math.floor((position - start) / width + 1e-6)
-        groups.setdefault(index, []).append(frame)
+    floor = math.floor
+    # A hair of tolerance: positions written as decimal strings are not exact multiples.
+    # Positions are sorted, so each interval's slices are one run.
+    indices = [floor((z - start) / width + 1e-6) for z in zs]
     slabs: list[Slab] = []
-    for index in sorted(groups):
-        members = groups[index]
-        for i in range(0, len(members), MAX_SLICES_PER_SLAB):
-            slabs.append(Slab(tuple(members[i : i + MAX_SLICES_PER_SLAB]), spacing))
+    begin = 0
+    for end in range(1, len(ordered) + 1):
+        if end == len(ordered) or indices[end] != indices[begin]:
+            for i in range(begin, end, most):
+                slabs.append(Slab(tuple(ordered[i : min(i + most, end)]), spacing))
+            begin = end
     return slabs

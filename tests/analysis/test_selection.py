@@ -102,14 +102,20 @@ def test_mixed_study_lists_every_volume_slice_and_each_other_image() -> None:
     assert excluded == []
 
 
-def test_multi_frame_volume_keeps_every_frame_and_cine_shows_its_middle_frame() -> None:
+def test_multi_frame_volume_keeps_every_frame_and_cine_shows_frames_spread_over_it() -> None:
     enhanced = image("e", number_of_frames=200, modality="MR")  # no readable header: frame order
     cine = image("c", series="2", modality="US", number_of_frames=30, position=None, orientation=None)
     plans, _ = plan_study(
         [enhanced, cine], ImageBudget(tiles_per_mosaic=4, unlabelled_burned_in={"US": "mask"})
     )
     assert [f.frame_index for f in plans[0].frames] == list(range(200))
-    assert (plans[1].kind, plans[1].frames[0].frame_index, plans[1].frames[0].label) == ("single", 15, "F16")
+    assert plans[1].kind == "single"  # one image: a mosaic of frames spread over the loop
+    assert [(f.frame_index, f.label) for f in plans[1].frames] == [
+        (0, "F1"),
+        (10, "F11"),
+        (19, "F20"),
+        (29, "F30"),
+    ]
 
 
 def test_budget_arguments_are_checked() -> None:

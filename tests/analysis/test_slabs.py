@@ -13,15 +13,18 @@ from pydicom import dcmread
 
 from analysis.budget import VolumeRequest, allocate
 from analysis.findings import Box
-from analysis.imaging import CT_PRESETS
+from analysis.imaging import CT_PRESETS, WindowChoice, apply_window
 from analysis.layout import MosaicLayout, choose_layout
+from analysis.mosaic import ComposedImage, Tile
+from analysis.prepare import for_provider
 from analysis.regions import map_box_to_source
 from analysis.selection import ChosenFrame, ImageBudget, plan_study
-from analysis.slabs import partition
+from analysis.slabs import max_slices, partition
 from analysis.vision.tokens import PROCESSED_SCALE
 from analysis.volume import SliceReader, project
-from analysis.windows import WindowSpec, series_windows
+from analysis.windows import MEDGEMMA_RGB_WINDOWS, WindowSpec, series_windows
 from conf import ImagingSettings
+from conf.providers import PRESETS
 from tests.analysis.test_selection import image
 from tests.data.ingest import prepared_study
 from tests.data.phantom import head_ct, write_volume
@@ -204,7 +207,8 @@ def test_a_study_too_large_for_the_budget_says_so_in_the_exclusions() -> None:
     assert tight.tokens <= 6000
     reasons = {e.reason for e in tight.exclusions}
     assert len(reasons) == 1 and reasons.pop().startswith(
-        "over the study's budget of 64 images and 6000 image tokens"
+        "over the study's budget of 6000 image tokens (imaging.max_image_tokens, "
+        "vision.max_cost_usd_per_study): it needs "
     )
     # The lung window (first) is shown as far as the budget goes; what is not shown in it is
     # excluded outright, and every mediastinal slab not shown is excluded for that window.
@@ -225,7 +229,13 @@ def test_through_the_settings_a_too_large_study_lands_in_the_manifest(tmp_path: 
     assert len(manifest["images"]) == 1 and manifest["images"][0]["window"].startswith("lung window")
     assert {e["window"] for e in manifest["excluded"]} == {"mediastinum"}
     assert len(manifest["excluded"]) == 40
-    assert all(e["reason"].startswith("over the study's budget of 1 images") for e in manifest["excluded"])
+    assert all(
+        e["reason"].startswith(
+            "over the study's budget of 1 image in its one request (imaging.max_images and the "
+            "provider's limit per request): it needs 2 images"
+        )
+        for e in manifest["excluded"]
+    )
 
 
 @pytest.mark.parametrize("formula", ["openai", "anthropic", "gemini"])
@@ -235,3 +245,112 @@ def test_tiles_keep_a_5_mm_finding_3_pixels_across_after_the_providers_rescaling
     width, height = layout.columns * layout.tile_px, layout.rows * layout.tile_px
     assert layout.tile_px * PROCESSED_SCALE[formula](width, height) >= needed
     assert layout.tiles >= 9  # and many tiles per image, not one slice per image
+
+
+def test_more_images_than_one_request_takes_are_left_out_and_say_so(tmp_path: Path) -> None:
+    """ainode sends one request per study (not several, see the issue 12 note): a study that needs
+    more images than the provider takes in one request shows each series' first window first and
+    lists the rest, naming that limit."""
+    slices = [np.full((64, 64), 40.0, dtype=np.float32) for _ in range(40)]
+    study = "1.2.826.0.1.3680043.8.498.12"
+    paths: list[Path] = []
+    for n in range(3):
+        series, _, _ = write_volume(
+            tmp_path / f"in{n}",
+            slices,
+            [1.25 * i for i in range(40)],
+            0.7,
+            body_part="CHEST",
+            study_instance_uid=study,
+        )
+        paths += series
+    # 4 images a request; tokens enough for more
+    settings = for_provider(ImagingSettings(max_image_tokens=100_000), PRESETS["ollama"])
+    prepared, _ = prepared_study(paths, tmp_path, settings)
+    manifest = prepared.manifest()
+    assert len(manifest["images"]) == 4
+    windows = sorted(image["window"].split(" window")[0] for image in manifest["images"])
+    assert windows == ["lung", "lung", "lung", "mediastinum"]
+    assert len(manifest["excluded"]) == 80 and {e["window"] for e in manifest["excluded"]} == {"mediastinum"}
+    (reason,) = {e["reason"] for e in manifest["excluded"]}
+    assert reason.startswith(
+        "over the study's budget of 4 images in its one request (imaging.max_images and the provider's "
+        "limit per request): it needs 6 images and "
+    )
+    assert reason.endswith(" image tokens at 10 mm slabs")
+
+
+def _box(composed: ComposedImage, tile: Tile, c0: float, r0: float, c1: float, r1: float) -> Box:
+    """A box in the mosaic's fractions around source pixels (c0, r0)..(c1, r1) of ``tile``."""
+    return Box(
+        x_min=(tile.x0 + c0 * tile.scale) / composed.width,
+        y_min=(tile.y0 + r0 * tile.scale) / composed.height,
+        x_max=(tile.x0 + c1 * tile.scale) / composed.width,
+        y_max=(tile.y0 + r1 * tile.scale) / composed.height,
+    )
+
+
+def test_the_medgemma_style_option_shows_each_slab_as_one_rgb_image_of_three_windows(tmp_path: Path) -> None:
+    # Three 10 mm slabs (8 slices each) of one value each: their average is that value, so each
+    # channel is exactly the value through its window.
+    values = [-500.0] * 8 + [100.0] * 8 + [60.0] * 8
+    slices = [np.full((64, 64), v, dtype=np.float32) for v in values]
+    paths, _, _ = write_volume(tmp_path / "in", slices, [1.25 * i for i in range(24)], 0.7, body_part="CHEST")
+    prepared, _ = prepared_study(
+        paths, tmp_path, ImagingSettings(ct_rgb_windows=True, mosaic_grid=1, max_images=3)
+    )
+    assert prepared.slab_thickness_mm == 10.0 and len(prepared.composed) == 3  # one window, not two
+    words = "three CT windows as RGB (R, G, B: -1024..1024, -135..215, 0..80 HU)"
+    for composed, value, entry in zip(
+        prepared.composed, (-500.0, 100.0, 60.0), prepared.manifest()["images"], strict=True
+    ):
+        assert composed.pixels.ndim == 3 and composed.pixels.shape[2] == 3
+        (tile,) = composed.tiles
+        assert tile.slab is not None and tile.slab.projection == "average"
+        expected = [
+            int(apply_window(np.array([value], dtype=np.float32), WindowChoice(c, w, "x"))[0])
+            for c, w in MEDGEMMA_RGB_WINDOWS
+        ]
+        middle = composed.pixels[tile.y0 + tile.height // 2, tile.x0 + tile.width // 2]
+        assert [int(v) for v in middle] == expected
+        assert entry["window"] == words and entry["tiles"][0]["slab"]["window"] == words
+    assert f"{words}, average intensity projection slabs" in prepared.prompt
+
+
+def test_a_box_on_an_average_tile_maps_to_the_slice_that_differs_within_the_window(tmp_path: Path) -> None:
+    """Average slabs (brain window): the region goes to the slice whose voxel in the box differs
+    most from the slab's mean, both clipped to the window: a bleed next to the skull lands on the
+    bleed's slice (not where the bone is brightest), a dark infarct on its own slice, and a box
+    on uniform bone on the slab's middle slice."""
+    slices = [np.full((64, 64), 35.0, dtype=np.float32) for _ in range(8)]  # brain
+    for k, volume in enumerate(slices):
+        volume[:, :6] = 1200.0 + (100.0 if k == 2 else 0.0)  # skull, brightest on slice 2
+    slices[5][30:34, 8:12] = 70.0  # a small bleed on slice 5, by the inner table
+    slices[6][10:16, 40:46] = 15.0  # a hypodense infarct on slice 6
+    paths, _, _ = write_volume(tmp_path / "in", slices, [1.25 * i for i in range(8)], 0.7, body_part="HEAD")
+    prepared, _ = prepared_study(paths, tmp_path, ImagingSettings(mosaic_grid=1, max_images=2))
+    brain = next(i for i, p in enumerate(prepared.plans) if p.window is not None and p.window.name == "brain")
+    composed = prepared.composed[brain]
+    (tile,) = composed.tiles
+    assert tile.slab is not None and tile.slab.projection == "average" and len(tile.slab.members) == 8
+    by_uid = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p.name for p in paths}
+
+    def lands(c0: float, r0: float, c1: float, r1: float) -> str:
+        region = map_box_to_source(_box(composed, tile, c0, r0, c1, r1), composed)
+        assert region is not None
+        return by_uid[region.sop_instance_uid]
+
+    assert lands(0, 26, 16, 38) == "00005.dcm"  # the bleed, with bone in the box
+    assert lands(36, 6, 50, 20) == "00006.dcm"  # the infarct, darker than its slab
+    assert lands(0, 50, 5, 60) == "00003.dcm"  # bone only: the middle of slices 0..7
+
+
+def test_a_slab_of_large_frames_holds_no_more_than_memory_allows() -> None:
+    """Slabs are read into memory whole: 4096 x 4096 frames 0.1 mm apart would make a 10 mm slab
+    of 100 slices (6.4 GB as values); it is cut into runs of at most 8, each slice once, in order."""
+    assert max_slices(512, 512) == 255 and max_slices(4096, 4096) == 8
+    frames = _series(100, spacing=0.1)
+    slabs = partition(frames, 10.0, most=max_slices(4096, 4096))
+    assert max(len(s.members) for s in slabs) == 8
+    positions = [m.slice_position_mm or 0.0 for s in slabs for m in s.members]
+    assert len(positions) == 100 and positions == sorted(positions)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 INTERCEPT = -1024.0
 
@@ -96,6 +97,74 @@ def write_volume(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths, study, series
+
+
+def write_enhanced_volume(
+    path: Path,
+    slices: Sequence[NDArray[np.float32]],
+    positions: Sequence[float],
+    pixel_mm: float,
+    *,
+    frame_order: Sequence[int] | None = None,
+    intercepts: Sequence[float] | None = None,
+    stacks: Sequence[str] | None = None,
+    body_part: str | None = "CHEST",
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+) -> tuple[str, str]:
+    """One Enhanced CT Image (PS3.3 A.38) holding the HU ``slices`` as frames: frame ``k`` is
+    slice ``frame_order[k]`` (so frames need not be stored in position order), each placed by
+    its Per-Frame Functional Groups' Plane Position at ``positions[slice]`` mm, with its own Pixel
+    Value Transformation (``intercepts[k]``) and Frame Content (``stacks[k]`` as Stack ID).
+    Returns (study, series) UIDs."""
+    order = list(frame_order) if frame_order is not None else list(range(len(slices)))
+    rows, columns = slices[0].shape
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_instance_uid or generate_uid()
+    ds.SeriesInstanceUID = series_instance_uid or generate_uid()
+    ds.Modality = "CT"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.PatientName, ds.PatientID = "Phantom^Synthetic", "PHANTOM"
+    if body_part:
+        ds.BodyPartExamined = body_part
+    ds.InstanceNumber = 1
+    ds.Rows, ds.Columns = rows, columns
+    ds.NumberOfFrames = len(order)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    measures, orientation = Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [pixel_mm, pixel_mm], 1.0
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared = Dataset()
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    shared.PlaneOrientationSequence = DicomSequence([orientation])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    frames: list[Dataset] = []
+    stored: list[NDArray[np.uint16]] = []
+    for k, index in enumerate(order):
+        intercept = intercepts[k] if intercepts is not None else INTERCEPT
+        plane, transformation, content = Dataset(), Dataset(), Dataset()
+        plane.ImagePositionPatient = [-columns * pixel_mm / 2, -rows * pixel_mm / 2, float(positions[index])]
+        transformation.RescaleIntercept, transformation.RescaleSlope = intercept, 1
+        transformation.RescaleType = "HU"
+        if stacks is not None:
+            content.StackID = stacks[k]
+        content.InStackPositionNumber = index + 1
+        item = Dataset()
+        item.PlanePositionSequence = DicomSequence([plane])
+        item.PixelValueTransformationSequence = DicomSequence([transformation])
+        item.FrameContentSequence = DicomSequence([content])
+        frames.append(item)
+        stored.append(np.clip(np.rint(np.asarray(slices[index]) - intercept), 0, 65535).astype("<u2"))
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+    ds.PixelData = np.stack(stored).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
 
 
 def _grid(size: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
