@@ -6,8 +6,8 @@ Three sending patterns: one association of 300 CT slices; ten modalities sending
 at once; fifty associations of twenty small (40 KB) images at once. Prints instances/s, MB/s and
 peak RSS per receiver and round, the medians and the ratios; then the node's peak RSS while ten
 associations send ``--big-gb`` GB of 256 MB multi-frame instances.
-ainode runs durable (fsync + rename + commit per instance, SQLite WAL synchronous=FULL);
-storescp and Orthanc run with their defaults.
+ainode runs durable (bytes and folder fsynced, row committed, SQLite WAL synchronous=FULL, before
+each 0x0000); storescp and Orthanc run with their defaults (Orthanc fsyncs each file since 1.7.4).
 """
 
 from __future__ import annotations
@@ -118,12 +118,26 @@ def fresh_uids(files: list[Path]) -> None:
     os.sync()
 
 
-def peak_rss_during(pid: int, action: Callable[[], object]) -> tuple[float, int]:
-    """Seconds ``action`` took, and the peak memory of ``pid`` and its children (summed PSS: for
-    one process, its RSS less its share of shared libraries)."""
+def cpu_seconds(process: psutil.Process) -> float:
+    """User and system CPU time of ``process`` and its children so far."""
+    total = 0.0
+    for each in [process, *process.children(recursive=True)]:
+        try:
+            times = each.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def peak_rss_during(pid: int, action: Callable[[], object]) -> tuple[float, int, float]:
+    """Seconds ``action`` took, the peak memory of ``pid`` and its children (summed PSS: for
+    one process, its RSS less its share of shared libraries), and the CPU seconds they spent:
+    on a machine of two cores, CPU per instance is what caps a receiver with many senders."""
     peak = 0
     done = threading.Event()
     process = psutil.Process(pid)
+    cpu_before = cpu_seconds(process)
 
     def sample() -> None:
         nonlocal peak
@@ -144,7 +158,7 @@ def peak_rss_during(pid: int, action: Callable[[], object]) -> tuple[float, int]
     finally:
         done.set()
         sampler.join()
-    return time.perf_counter() - started, peak
+    return time.perf_counter() - started, peak, cpu_seconds(process) - cpu_before
 
 
 def write_big_study(folder: Path, gigabytes: float) -> list[Path]:
@@ -197,6 +211,7 @@ def run_pattern(work: Path, key: str, pattern: Pattern, rounds: int, receivers: 
     megabytes = sum(p.stat().st_size for batch in batches for p in batch) / 1e6
     print(f"\n== {pattern.name}: {count} instances, {megabytes:.0f} MB")
     rates: dict[str, list[float]] = {name: [] for name in receivers}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in receivers}
     peaks: list[int] = []
     for round_ in range(1, rounds + 1):
         for name in receivers:
@@ -206,18 +221,24 @@ def run_pattern(work: Path, key: str, pattern: Pattern, rounds: int, receivers: 
             folder = work / f"{key}-{name}-{round_}"
             folder.mkdir()
             with runner(folder) as (port, pid):
-                seconds, peak = peak_rss_during(pid, functools.partial(send_at_once, port, called, batches))
+                sending = functools.partial(send_at_once, port, called, batches)
+                seconds, peak, cpu = peak_rss_during(pid, sending)
             if name == "ainode":
                 peaks.append(peak)
             rates[name].append(count / seconds)
+            cpu_ms[name].append(cpu * 1000 / count)
             print(
                 f"round {round_} {name:9s} {count / seconds:8.1f} inst/s "
-                f"{megabytes / seconds:8.1f} MB/s  peak RSS {peak / 2**20:5.0f} MiB"
+                f"{megabytes / seconds:8.1f} MB/s  peak RSS {peak / 2**20:5.0f} MiB  "
+                f"CPU {cpu * 1000 / count:5.2f} ms/inst"
             )
     medians = {name: statistics.median(values) for name, values in rates.items()}
     print(f"median over {rounds} rounds:")
     for name, rate in medians.items():
-        print(f"  {name:9s} {rate:8.1f} inst/s {rate * megabytes / count:8.1f} MB/s")
+        print(
+            f"  {name:9s} {rate:8.1f} inst/s {rate * megabytes / count:8.1f} MB/s  "
+            f"CPU {statistics.median(cpu_ms[name]):5.2f} ms/inst"
+        )
     for peer in ("orthanc", "storescp"):
         if "ainode" in medians and peer in medians:
             print(f"  ainode / {peer:8s} = {medians['ainode'] / medians[peer]:.2f}")
@@ -251,7 +272,7 @@ def main() -> None:
             folder.mkdir()
             senders = min(10, len(big))
             with run_ainode(folder) as (port, pid):
-                seconds, peak = peak_rss_during(
+                seconds, peak, _cpu = peak_rss_during(
                     pid, lambda: send_at_once(port, "AINODE", [big[i::senders] for i in range(senders)])
                 )
             print(
