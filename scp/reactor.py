@@ -69,7 +69,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -289,14 +289,12 @@ class _Receiving:
     file: IO[bytes] | None
     failed: str | None = None
     failed_status: int = 0xA700  # Out of Resources, unless the request itself was refused
-    received: int = field(default=0)
 
     def write(self, data: memoryview) -> None:
         if self.file is None:
             return  # writing already failed: the rest is read and dropped
         try:
             self.file.write(data)
-            self.received += len(data)
         except OSError as exc:
             self.fail(f"cannot write the received data set ({exc.strerror or type(exc).__name__})")
 
