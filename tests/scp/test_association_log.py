@@ -6,36 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from conf import NodeSettings, Settings, StorageSettings, StudySettings
 from scp.server import StorageSCP
-from storage.db import open_database
 from tests.data.generate import CT_SMALL, write_series
-from tests.nodes import DCMTK, DCMTK_ENV, free_port
-
-
-@pytest.fixture
-def scp(tmp_path: Path) -> Iterator[StorageSCP]:
-    root = tmp_path / "var"
-    settings = Settings(
-        node=NodeSettings(host="127.0.0.1", port=free_port()),
-        storage=StorageSettings(root=root, database_url=f"sqlite:///{root}/ainode.db", min_free_mb=1),
-        study=StudySettings(settle_seconds=30),
-    )
-    with open_database(settings.storage.database_url) as sessions:
-        node = StorageSCP(settings, sessions)
-        node.start()
-        try:
-            yield node
-        finally:
-            node.stop(grace_seconds=2)
+from tests.nodes import DCMTK, DCMTK_ENV
 
 
 def _events(scp: StorageSCP, count: int) -> list[dict[str, object]]:

@@ -11,7 +11,6 @@ import threading
 import time
 import tracemalloc
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,23 +42,6 @@ def test_a_changed_upstream_function_is_reported() -> None:
     function, _pinned = sources["AssociationSocket.recv"]
     sources["AssociationSocket.recv"] = (function, "0" * 64)
     assert reactor.changed_sources(sources) == ("AssociationSocket.recv",)
-
-
-@pytest.fixture
-def scp(tmp_path: Path) -> Iterator[StorageSCP]:
-    root = tmp_path / "var"
-    settings = Settings(
-        node=NodeSettings(host="127.0.0.1", port=free_port(), network_timeout_seconds=5),
-        storage=StorageSettings(root=root, database_url=f"sqlite:///{root}/ainode.db", min_free_mb=1),
-        study=StudySettings(settle_seconds=30),
-    )
-    with open_database(settings.storage.database_url) as sessions:
-        node = StorageSCP(settings, sessions)
-        node.start()
-        try:
-            yield node
-        finally:
-            node.stop(grace_seconds=2)
 
 
 def _associate(port: int, maximum_pdu: int = 16382) -> Association:
