@@ -13,6 +13,7 @@ PostgreSQL needs none of that.
 from __future__ import annotations
 
 import contextvars
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -136,9 +137,24 @@ def alembic_config(engine: Engine) -> Config:
 
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest migration (run at every start; a no-op when current),
-    holding the write lock from its first read, as every write does."""
+    holding the write lock from its first read, as every write does.
+
+    Processes starting together on one SQLite file can still meet "database is locked" where
+    SQLite's busy timeout does not apply (a connection opening while the last one closes and
+    clears the WAL, or while a WAL is recovered); the whole upgrade is one transaction, so it is
+    tried again, within the same busy timeout."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_SECONDS
     writing = _WRITING.set(True)
     try:
-        command.upgrade(alembic_config(engine), "head")
+        while True:
+            try:
+                command.upgrade(alembic_config(engine), "head")
+                return
+            except OperationalError as exc:
+                locked = engine.dialect.name == "sqlite" and "locked" in str(exc.orig)
+                if not locked or time.monotonic() > deadline:
+                    raise
+                engine.dispose()
+                time.sleep(0.05)
     finally:
         _WRITING.reset(writing)

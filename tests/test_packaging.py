@@ -136,8 +136,14 @@ def test_the_installed_wheel_runs_serve_worker_and_the_simulator_outside_the_che
     node = _run(installed, outside, "serve", env=env)
     worker = _run(installed, outside, "worker", env=env)
     try:
-        wait_for_port(sim_port, proc=simulator)
-        wait_for_port(dicom_port, proc=node)
+        try:
+            wait_for_port(sim_port, proc=simulator)
+            wait_for_port(dicom_port, proc=node)
+        except (RuntimeError, TimeoutError) as exc:
+            logs = {
+                name: (outside / f"{name}.log").read_text() for name in ("simulate-vision", "serve", "worker")
+            }
+            raise AssertionError(f"{exc}; logs: {logs}") from exc
         echo = subprocess.run(
             ["/usr/bin/echoscu", "-aec", "AINODE", "127.0.0.1", str(dicom_port)],
             env=DCMTK_ENV,
