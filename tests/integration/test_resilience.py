@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, func, select
 from scp.dataset_check import check_dataset_file
 from storage.models import Instance, Job
 from tests.data.generate import write_series
-from tests.nodes import DCMTK, DCMTK_ENV, NodeFactory, dcmtk, stop_process, store_raw
+from tests.nodes import DCMTK, DCMTK_ENV, Node, NodeFactory, dcmtk, stop_process, store_raw
 from tests.scp.test_dataset_check import deflate_bomb, hostile_instance
 
 
@@ -133,21 +133,17 @@ def test_a_peer_that_stalls_mid_pdu_is_dropped_within_the_network_timeout(make_n
     assert dcmtk("echoscu", "-aec", "AINODE", "127.0.0.1", str(node.port)).returncode == 0
 
 
-def test_ten_deflate_bombs_at_once_are_refused_and_memory_stays_flat(
-    make_node: NodeFactory, tmp_path: Path
-) -> None:
-    """Each file is under 1 MB and inflates to 1 GiB: ten at once get 0xC000 while the node's
-    memory (main process and receivers, PSS) stays under 300 MB, and it keeps serving."""
-    node = make_node().start()
+def store_at_once_watching_memory(node: Node, paths: list[Path]) -> tuple[list[int], int]:
+    """C-STORE each file from its own association, all at once; the statuses and the node's
+    peak memory meanwhile (PSS of its main process and its receivers)."""
     assert node.proc is not None
-    bombs = [deflate_bomb(tmp_path / "bomb.dcm", 1024)] * 10  # ten modalities, one file
+    node_process = psutil.Process(node.proc.pid)
     statuses: list[int] = []
     peak = 0
     done = threading.Event()
 
     def watch() -> None:
         nonlocal peak
-        node_process = psutil.Process(node.proc.pid if node.proc else 0)
         while not done.is_set():
             try:
                 processes = [node_process, *node_process.children()]
@@ -156,12 +152,11 @@ def test_ten_deflate_bombs_at_once_are_refused_and_memory_stays_flat(
                 pass
             time.sleep(0.05)
 
-    def send(path: Path) -> None:
-        statuses.append(store_raw(node.port, path))
-
     watcher = threading.Thread(target=watch)
     watcher.start()
-    senders = [threading.Thread(target=send, args=(bomb,)) for bomb in bombs]
+    senders = [
+        threading.Thread(target=lambda p=path: statuses.append(store_raw(node.port, p))) for path in paths
+    ]
     try:
         for sender in senders:
             sender.start()
@@ -170,6 +165,17 @@ def test_ten_deflate_bombs_at_once_are_refused_and_memory_stays_flat(
     finally:
         done.set()
         watcher.join()
+    return statuses, peak
+
+
+def test_ten_deflate_bombs_at_once_are_refused_and_memory_stays_flat(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Each file is under 1 MB and inflates to 1 GiB: ten at once get 0xC000 while the node's
+    memory (main process and receivers, PSS) stays under 300 MB, and it keeps serving."""
+    node = make_node().start()
+    bombs = [deflate_bomb(tmp_path / "bomb.dcm", 1024)] * 10  # ten modalities, one file
+    statuses, peak = store_at_once_watching_memory(node, bombs)
     assert statuses == [0xC000] * 10
     assert peak < 300 << 20, f"peak {peak >> 20} MiB"
     assert node.stored_files() == [] and list((node.root / "tmp").iterdir()) == []
@@ -184,40 +190,12 @@ def test_ten_hostile_instances_at_once_are_refused_with_reasons_and_memory_stays
     reason logged, ten at once, the node's memory (PSS of all its processes) under 300 MB, nothing
     kept, and the node keeps serving."""
     node = make_node().start()
-    assert node.proc is not None
     kinds = ["items", "fragments", "elements", "nesting", "frames"] * 2
     hostile = [
         hostile_instance(tmp_path / f"{kind}-{i}.dcm", kind, f"1.2.3.4.5.{i + 1}")
         for i, kind in enumerate(kinds)
     ]
-    statuses: list[int] = []
-    peak = 0
-    done = threading.Event()
-
-    def watch() -> None:
-        nonlocal peak
-        node_process = psutil.Process(node.proc.pid if node.proc else 0)
-        while not done.is_set():
-            try:
-                processes = [node_process, *node_process.children()]
-                peak = max(peak, sum(p.memory_full_info().pss for p in processes))
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    senders = [
-        threading.Thread(target=lambda p=path: statuses.append(store_raw(node.port, p))) for path in hostile
-    ]
-    try:
-        for sender in senders:
-            sender.start()
-        for sender in senders:
-            sender.join(timeout=300)
-    finally:
-        done.set()
-        watcher.join()
+    statuses, peak = store_at_once_watching_memory(node, hostile)
     assert statuses == [0xC000] * 10
     assert peak < 300 << 20, f"peak {peak >> 20} MiB"
     assert node.stored_files() == [] and list((node.root / "tmp").iterdir()) == []
