@@ -216,16 +216,23 @@ def _tmp_files(scp: StorageSCP) -> list[Path]:
     return [p for p in scp.store.tmp_dir.iterdir() if p.suffix == ".dcm"]
 
 
-def test_a_data_set_interrupted_by_another_command_aborts_and_leaves_no_file(scp: StorageSCP) -> None:
+def _half_sent_c_store(scp: StorageSCP, sop_instance: str) -> tuple[Association, Association, int]:
+    """An association that sent a C-STORE command and the first fragment of its data set, once
+    the fast path receives it into a file under tmp/: (ours, the node's, the context ID)."""
     assoc = _associate(scp.port)
     served = _served(scp)
     context = _ct_context(assoc)
-    _raw(assoc).sendall(command_pdu(context, _store_command("1.2.3.4")))
+    _raw(assoc).sendall(command_pdu(context, _store_command(sop_instance)))
     _raw(assoc).sendall(_data_fragment(context, b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100", last=False))
     deadline = time.monotonic() + 5
     while not _tmp_files(scp) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _tmp_files(scp), "the fast path receives into a file under tmp/"
+    return assoc, served, context
+
+
+def test_a_data_set_interrupted_by_another_command_aborts_and_leaves_no_file(scp: StorageSCP) -> None:
+    assoc, served, context = _half_sent_c_store(scp, "1.2.3.4")
     _raw(assoc).sendall(command_pdu(context, _command([(0x0100, struct.pack("<H", 0x0030))])))
     served.join(timeout=5)
     assert not served.is_alive() and served.is_aborted
@@ -237,14 +244,7 @@ def test_a_data_set_interrupted_by_another_command_aborts_and_leaves_no_file(scp
 
 
 def test_a_peer_gone_mid_data_set_leaves_no_file(scp: StorageSCP) -> None:
-    assoc = _associate(scp.port)
-    served = _served(scp)
-    context = _ct_context(assoc)
-    _raw(assoc).sendall(command_pdu(context, _store_command("1.2.3.5")))
-    _raw(assoc).sendall(_data_fragment(context, b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100", last=False))
-    deadline = time.monotonic() + 5
-    while not _tmp_files(scp) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assoc, served, _ = _half_sent_c_store(scp, "1.2.3.5")
     raw = _raw(assoc)
     raw.shutdown(socket.SHUT_RDWR)
     served.join(timeout=5)
