@@ -21,6 +21,7 @@ from scp.web.app import hidden_settings, make_app
 from scp.web.auth import COOKIE, LOGIN_FREE_FAILURES, hash_password
 from storage.db import make_engine, make_session_factory, migrate, transaction
 from storage.models import Job, Outbox, Study, utc_now
+from tests.scp.web.rows import insert_done_study
 
 UID = "1.2.826.0.1.3680043.8.498.1"
 
@@ -39,19 +40,8 @@ def _database(url: str) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(url)
     migrate(engine)
     factory = make_session_factory(engine)
-    now = utc_now()
     with transaction(factory) as session:
-        session.execute(
-            insert(Study).values(
-                study_instance_uid=UID,
-                state="done",
-                first_received_at=now,
-                last_received_at=now,
-                settle_at=now,
-                instance_count=1,
-                series_count=1,
-            )
-        )
+        insert_done_study(session, UID)
     yield factory
     engine.dispose()
 

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import insert
 
 from conf import Settings
 from scp.web.app import MAX_BODY_BYTES
 from scp.web.auth import COOKIE, hash_password
 from scp.web.server import WebServer
 from storage.db import open_database, transaction
-from storage.models import Study, utc_now
+from tests.scp.web.rows import insert_done_study
 
 UID = "1.2.826.0.1.3680043.8.498.7"
 
@@ -30,18 +29,7 @@ UID = "1.2.826.0.1.3680043.8.498.7"
 def root(tmp_path: Path) -> Path:
     url = f"sqlite:///{tmp_path}/ainode.db"
     with open_database(url) as sessions, transaction(sessions) as session:
-        now = utc_now()
-        session.execute(
-            insert(Study).values(
-                study_instance_uid=UID,
-                state="done",
-                first_received_at=now,
-                last_received_at=now,
-                settle_at=now,
-                instance_count=1,
-                series_count=1,
-            )
-        )
+        insert_done_study(session, UID)
     return tmp_path
 
 
