@@ -4,11 +4,9 @@ costs a fixed number of queries, whatever its length, and reads never take the w
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from sqlalchemy import event, insert
+from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.actions import redeliver
@@ -91,20 +89,6 @@ def _fill(sessions: sessionmaker[Session], count: int) -> dt.datetime:
                 )
             )
     return now
-
-
-@pytest.fixture
-def counted(sessions: sessionmaker[Session]) -> Iterator[list[str]]:
-    statements: list[str] = []
-    engine = sessions.kw["bind"]
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if statement.lstrip().upper().startswith("SELECT"):
-            statements.append(statement)
-
-    event.listen(engine, "before_cursor_execute", count)
-    yield statements
-    event.remove(engine, "before_cursor_execute", count)
 
 
 def test_a_page_costs_the_same_queries_for_5_rows_as_for_50(

@@ -5,11 +5,9 @@ each with its own state, attempts, cost and SR; and the delivery history the sen
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from sqlalchemy import event, insert, select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import outbox
@@ -191,20 +189,6 @@ def test_paging_and_filters_on_versions(versions: sessionmaker[Session]) -> None
             ("1.1", 1),
             ("1.2", 1),
         }
-
-
-@pytest.fixture
-def counted(sessions: sessionmaker[Session]) -> Iterator[list[str]]:
-    statements: list[str] = []
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if statement.lstrip().upper().startswith("SELECT"):
-            statements.append(statement)
-
-    engine = sessions.kw["bind"]
-    event.listen(engine, "before_cursor_execute", count)
-    yield statements
-    event.remove(engine, "before_cursor_execute", count)
 
 
 def test_a_page_of_versions_costs_the_same_queries_for_2_rows_as_for_12(
