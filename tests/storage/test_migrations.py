@@ -6,12 +6,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, text
+from alembic.script import ScriptDirectory
+from sqlalchemy import event, inspect, text
 
-from storage.db import make_engine, migrate
+from storage.db import alembic_config, make_engine, migrate
 from storage.models import Base
 from tests.nodes import stop_process
 
@@ -71,3 +73,25 @@ def test_processes_starting_together_on_a_fresh_database_migrate_it_once(
         assert len(versions) == 1 and diff == []
     finally:
         engine.dispose()
+
+
+def test_a_fresh_sqlite_database_is_migrated_in_one_write_transaction(tmp_path: Path) -> None:
+    """Alembic commits each SQLite migration on its own unless told SQLite's DDL is
+    transactional: a second process could then find the schema half made."""
+    engine = make_engine(f"sqlite:///{tmp_path}/fresh.db")
+    begins: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("BEGIN"):
+            begins.append(statement.strip())
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        migrate(engine)
+        event.remove(engine, "before_cursor_execute", seen)
+        with engine.connect() as conn:
+            version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    finally:
+        engine.dispose()
+    assert begins == ["BEGIN IMMEDIATE"]
+    assert version == ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
