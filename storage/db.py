@@ -142,7 +142,8 @@ def migrate(engine: Engine) -> None:
     Processes starting together on one SQLite file can still meet "database is locked" where
     SQLite's busy timeout does not apply (a connection opening while the last one closes and
     clears the WAL, or while a WAL is recovered); the whole upgrade is one transaction, so it is
-    tried again, within the same busy timeout."""
+    tried again while the busy timeout has not passed since the first try (a try may itself wait
+    that long: at most about twice the timeout in all)."""
     deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_SECONDS
     writing = _WRITING.set(True)
     try:
