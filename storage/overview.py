@@ -50,8 +50,7 @@ def _chunks(values: Sequence[T] | None, size: int = IN_CHUNK) -> Iterator[Sequen
     if values is None:
         yield None
         return
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
+    yield from _slices(values, size)
 
 
 def _slices(values: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -61,6 +60,12 @@ def _slices(values: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 def _among(column: Any, chunk: Sequence[str] | None) -> Any:
     return column.in_(chunk) if chunk is not None else column.is_not(None)
+
+
+def _among_versions(uid: Any, version: Any, pairs: Sequence[tuple[str, int]]) -> tuple[Any, Any]:
+    """Conditions for rows whose (study UID, version) is one of ``pairs``. The UIDs alone come
+    first: SQLite looks row values up by no index (a scan of the table)."""
+    return uid.in_(sorted({study for study, _ in pairs})), tuple_(uid, version).in_(pairs)
 
 
 # A version's state: the study's own for its current version; for an earlier one, what became
@@ -402,9 +407,7 @@ def version_page(
                 Job.findings_json.is_not(None).label("has_findings"),
             ).where(
                 Job.kind == JobKind.ANALYSE,
-                # The UIDs alone first: SQLite looks row values up by no index (a scan of jobs).
-                Job.study_instance_uid.in_(sorted({uid for uid, _ in pair_chunk})),
-                tuple_(Job.study_instance_uid, Job.study_version).in_(pair_chunk),
+                *_among_versions(Job.study_instance_uid, Job.study_version, pair_chunk),
             )
         ):
             jobs[(found.study_instance_uid, found.study_version)] = found
@@ -437,10 +440,7 @@ def version_page(
                 Outbox.sr_sop_instance_uid,
                 Outbox.updated_at,
             )
-            .where(
-                Outbox.study_instance_uid.in_(sorted({uid for uid, _ in pair_chunk})),
-                tuple_(Outbox.study_instance_uid, Outbox.study_version).in_(pair_chunk),
-            )
+            .where(*_among_versions(Outbox.study_instance_uid, Outbox.study_version, pair_chunk))
             .order_by(Outbox.id)
         ):
             sends.setdefault((send.study_instance_uid, send.study_version), []).append(send)
