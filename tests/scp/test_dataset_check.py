@@ -147,12 +147,12 @@ def _sq(tag: int, items: list[bytes], undefined: bool, implicit: bool = False) -
     return _el(tag, b"SQ", body, implicit)
 
 
-def _identity(implicit: bool = False) -> bytes:
+def _identity(implicit: bool = False, sop_instance: str = SOP_INSTANCE) -> bytes:
     return b"".join(
         _el(tag, b"UI", _uid(uid), implicit)
         for tag, uid in (
             (0x00080016, SOP_CLASS),
-            (0x00080018, SOP_INSTANCE),
+            (0x00080018, sop_instance),
             (0x0020000D, "1.2.3.4"),
             (0x0020000E, "1.2.3.4.5"),
         )
@@ -324,15 +324,7 @@ DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 def deflate_bomb(path: Path, inflated_mib: int, sop_instance: str = SOP_INSTANCE) -> Path:
     """A Deflated Explicit VR Part 10 file whose dataset (identity, then an OB of zeros)
     inflates to about ``inflated_mib`` MiB from a few hundred KB on disk."""
-    identity = b"".join(
-        _el(tag, b"UI", _uid(uid))
-        for tag, uid in (
-            (0x00080016, SOP_CLASS),
-            (0x00080018, sop_instance),
-            (0x0020000D, "1.2.3"),
-            (0x0020000E, "1.2.3.1"),
-        )
-    )
+    identity = _identity(sop_instance=sop_instance)
     zeros = inflated_mib << 20
     deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     chunk = bytes(1 << 20)
@@ -388,15 +380,7 @@ def hostile_instance(path: Path, kind: str, sop_instance: str = SOP_INSTANCE) ->
     "items" (10^6 empty items in one sequence, 8 MB), "fragments" (10^6 empty pixel data
     fragments, JPEG Baseline), "elements" (1,000,001 empty private elements), "nesting" (200
     levels of sequences) or "frames" (Number of Frames 10^9 over two bytes of pixel data)."""
-    identity = b"".join(
-        _el(tag, b"UI", _uid(uid))
-        for tag, uid in (
-            (0x00080016, SOP_CLASS),
-            (0x00080018, sop_instance),
-            (0x0020000D, "1.2.3"),
-            (0x0020000E, "1.2.3.1"),
-        )
-    )
+    identity = _identity(sop_instance=sop_instance)
     if kind == "items":
         empty = struct.pack("<HHI", 0xFFFE, 0xE000, 0)
         body = _el(0x00081115, b"SQ", empty * 1_000_000)
