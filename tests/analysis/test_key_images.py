@@ -23,7 +23,7 @@ from analysis.uids import UidMaker
 from analysis.vision.reading import read_findings
 from tests.analysis.test_report import prepared
 from tests.analysis.test_summary_image import _reply
-from tests.data.validators import sr_errors
+from tests.data.validators import saved_and_valid
 
 UIDS = UidMaker(uuid.uuid4())
 Study = tuple[Findings, list[ComposedImage], dict[str, Dataset]]
@@ -72,10 +72,7 @@ def test_the_key_object_selection_flags_the_images_with_regions(
     assert len(expected) >= 1
     document = build_key_images(placed, sources, UIDS, 1, "model-x", "prompt-1")
     assert document is not None
-    path = tmp_path / "kos.dcm"
-    document.save_as(path, enforce_file_format=True)
-    assert sr_errors(path) == []
-    written = dcmread(path)
+    written = saved_and_valid(document, tmp_path / "kos.dcm")
     flagged = sorted(
         str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         for item in written.ContentSequence

@@ -5,6 +5,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
 PIXELMED = [
     "java",
     "-Djdk.xml.xpathExprGrpLimit=0",
@@ -45,3 +48,12 @@ def sr_errors(path: Path) -> list[str]:
         errors.append(f"pixelmed: did not complete: {output[-500:]}")
     errors += [f"pixelmed: {line}" for line in output.splitlines() if "Error" in line]
     return errors
+
+
+def saved_and_valid(document: Dataset, path: Path) -> Dataset:
+    """``document`` written as a Part 10 file at ``path``, passed by the three validators, and
+    read back from the file."""
+    document.save_as(path, enforce_file_format=True)
+    errors = sr_errors(path)
+    assert errors == [], errors
+    return dcmread(path)
