@@ -150,6 +150,17 @@ def test_a_pacs_without_tls_gets_no_clear_text(pki: dict[str, Any], instance: Pa
     assert outcome.detail.startswith(f"TLS with 127.0.0.1:{port} failed")
 
 
+def _old_tls_allowed(protocol: ssl._SSLMethod, maximum: ssl.TLSVersion, ciphers: str) -> ssl.SSLContext:
+    """A context that offers TLS 1.0 up to ``maximum`` with ``ciphers`` (old and weak peers)."""
+    context = ssl.SSLContext(protocol)
+    with warnings.catch_warnings():  # TLS 1.0 and 1.1 are deprecated: the point of the tests
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = maximum
+    context.set_ciphers(ciphers)
+    return context
+
+
 @pytest.mark.parametrize(
     ("maximum", "ciphers"),
     [
@@ -164,12 +175,7 @@ def test_a_pacs_with_an_old_protocol_or_weak_suites_is_refused(
     retired DICOM AES profile's); pynetdicom with such a context."""
     from pynetdicom import AE
 
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with warnings.catch_warnings():  # TLS 1.0 and 1.1 are deprecated: the point of the test
-        warnings.simplefilter("ignore", DeprecationWarning)
-        context.minimum_version = ssl.TLSVersion.TLSv1
-        context.maximum_version = maximum
-    context.set_ciphers(ciphers)
+    context = _old_tls_allowed(ssl.PROTOCOL_TLS_SERVER, maximum, ciphers)
     context.load_cert_chain(str(pki["pacs"].cert), str(pki["pacs"].key))
     ae = AE(ae_title="PACS")
     ae.add_supported_context(str(dcmread(instance).SOPClassUID))
@@ -310,12 +316,7 @@ def test_the_listener_refuses_old_protocols_and_bad_client_certificates(
     ct01 = pki["ct01"]
 
     def handshake(maximum: ssl.TLSVersion, client: Issued, ciphers: str = "DEFAULT:@SECLEVEL=0") -> str:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        with warnings.catch_warnings():  # TLS 1.0 and 1.1 are deprecated: the point of the test
-            warnings.simplefilter("ignore", DeprecationWarning)
-            context.minimum_version = ssl.TLSVersion.TLSv1
-            context.maximum_version = maximum
-        context.set_ciphers(ciphers)
+        context = _old_tls_allowed(ssl.PROTOCOL_TLS_CLIENT, maximum, ciphers)
         context.load_verify_locations(str(pki["ca"]))
         context.load_cert_chain(str(client.cert), str(client.key))
         with socket.create_connection(("127.0.0.1", node.port), timeout=10) as raw:
