@@ -8,8 +8,7 @@ import random
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+from pydicom.uid import UltrasoundMultiFrameImageStorage, generate_uid
 
 from analysis.findings import Box
 from analysis.mosaic import ComposedImage, Tile
@@ -17,7 +16,7 @@ from analysis.prepare import PreparedStudy
 from analysis.regions import SourceRegion, map_box_to_source
 from conf import ImagingSettings
 from tests.data.ingest import prepared_study
-from tests.data.phantom import write_enhanced_volume, write_volume
+from tests.data.phantom import new_instance, write_enhanced_volume, write_volume
 
 
 def _box_around(composed: ComposedImage, tile: Tile, column: float, row: float, half: float) -> Box:
@@ -137,12 +136,7 @@ def test_an_enhanced_series_in_several_files_is_one_volume(tmp_path: Path) -> No
 def _ultrasound_cine(path: Path, frames: int, rows: int = 120, columns: int = 160) -> None:
     """An Ultrasound Multi-frame Image, grey, frame k filled with 5 k (so each tile says which
     frame it is), without BurnedInAnnotation (so it is masked before it leaves)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = UltrasoundMultiFrameImageStorage, meta.MediaStorageSOPInstanceUID
+    ds = new_instance(path, UltrasoundMultiFrameImageStorage)
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality, ds.ImageType = "US", ["ORIGINAL", "PRIMARY"]
     ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -25,6 +25,7 @@ from analysis.selection import ChosenFrame
 from analysis.slabs import Slab
 from analysis.volume import SliceReader, stack
 from tests.analysis.test_selection import image
+from tests.data.phantom import new_instance
 
 
 def _slice(
@@ -38,12 +39,7 @@ def _slice(
     extra: dict[str, object] | None = None,
     trailing_padding: bool = False,
 ) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = UID(syntax)
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds = new_instance(path, CTImageStorage, UID(syntax))
     ds.Modality = "CT"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

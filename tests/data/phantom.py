@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 INTERCEPT = -1024.0
 
@@ -37,6 +37,18 @@ class Phantom:
     pixel_mm: float
     study_instance_uid: str
     series_instance_uid: str
+
+
+def new_instance(path: Path, sop_class: str, transfer_syntax: str = ExplicitVRLittleEndian) -> FileDataset:
+    """An empty Part 10 data set of ``sop_class`` with a new SOP Instance UID, in its file meta
+    and its body, to be saved at ``path``."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    return ds
 
 
 def _header(
@@ -119,12 +131,7 @@ def write_enhanced_volume(
     Returns (study, series) UIDs."""
     order = list(frame_order) if frame_order is not None else list(range(len(slices)))
     rows, columns = slices[0].shape
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds = new_instance(path, EnhancedCTImageStorage)
     ds.StudyInstanceUID = study_instance_uid or generate_uid()
     ds.SeriesInstanceUID = series_instance_uid or generate_uid()
     ds.Modality = "CT"
