@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,12 +95,8 @@ class InstanceStore:
 
     def sync_bytes(self, received: Path) -> None:
         """fsync a received file's bytes (:class:`DiskFull` when the disk is full)."""
-        try:
+        with self._disk_full_as_disk_full():
             fsync_path(received)
-        except OSError as exc:
-            if exc.errno == 28:  # ENOSPC
-                raise DiskFull(f"no space left writing under {str(self.root)!r}") from exc
-            raise
 
     def install(
         self, received: Path, relative: str, sync_folder: bool = True, bytes_synced: bool = False
@@ -110,17 +107,13 @@ class InstanceStore:
         name (group commit syncs each folder once per batch). ``bytes_synced``: the caller has
         fsynced the bytes already (:meth:`sync_bytes`)."""
         final = self.root / relative
-        try:
+        with self._disk_full_as_disk_full():
             if not bytes_synced:
                 fsync_path(received)
             self._make_dirs_durably(final.parent)
             os.replace(received, final)
             if sync_folder:
                 fsync_path(final.parent)
-        except OSError as exc:
-            if exc.errno == 28:  # ENOSPC
-                raise DiskFull(f"no space left writing under {str(self.root)!r}") from exc
-            raise
         return final
 
     def link_new(self, received: Path, relative: str) -> bool | None:
@@ -130,17 +123,26 @@ class InstanceStore:
         exists; None: this file system has no hard links (use :meth:`install`)."""
         final = self.root / relative
         try:
-            self._make_dirs_durably(final.parent)
-            os.link(received, final)
+            with self._disk_full_as_disk_full():
+                self._make_dirs_durably(final.parent)
+                os.link(received, final)
         except FileExistsError:
             return False
         except OSError as exc:
-            if exc.errno == 28:  # ENOSPC
-                raise DiskFull(f"no space left writing under {str(self.root)!r}") from exc
             if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
                 return None
             raise
         return True
+
+    @contextlib.contextmanager
+    def _disk_full_as_disk_full(self) -> Iterator[None]:
+        """ENOSPC from the file system becomes :class:`DiskFull` (answered 0xA700)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFull(f"no space left writing under {str(self.root)!r}") from exc
+            raise
 
     def _make_dirs_durably(self, folder: Path) -> None:
         missing: list[Path] = []
