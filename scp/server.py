@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,15 @@ def _ending(event: evt.Event) -> str:
     return "closed"
 
 
+@dataclass
+class _OpenAssociation:
+    """What an open association has stored so far: its studies' settle is pushed while it is
+    open, and its end is logged with the count."""
+
+    studies: set[str] = field(default_factory=set)
+    stored: int = 0
+
+
 class StorageSCP:
     """The node's DICOM listener and the settle loop that queues studies."""
 
@@ -252,9 +262,8 @@ class StorageSCP:
         # fsync is disk time, not CPU: each received file's runs while its dataset is checked
         # and hashed.
         self._byte_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
-        self._open: dict[int, set[str]] = {}
+        self._open: dict[int, _OpenAssociation] = {}  # by id() of the association
         self.associations = AssociationLog(settings.storage.root)
-        self._stored: dict[int, int] = {}  # instances each open association stored
         self._open_lock = threading.Lock()
         self._stop = threading.Event()
         self._server: NodeServer | None = None
@@ -374,8 +383,7 @@ class StorageSCP:
 
     def _on_accepted(self, event: evt.Event) -> None:
         with self._open_lock:
-            self._open[id(event.assoc)] = set()
-            self._stored[id(event.assoc)] = 0
+            self._open[id(event.assoc)] = _OpenAssociation()
         self.associations.write("association-accepted", outcome="success", **self._peer(event))
         log.info(
             "association accepted from %s (%s)",
@@ -426,14 +434,14 @@ class StorageSCP:
 
     def _on_closed(self, event: evt.Event) -> None:
         with self._open_lock:
-            studies = self._open.pop(id(event.assoc), None)
-            stored = self._stored.pop(id(event.assoc), None)
-        if stored is not None:  # the first of released / aborted / closed ends it
-            self.associations.write(
-                "association-ended", outcome=_ending(event), instances_stored=stored, **self._peer(event)
-            )
-        if studies:
-            self._push_settle(studies)
+            ended = self._open.pop(id(event.assoc), None)
+        if ended is None:  # the first of released / aborted / closed ends it
+            return
+        self.associations.write(
+            "association-ended", outcome=_ending(event), instances_stored=ended.stored, **self._peer(event)
+        )
+        if ended.studies:
+            self._push_settle(ended.studies)
 
     def _push_settle(self, studies: set[str]) -> None:
         until = self.clock() + dt.timedelta(seconds=self.settings.study.settle_seconds)
@@ -447,7 +455,7 @@ class StorageSCP:
         interval = min(1.0, max(self.settings.study.settle_seconds / 4, 0.05))
         while not self._stop.wait(interval):
             with self._open_lock:
-                sending = set().union(*self._open.values()) if self._open else set()
+                sending = set().union(*(opened.studies for opened in self._open.values()))
             if sending:
                 self._push_settle(sending)
             if not self.settles:
@@ -522,9 +530,9 @@ class StorageSCP:
             received.unlink(missing_ok=True)
         if study is not None:
             with self._open_lock:
-                self._open.setdefault(id(assoc), set()).add(study)
-                if id(assoc) in self._stored:
-                    self._stored[id(assoc)] += 1
+                opened = self._open.setdefault(id(assoc), _OpenAssociation())
+                opened.studies.add(study)
+                opened.stored += 1
         elapsed_ms = (time.perf_counter() - started) * 1000
         if status.is_success:
             log.info(
