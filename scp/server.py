@@ -530,9 +530,12 @@ class StorageSCP:
             received.unlink(missing_ok=True)
         if study is not None:
             with self._open_lock:
-                opened = self._open.setdefault(id(assoc), _OpenAssociation())
-                opened.studies.add(study)
-                opened.stored += 1
+                # None: the association ended while this was stored (pynetdicom reports a dropped
+                # connection from its network thread); opening it again would never be undone.
+                opened = self._open.get(id(assoc))
+                if opened is not None:
+                    opened.studies.add(study)
+                    opened.stored += 1
         elapsed_ms = (time.perf_counter() - started) * 1000
         if status.is_success:
             log.info(

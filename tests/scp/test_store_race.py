@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 from pydicom import dcmread
 from sqlalchemy import create_engine
@@ -102,3 +103,25 @@ def test_only_the_main_process_restarts_the_settle_window_of_receiving_studies(t
         main.start()
         main.stop(grace_seconds=1)
         assert settle_at() > before  # type: ignore[operator]
+
+
+def test_a_store_that_ends_after_its_association_closed_leaves_nothing_open(tmp_path: Path) -> None:
+    """pynetdicom reports a dropped connection from its network thread while the association's
+    thread may still be storing. That store must not open the association again: the
+    housekeeper would push its study's settle time for as long as the node runs."""
+    root = tmp_path / "var"
+    url = f"sqlite:///{root}/ainode.db"
+    settings = Settings(storage=StorageSettings(root=root, database_url=url, min_free_mb=1))
+    (source,) = write_series(tmp_path / "ct", 1)
+    closed = SimpleNamespace(requestor=SimpleNamespace(ae_title="CT01"))  # no longer open
+    with open_database(url) as sessions:
+        scp = StorageSCP(settings, sessions)
+        scp.store.prepare()
+        received = scp.store.tmp_dir / "received.dcm"
+        shutil.copy(source, received)
+        ds = dcmread(source, stop_before_pixels=True)
+        status, _ = scp.store_received(closed, str(ds.SOPClassUID), str(ds.SOPInstanceUID), received)  # type: ignore[arg-type]
+        assert status == 0x0000
+        assert scp._open == {}
+        with sessions() as session:
+            assert session.get_one(Study, str(ds.StudyInstanceUID)).instance_count == 1
