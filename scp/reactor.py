@@ -103,6 +103,7 @@ log = logging.getLogger("ainode.scp")
 # wakes every fraction of a millisecond to look asks for the interpreter lock the handler holds,
 # and slowed a lone sender: 65 -> 82 small instances/s without it).
 MAX_IDLE_WAIT_SECONDS = 0.05
+ACCEPTING_WAIT_SECONDS = 10.0  # at most, for the association thread to finish accepting
 FIRST_RECEIVE_BYTES = 1024 * 1024 + 6  # a whole P-DATA PDU at node.max_pdu_bytes' default
 # sha256 of the source of each upstream function copied below, as in pynetdicom 3.0.4
 UPSTREAM_SOURCES: dict[str, tuple[Callable[..., Any], str]] = {
@@ -458,7 +459,7 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
         assoc = self.assoc
         if not (item.is_command and item.is_last) or len(item.data) > MAX_COMMAND_BYTES:
             return None
-        if assoc.dimse.message is not None or not assoc.is_established or assoc._sent_release:
+        if assoc.dimse.message is not None or not self._accepted() or assoc._sent_release:
             return None
         if item.context_id not in assoc._accepted_cx:
             return None  # pynetdicom aborts it
@@ -466,6 +467,20 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
             return store_request(item.data)
         except CodecError:
             return None  # pynetdicom answers or aborts as it does
+
+    def _accepted(self) -> bool:
+        """Whether the association thread has finished accepting: waits for it when this
+        thread is first. The A-ASSOCIATE-AC goes out before pynetdicom runs EVT_ACCEPTED's
+        handlers and sets ``is_established``, so a quick peer's first C-STORE can arrive in
+        between; pynetdicom's own path holds it until then, and so does this one (the server
+        opens its record of the association in EVT_ACCEPTED)."""
+        assoc = self.assoc
+        deadline = time.monotonic() + ACCEPTING_WAIT_SECONDS
+        while not assoc.is_established:
+            if assoc._kill or assoc.is_aborted or time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
     def _open_receiving(self, request: StoreRequest, context_id: int) -> _Receiving:
         context = self.assoc._accepted_cx[context_id]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from sqlalchemy import delete, select
@@ -84,6 +84,22 @@ def test_an_association_runs_on_the_overrides_and_stores_intact(scp: StorageSCP,
         # What the SCU sent is what pydicom writes again; the stored file has the same dataset.
         assert dcmread(stored).PixelData == dcmread(path).PixelData
         assert sha256_of(stored)[:16] in stored.name
+
+
+def test_a_c_store_sent_while_the_node_still_accepts_takes_the_fast_path(
+    scp: StorageSCP, tmp_path: Path
+) -> None:
+    """The A-ASSOCIATE-AC leaves before the node's EVT_ACCEPTED handlers run; a peer that sends
+    at once is served when accepting ends, on the fast path, and counted for its association."""
+    (path,) = write_series(tmp_path / "ct", 1, source=CT_SMALL)
+    assert scp._server is not None
+    scp._server.bind(evt.EVT_ACCEPTED, lambda event: time.sleep(0.5))
+    assoc = _associate(scp.port)
+    assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+    served = _served(scp)
+    assert _fast_stores(served) == 1
+    assert scp._open[id(served)].stored == 1
+    assoc.release()
 
 
 def test_a_peer_abort_ends_the_served_association(scp: StorageSCP) -> None:
