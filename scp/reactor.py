@@ -473,14 +473,25 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
         thread is first. The A-ASSOCIATE-AC goes out before pynetdicom runs EVT_ACCEPTED's
         handlers and sets ``is_established``, so a quick peer's first C-STORE can arrive in
         between; pynetdicom's own path holds it until then, and so does this one (the server
-        opens its record of the association in EVT_ACCEPTED)."""
+        opens its record of the association in EVT_ACCEPTED). The network timeout is held off
+        meanwhile, as in :meth:`_finish`: the peer waits for us (the PDU it sent is not counted
+        as activity until it is served, and the association thread looks at the timer as soon as
+        accepting ends)."""
         assoc = self.assoc
-        deadline = time.monotonic() + ACCEPTING_WAIT_SECONDS
-        while not assoc.is_established:
-            if assoc._kill or assoc.is_aborted or time.monotonic() > deadline:
-                return False
-            time.sleep(0.001)
-        return True
+        if assoc.is_established:
+            return True
+        timeout = self._idle_timer.timeout
+        self._idle_timer.timeout = None
+        try:
+            deadline = time.monotonic() + ACCEPTING_WAIT_SECONDS
+            while not assoc.is_established:
+                if assoc._kill or assoc.is_aborted or time.monotonic() > deadline:
+                    return False
+                time.sleep(0.001)
+            return True
+        finally:
+            self._idle_timer.restart()  # before the timeout returns: never seen expired
+            self._idle_timer.timeout = timeout
 
     def _open_receiving(self, request: StoreRequest, context_id: int) -> _Receiving:
         context = self.assoc._accepted_cx[context_id]

@@ -22,7 +22,7 @@ from sqlalchemy import delete, select
 
 from conf import NodeSettings, Settings, StorageSettings, StudySettings
 from scp import reactor
-from scp.dimse_codec import command_elements, command_pdu, pdvs
+from scp.dimse_codec import StoreRequest, command_elements, command_pdu, pdvs
 from scp.server import StorageSCP
 from storage.db import open_database
 from storage.files import sha256_of
@@ -99,6 +99,32 @@ def test_a_c_store_sent_while_the_node_still_accepts_takes_the_fast_path(
     served = _served(scp)
     assert _fast_stores(served) == 1
     assert scp._open[id(served)].stored == 1
+    assoc.release()
+
+
+def test_a_c_store_waiting_for_a_slow_accept_is_not_a_network_timeout(
+    scp: StorageSCP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accepting outlasts the network timeout while the peer's C-STORE waits for it: the peer
+    is waiting for the node, not idle. The DUL thread resumes slowly after the wait (a loaded
+    machine), so the association thread looks at the timer first."""
+    (path,) = write_series(tmp_path / "ct", 1, source=CT_SMALL)
+    assert scp._server is not None
+    scp.ae.network_timeout = 0.6
+    scp._server.bind(evt.EVT_ACCEPTED, lambda event: time.sleep(1.0))
+    open_receiving = reactor.EventDrivenDUL._open_receiving
+
+    def slowly(dul: reactor.EventDrivenDUL, request: StoreRequest, context_id: int) -> object:
+        time.sleep(0.2)
+        return open_receiving(dul, request, context_id)
+
+    monkeypatch.setattr(reactor.EventDrivenDUL, "_open_receiving", slowly)
+    assoc = _associate(scp.port)
+    response = assoc.send_c_store(dcmread(path))
+    served = _served(scp)
+    assert not served.is_aborted
+    assert response and response.Status == 0x0000
+    assert _fast_stores(served) == 1
     assoc.release()
 
 
