@@ -110,8 +110,8 @@ def test_a_c_store_waiting_for_a_slow_accept_is_not_a_network_timeout(
     machine), so the association thread looks at the timer first."""
     (path,) = write_series(tmp_path / "ct", 1, source=CT_SMALL)
     assert scp._server is not None
-    scp.ae.network_timeout = 0.6
-    scp._server.bind(evt.EVT_ACCEPTED, lambda event: time.sleep(1.0))
+    scp.ae.network_timeout = 1.0
+    scp._server.bind(evt.EVT_ACCEPTED, lambda event: time.sleep(1.5))
     open_receiving = reactor.EventDrivenDUL._open_receiving
 
     def slowly(dul: reactor.EventDrivenDUL, request: StoreRequest, context_id: int) -> object:
