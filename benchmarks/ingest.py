@@ -4,10 +4,14 @@
 
 Three sending patterns: one association of 300 CT slices; ten modalities sending 50 slices each
 at once; fifty associations of twenty small (40 KB) images at once. Prints instances/s, MB/s and
-peak RSS per receiver and round, the medians and the ratios; then the node's peak RSS while ten
-associations send ``--big-gb`` GB of 256 MB multi-frame instances.
+peak RSS per receiver and round, its CPU per instance (user and system) and how busy the whole
+machine was (the senders run on it too: where it is near 100%, CPU per instance decides the
+ratio), the medians and the ratios; then the node's peak RSS while ten associations send
+``--big-gb`` GB of 256 MB multi-frame instances.
 ainode runs durable (bytes and folder fsynced, row committed, SQLite WAL synchronous=FULL, before
-each 0x0000); storescp and Orthanc run with their defaults (Orthanc fsyncs each file since 1.7.4).
+each 0x0000); storescp and Orthanc run with their defaults. Orthanc 1.10 fdatasyncs each file
+but not its folder, and its SQLite index syncs only at checkpoints (seen with strace: 100
+instances, 100 file fdatasyncs, 6 of the index and its WAL).
 """
 
 from __future__ import annotations
@@ -118,26 +122,52 @@ def fresh_uids(files: list[Path]) -> None:
     os.sync()
 
 
-def cpu_seconds(process: psutil.Process) -> float:
+def cpu_seconds(process: psutil.Process) -> tuple[float, float]:
     """User and system CPU time of ``process`` and its children so far."""
-    total = 0.0
+    user = system = 0.0
     for each in [process, *process.children(recursive=True)]:
         try:
             times = each.cpu_times()
         except psutil.Error:
             continue
-        total += times.user + times.system
-    return total
+        user += times.user
+        system += times.system
+    return user, system
 
 
-def peak_rss_during(pid: int, action: Callable[[], object]) -> tuple[float, int, float]:
-    """Seconds ``action`` took, the peak memory of ``pid`` and its children (summed PSS: for
-    one process, its RSS less its share of shared libraries), and the CPU seconds they spent:
-    on a machine of two cores, CPU per instance is what caps a receiver with many senders."""
+def machine_cpu() -> tuple[int, int]:
+    """All CPU time and idle time (idle + iowait) of the machine so far, in clock ticks."""
+    with open("/proc/stat") as stat:
+        ticks = [int(field) for field in stat.readline().split()[1:]]
+    return sum(ticks), ticks[3] + ticks[4]
+
+
+@dataclass(frozen=True)
+class Measured:
+    seconds: float
+    peak: int  # bytes
+    user: float  # CPU seconds of the receiver
+    system: float
+    machine_busy: float  # share of all cores busy (receiver, senders, kernel), 0..1
+
+    def per_instance(self, count: int) -> str:
+        total = (self.user + self.system) * 1000 / count
+        return (
+            f"CPU {total:5.2f} ms/inst (user {self.user * 1000 / count:4.2f}, system "
+            f"{self.system * 1000 / count:4.2f})  machine {self.machine_busy * 100:3.0f}% busy"
+        )
+
+
+def peak_rss_during(pid: int, action: Callable[[], object]) -> Measured:
+    """How long ``action`` took, the peak memory of ``pid`` and its children (summed PSS: for
+    one process, its RSS less its share of shared libraries), the CPU they spent, and how busy
+    the whole machine was: on two cores shared with the senders, CPU per instance is what caps
+    a receiver with many senders."""
     peak = 0
     done = threading.Event()
     process = psutil.Process(pid)
-    cpu_before = cpu_seconds(process)
+    user_before, system_before = cpu_seconds(process)
+    ticks_before, idle_before = machine_cpu()
 
     def sample() -> None:
         nonlocal peak
@@ -158,7 +188,11 @@ def peak_rss_during(pid: int, action: Callable[[], object]) -> tuple[float, int,
     finally:
         done.set()
         sampler.join()
-    return time.perf_counter() - started, peak, cpu_seconds(process) - cpu_before
+    seconds = time.perf_counter() - started
+    user, system = cpu_seconds(process)
+    ticks, idle = machine_cpu()
+    busy = 1 - (idle - idle_before) / max(1, ticks - ticks_before)
+    return Measured(seconds, peak, user - user_before, system - system_before, busy)
 
 
 def write_big_study(folder: Path, gigabytes: float) -> list[Path]:
@@ -222,15 +256,16 @@ def run_pattern(work: Path, key: str, pattern: Pattern, rounds: int, receivers: 
             folder.mkdir()
             with runner(folder) as (port, pid):
                 sending = functools.partial(send_at_once, port, called, batches)
-                seconds, peak, cpu = peak_rss_during(pid, sending)
+                measured = peak_rss_during(pid, sending)
+            seconds = measured.seconds
             if name == "ainode":
-                peaks.append(peak)
+                peaks.append(measured.peak)
             rates[name].append(count / seconds)
-            cpu_ms[name].append(cpu * 1000 / count)
+            cpu_ms[name].append((measured.user + measured.system) * 1000 / count)
             print(
                 f"round {round_} {name:9s} {count / seconds:8.1f} inst/s "
-                f"{megabytes / seconds:8.1f} MB/s  peak RSS {peak / 2**20:5.0f} MiB  "
-                f"CPU {cpu * 1000 / count:5.2f} ms/inst"
+                f"{megabytes / seconds:8.1f} MB/s  peak RSS {measured.peak / 2**20:5.0f} MiB  "
+                f"{measured.per_instance(count)}"
             )
     medians = {name: statistics.median(values) for name, values in rates.items()}
     print(f"median over {rounds} rounds:")
@@ -272,12 +307,12 @@ def main() -> None:
             folder.mkdir()
             senders = min(10, len(big))
             with run_ainode(folder) as (port, pid):
-                seconds, peak, _cpu = peak_rss_during(
+                measured = peak_rss_during(
                     pid, lambda: send_at_once(port, "AINODE", [big[i::senders] for i in range(senders)])
                 )
             print(
                 f"\nbig: {len(big)} instances of 256 MiB, {total:.2f} GiB over {senders} associations "
-                f"in {seconds:.1f} s; ainode peak RSS {peak / 2**20:.0f} MiB"
+                f"in {measured.seconds:.1f} s; ainode peak RSS {measured.peak / 2**20:.0f} MiB"
             )
 
 
