@@ -68,7 +68,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
@@ -474,21 +474,27 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
         handlers and sets ``is_established``, so a quick peer's first C-STORE can arrive in
         between; pynetdicom's own path holds it until then, and so does this one (the server
         opens its record of the association in EVT_ACCEPTED). The network timeout is held off
-        meanwhile, as in :meth:`_finish`: the peer waits for us (the PDU it sent is not counted
-        as activity until it is served, and the association thread looks at the timer as soon as
-        accepting ends)."""
+        meanwhile, as in :meth:`_finish` (the PDU the peer sent is not counted as activity until
+        it is served, and the association thread looks at the timer as soon as accepting ends)."""
         assoc = self.assoc
         if assoc.is_established:
             return True
-        timeout = self._idle_timer.timeout
-        self._idle_timer.timeout = None
-        try:
+        with self._peer_waits_for_us():
             deadline = time.monotonic() + ACCEPTING_WAIT_SECONDS
             while not assoc.is_established:
                 if assoc._kill or assoc.is_aborted or time.monotonic() > deadline:
                     return False
                 time.sleep(0.001)
             return True
+
+    @contextlib.contextmanager
+    def _peer_waits_for_us(self) -> Iterator[None]:
+        """The network timeout held off, and restarted after: the peer is waiting for us, not
+        idle."""
+        timeout = self._idle_timer.timeout
+        self._idle_timer.timeout = None
+        try:
+            yield
         finally:
             self._idle_timer.restart()  # before the timeout returns: never seen expired
             self._idle_timer.timeout = timeout
@@ -526,19 +532,15 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
             status, comment = receiving.failed_status, receiving.failed
             log.error("C-STORE answered 0x%04X: %s", status, receiving.failed)
         else:
-            timeout = self._idle_timer.timeout
-            self._idle_timer.timeout = None
-            try:
-                store = cast(StoreHandler, self._fast_store)
-                status, comment = store(
-                    self.assoc, request.sop_class_uid, request.sop_instance_uid, receiving.path
-                )
-            except Exception:
-                log.exception("the C-STORE handler raised")
-                status, comment = HANDLER_FAILED, None
-            finally:
-                self._idle_timer.restart()  # before the timeout returns: never seen expired
-                self._idle_timer.timeout = timeout
+            with self._peer_waits_for_us():
+                try:
+                    store = cast(StoreHandler, self._fast_store)
+                    status, comment = store(
+                        self.assoc, request.sop_class_uid, request.sop_instance_uid, receiving.path
+                    )
+                except Exception:
+                    log.exception("the C-STORE handler raised")
+                    status, comment = HANDLER_FAILED, None
         receiving.discard()
         self.fast_stores += 1
         if self.assoc.is_established and self.socket is not None:
