@@ -150,11 +150,14 @@ class Measured:
     system: float
     machine_busy: float  # share of all cores busy (receiver, senders, kernel), 0..1
 
+    def cpu_ms_per_instance(self, count: int) -> float:
+        return (self.user + self.system) * 1000 / count
+
     def per_instance(self, count: int) -> str:
-        total = (self.user + self.system) * 1000 / count
         return (
-            f"CPU {total:5.2f} ms/inst (user {self.user * 1000 / count:4.2f}, system "
-            f"{self.system * 1000 / count:4.2f})  machine {self.machine_busy * 100:3.0f}% busy"
+            f"CPU {self.cpu_ms_per_instance(count):5.2f} ms/inst (user "
+            f"{self.user * 1000 / count:4.2f}, system {self.system * 1000 / count:4.2f})  "
+            f"machine {self.machine_busy * 100:3.0f}% busy"
         )
 
 
@@ -261,7 +264,7 @@ def run_pattern(work: Path, key: str, pattern: Pattern, rounds: int, receivers: 
             if name == "ainode":
                 peaks.append(measured.peak)
             rates[name].append(count / seconds)
-            cpu_ms[name].append((measured.user + measured.system) * 1000 / count)
+            cpu_ms[name].append(measured.cpu_ms_per_instance(count))
             print(
                 f"round {round_} {name:9s} {count / seconds:8.1f} inst/s "
                 f"{megabytes / seconds:8.1f} MB/s  peak RSS {measured.peak / 2**20:5.0f} MiB  "
