@@ -95,7 +95,7 @@ class InstanceStore:
 
     def sync_bytes(self, received: Path) -> None:
         """fsync a received file's bytes (:class:`DiskFull` when the disk is full)."""
-        with self._disk_full_as_disk_full():
+        with self._enospc_as_disk_full():
             fsync_path(received)
 
     def install(
@@ -107,7 +107,7 @@ class InstanceStore:
         name (group commit syncs each folder once per batch). ``bytes_synced``: the caller has
         fsynced the bytes already (:meth:`sync_bytes`)."""
         final = self.root / relative
-        with self._disk_full_as_disk_full():
+        with self._enospc_as_disk_full():
             if not bytes_synced:
                 fsync_path(received)
             self._make_dirs_durably(final.parent)
@@ -123,7 +123,7 @@ class InstanceStore:
         exists; None: this file system has no hard links (use :meth:`install`)."""
         final = self.root / relative
         try:
-            with self._disk_full_as_disk_full():
+            with self._enospc_as_disk_full():
                 self._make_dirs_durably(final.parent)
                 os.link(received, final)
         except FileExistsError:
@@ -135,7 +135,7 @@ class InstanceStore:
         return True
 
     @contextlib.contextmanager
-    def _disk_full_as_disk_full(self) -> Iterator[None]:
+    def _enospc_as_disk_full(self) -> Iterator[None]:
         """ENOSPC from the file system becomes :class:`DiskFull` (answered 0xA700)."""
         try:
             yield
