@@ -86,14 +86,20 @@ def test_an_association_runs_on_the_overrides_and_stores_intact(scp: StorageSCP,
         assert sha256_of(stored)[:16] in stored.name
 
 
+def _accepting_slowly(scp: StorageSCP, tmp_path: Path, seconds: float) -> Path:
+    """The node's EVT_ACCEPTED handlers take ``seconds`` from now on; returns a small CT to send."""
+    (path,) = write_series(tmp_path / "ct", 1, source=CT_SMALL)
+    assert scp._server is not None
+    scp._server.bind(evt.EVT_ACCEPTED, lambda event: time.sleep(seconds))
+    return path
+
+
 def test_a_c_store_sent_while_the_node_still_accepts_takes_the_fast_path(
     scp: StorageSCP, tmp_path: Path
 ) -> None:
     """The A-ASSOCIATE-AC leaves before the node's EVT_ACCEPTED handlers run; a peer that sends
     at once is served when accepting ends, on the fast path, and counted for its association."""
-    (path,) = write_series(tmp_path / "ct", 1, source=CT_SMALL)
-    assert scp._server is not None
-    scp._server.bind(evt.EVT_ACCEPTED, lambda event: time.sleep(0.5))
+    path = _accepting_slowly(scp, tmp_path, seconds=0.5)
     assoc = _associate(scp.port)
     assert assoc.send_c_store(dcmread(path)).Status == 0x0000
     served = _served(scp)
@@ -108,10 +114,8 @@ def test_a_c_store_waiting_for_a_slow_accept_is_not_a_network_timeout(
     """Accepting outlasts the network timeout while the peer's C-STORE waits for it: the peer
     is waiting for the node, not idle. The DUL thread resumes slowly after the wait (a loaded
     machine), so the association thread looks at the timer first."""
-    (path,) = write_series(tmp_path / "ct", 1, source=CT_SMALL)
-    assert scp._server is not None
     scp.ae.network_timeout = 1.0
-    scp._server.bind(evt.EVT_ACCEPTED, lambda event: time.sleep(1.5))
+    path = _accepting_slowly(scp, tmp_path, seconds=1.5)
     open_receiving = reactor.EventDrivenDUL._open_receiving
 
     def slowly(dul: reactor.EventDrivenDUL, request: StoreRequest, context_id: int) -> object:
