@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 from importlib.metadata import PackageNotFoundError, version
@@ -17,13 +18,20 @@ from conf import ConfigError, Settings, load_settings
 from scp.errors import PeerError
 from scp.logs import setup_logging
 from scp.peers import parse_peer
-from scp.receivers import ReceiverWatch, check_port_free, fork_receivers, receiver_count
+from scp.receivers import (
+    ReceiverWatch,
+    check_port_free,
+    fork_commit_process,
+    fork_receivers,
+    receiver_count,
+)
 from scp.scu import dicom_files, dicom_headers, echo, send
 from scp.sender import SrSender
 from scp.server import StorageSCP
 from scp.status_report import format_table, study_rows
 from scp.tls import check_files as check_tls_files
 from storage import crashpoints
+from storage.commit_process import CommitLinks
 from storage.db import open_database, transaction
 from storage.errors import DatabaseNotUsable
 from storage.files import InstanceStore
@@ -199,13 +207,16 @@ def _run_roles(settings: Settings, command: str) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     with open_database(settings.storage.database_url) as sessions:
-        receivers = _fork_receivers(settings, sessions) if command in ("serve", "scp") else []
+        receivers, commit_link = (
+            _fork_receivers(settings, sessions) if command in ("serve", "scp") else ([], None)
+        )
         scp = (
             StorageSCP(
                 settings,
                 sessions,
                 waiting_reason=missing_key if command == "serve" else None,
                 reuse_port=bool(receivers),
+                commit_link=commit_link,
             )
             if command in ("serve", "scp")
             else None
@@ -240,20 +251,23 @@ def _web_server(settings: Settings, sessions: Any) -> Any:
     return WebServer(settings, sessions)
 
 
-def _fork_receivers(settings: Settings, sessions: Any) -> list[int]:
-    """The extra receiving processes (scp.receivers), forked before any thread starts."""
+def _fork_receivers(settings: Settings, sessions: Any) -> tuple[list[int], socket.socket | None]:
+    """The extra receiving processes (scp.receivers) and the commit process that commits for
+    all of them (storage.commit_process), forked before any thread starts: their PIDs, and the
+    main process's link to the commit process (None: one receiving process, its own commits)."""
     count = receiver_count(settings)
     if count <= 1:
-        return []
+        return [], None
     if settings.node.port == 0:
         log.info("node.port = 0 (any free port): one receiving process")
-        return []
+        return [], None
     check_port_free(settings.node.host, settings.node.port)
     InstanceStore(settings.storage.root).prepare()  # the one purge of tmp/, before anyone receives
     sessions.kw["bind"].dispose()  # no pooled connection crosses the fork
-    pids = fork_receivers(settings, count)
-    log.info("%d receiving processes on port %d", count, settings.node.port)
-    return pids
+    links = CommitLinks.make(count)
+    pids = [fork_commit_process(settings, links), *fork_receivers(settings, count, links)]
+    log.info("%d receiving processes on port %d, one commit process", count, settings.node.port)
+    return pids, links.keep_client(0)
 
 
 def _preview(settings: Settings, study_instance_uid: str, out: Path) -> int:

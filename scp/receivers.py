@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import math
 import os
@@ -38,6 +39,7 @@ from pathlib import Path
 from types import FrameType
 
 from conf import Settings
+from storage.commit_process import CommitLinks, run_commit_process
 from storage.db import open_database
 
 log = logging.getLogger("ainode.scp")
@@ -91,8 +93,10 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _run_receiver(settings: Settings, index: int) -> int:
+def _run_receiver(settings: Settings, index: int, links: CommitLinks) -> int:
     from scp.server import StorageSCP  # the fork happens before this module's import is needed
+
+    commit_link = links.keep_client(index)
 
     stop = threading.Event()
 
@@ -102,7 +106,7 @@ def _run_receiver(settings: Settings, index: int) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     with open_database(settings.storage.database_url) as sessions:
-        scp = StorageSCP(settings, sessions, settles=False, reuse_port=True)
+        scp = StorageSCP(settings, sessions, settles=False, reuse_port=True, commit_link=commit_link)
         scp.start()
         log.info("receiver %d (pid %d) listening", index, os.getpid())
         stop.wait()
@@ -110,25 +114,42 @@ def _run_receiver(settings: Settings, index: int) -> int:
     return 0
 
 
-def fork_receivers(settings: Settings, count: int) -> list[int]:
-    """Fork ``count - 1`` receivers; returns their PIDs in the main process. Call before any
-    thread is started (a forked child has only the thread that forked)."""
+def _fork(name: str, body: Callable[[], int]) -> int:
+    """Fork a process that runs ``body`` and exits with its status, dying with this one; its
+    PID here. Call before any thread is started (a forked child has only the thread that
+    forked)."""
     parent = os.getpid()
-    pids: list[int] = []
-    for index in range(1, count):
-        pid = os.fork()
-        if pid == 0:  # the receiver: never returns into the caller's code
-            code = 1
-            try:
-                _die_with_parent(parent)
-                code = _run_receiver(settings, index)
-            except BaseException:
-                log.exception("receiver %d failed", index)
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        pids.append(pid)
-    return pids
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller's code
+        code = 1
+        try:
+            _die_with_parent(parent)
+            code = body()
+        except BaseException:
+            log.exception("%s failed", name)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    return pid
+
+
+def fork_commit_process(settings: Settings, links: CommitLinks) -> int:
+    """Fork the commit process (:mod:`storage.commit_process`) before the receivers; its PID."""
+    return _fork(
+        "the commit process",
+        lambda: run_commit_process(
+            links.keep_serving(), settings.storage.database_url, settings.study.settle_seconds
+        ),
+    )
+
+
+def fork_receivers(settings: Settings, count: int, links: CommitLinks) -> list[int]:
+    """Fork ``count - 1`` receivers, receiver ``index`` with ``links.clients[index]``; returns
+    their PIDs in the main process. Call before any thread is started."""
+    return [
+        _fork(f"receiver {index}", functools.partial(_run_receiver, settings, index, links))
+        for index in range(1, count)
+    ]
 
 
 class ReceiverWatch:
@@ -171,7 +192,8 @@ class ReceiverWatch:
         code = os.waitstatus_to_exitcode(status)
         if not self.stopping.is_set():
             log.error(
-                "receiver process %d exited with status %d; stopping the node so that it is restarted whole",
+                "process %d (a receiver or the commit process) exited with status %d; "
+                "stopping the node so that it is restarted whole",
                 pid,
                 code,
             )

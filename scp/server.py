@@ -46,6 +46,7 @@ from scp.errors import DatasetCorrupt, DatasetMismatch
 from scp.statuses import StoreStatus
 from scp.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
 from storage import crashpoints
+from storage.commit_process import CommitRefused, RemoteCommitter
 from storage.db import transaction
 from storage.errors import StorageUnavailable
 from storage.files import InstanceStore, is_safe_uid, sha256_of
@@ -238,11 +239,14 @@ class StorageSCP:
         waiting_reason: str | None = None,
         settles: bool = True,
         reuse_port: bool = False,
+        commit_link: socket.socket | None = None,
     ) -> None:
         """``waiting_reason``: this node cannot analyse (no API key); settled studies are shown
         ``waiting`` with this reason instead of ``queued``. ``settles``: this process settles
         studies and reaps leases (the main process; not a forked receiver). ``reuse_port``:
-        other receiving processes listen on the same port (:mod:`scp.receivers`)."""
+        other receiving processes listen on the same port (:mod:`scp.receivers`).
+        ``commit_link``: this process's link to the commit process, which then commits what it
+        stores (:mod:`storage.commit_process`); None: its own group commit does."""
         self.settings = settings
         self.settles = settles
         self.reuse_port = reuse_port
@@ -258,7 +262,11 @@ class StorageSCP:
             max_elements=settings.node.max_data_elements,
             max_frames=settings.node.max_frames,
         )
-        self.committer = GroupCommitter(sessions, settings.study.settle_seconds, clock)
+        self.committer: GroupCommitter | RemoteCommitter = (
+            GroupCommitter(sessions, settings.study.settle_seconds, clock)
+            if commit_link is None
+            else RemoteCommitter(commit_link)
+        )
         # fsync is disk time, not CPU: each received file's runs while its dataset is checked
         # and hashed.
         self._byte_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
@@ -366,6 +374,8 @@ class StorageSCP:
         if self._housekeeper is not None:
             self._housekeeper.join(timeout=5)
         self._byte_syncs.shutdown(wait=True)
+        if isinstance(self.committer, RemoteCommitter):
+            self.committer.close()
         log.info("DICOM listener stopped")
 
     # -- association bookkeeping -------------------------------------------------------------
@@ -609,6 +619,10 @@ class StorageSCP:
             if created:
                 self.remove_if_unreferenced(sop_instance, relative)
             return StoreStatus.OUT_OF_RESOURCES, str(exc), None
+        except CommitRefused as exc:  # the commit process logged why
+            if created:
+                self.remove_if_unreferenced(sop_instance, relative)
+            return StoreStatus.PROCESSING_FAILURE, exc.cause, None
         except Exception:  # a row the database refuses (a NUL inside a value, say): no orphan file
             if created:
                 self.remove_if_unreferenced(sop_instance, relative)

@@ -56,6 +56,19 @@ class BatchStats:
     largest: int = 0
 
 
+def wait_for_durable_bytes(durable: Future[None] | None) -> None:
+    """Wait for a received file's own fsync (None: nothing to wait for); its failure as
+    :class:`StorageUnavailable` (:class:`DiskFull` when the disk is full)."""
+    if durable is None:
+        return
+    try:
+        durable.result()
+    except StorageUnavailable:
+        raise
+    except OSError as exc:
+        raise StorageUnavailable(f"cannot sync a received file: {exc.strerror}") from exc
+
+
 class GroupCommitter:
     def __init__(self, sessions: sessionmaker[Session], settle_seconds: float, clock: Clock) -> None:
         self.sessions = sessions
@@ -148,16 +161,30 @@ class GroupCommitter:
         durable = []
         for item in batch:
             try:
-                if item.durable is not None:
-                    item.durable.result()
+                wait_for_durable_bytes(item.durable)
             except StorageUnavailable as exc:
                 item.error = exc
                 continue
-            except OSError as exc:
-                item.error = StorageUnavailable(f"cannot sync a received file: {exc.strerror}")
-                continue
             durable.append(item)
         return durable
+
+    def commit_together(
+        self, requests: list[tuple[ReceivedInstance, Path | None]]
+    ) -> list[IngestResult | BaseException]:
+        """Commit these now, in this thread, in batches of at most :data:`MAX_BATCH` (the
+        commit process's loop, :mod:`storage.commit_process`): each one's result or error."""
+        batch = [_Pending(instance, folder) for instance, folder in requests]
+        for start in range(0, len(batch), MAX_BATCH):
+            self._commit(batch[start : start + MAX_BATCH])
+        outcomes: list[IngestResult | BaseException] = []
+        for item in batch:
+            if item.error is not None:
+                outcomes.append(item.error)
+            elif item.result is not None:
+                outcomes.append(item.result)
+            else:
+                outcomes.append(RuntimeError("group commit finished an instance without a result"))
+        return outcomes
 
     def _record_all(self, batch: list[_Pending]) -> list[IngestResult]:
         now = self.clock()

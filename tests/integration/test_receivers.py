@@ -44,6 +44,14 @@ def _listens(process: psutil.Process, port: int) -> bool:
         return False
 
 
+def _commit_process(node: Node) -> psutil.Process:
+    """The node's child that does not listen: the commit process (storage/commit_process.py)."""
+    assert node.proc is not None
+    others = [c for c in psutil.Process(node.proc.pid).children() if not _listens(c, node.port)]
+    assert len(others) == 1, others
+    return others[0]
+
+
 def _serving(process: psutil.Process, port: int) -> int:
     return sum(
         c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port for c in process.net_connections()
@@ -60,6 +68,7 @@ def test_receivers_share_the_port_and_the_work(make_node: NodeFactory, tmp_path:
     assert node.proc is not None
     receivers = _receivers(node)
     assert len(receivers) == RECEIVERS - 1
+    committer = _commit_process(node)
     # Eight associations held open at once land on more than one process (the kernel hashes
     # each connection to one of the three sockets: all eight on one has odds of 1 in 2187).
     ae = AE(ae_title="PACS")
@@ -91,15 +100,16 @@ def test_receivers_share_the_port_and_the_work(make_node: NodeFactory, tmp_path:
     assert len(node.stored_files()) == 40
     node.stop()  # SIGTERM: a clean stop of the node and of every receiver
     assert node.proc.returncode == 0
-    assert _gone(receivers)
+    assert _gone([*receivers, committer])
 
 
 def test_receivers_die_with_a_killed_node(make_node: NodeFactory) -> None:
     node = make_node(node={"receiver_processes": RECEIVERS}).start()
     receivers = _receivers(node)
     assert len(receivers) == RECEIVERS - 1
+    committer = _commit_process(node)
     node.kill9()
-    assert _gone(receivers)  # nothing left listening on the node's port
+    assert _gone([*receivers, committer])  # nothing left listening on the node's port
     assert dcmtk("echoscu", "-aec", "AINODE", "127.0.0.1", str(node.port)).returncode != 0
     node.start()  # the port is free for the restarted node
     assert dcmtk("echoscu", "-aec", "AINODE", "127.0.0.1", str(node.port)).returncode == 0
@@ -112,7 +122,31 @@ def test_a_receiver_that_dies_stops_the_node(make_node: NodeFactory) -> None:
     os.kill(receivers[0].pid, signal.SIGKILL)
     assert node.proc.wait(timeout=60) == 1  # for the service manager to restart it whole
     assert _gone(receivers)
-    assert f"receiver process {receivers[0].pid} exited" in (node.workdir / "node.log").read_text()
+    assert (
+        f"process {receivers[0].pid} (a receiver or the commit process) exited"
+        in (node.workdir / "node.log").read_text()
+    )
+
+
+def test_a_commit_process_that_dies_stops_the_node(make_node: NodeFactory, tmp_path: Path) -> None:
+    node = make_node(node={"receiver_processes": RECEIVERS}).start()
+    assert node.proc is not None
+    receivers = _receivers(node)
+    committer = _commit_process(node)
+    files = write_series(tmp_path / "ct", 3)
+    assert dcmtk("storescu", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, files)).returncode == 0
+    os.kill(committer.pid, signal.SIGKILL)
+    assert node.proc.wait(timeout=60) == 1  # for the service manager to restart it whole
+    assert _gone(receivers)
+    assert (
+        f"process {committer.pid} (a receiver or the commit process) exited"
+        in (node.workdir / "node.log").read_text()
+    )
+    node.start()  # what was acknowledged before is there; the restarted node stores again
+    assert [row["instance_count"] for row in node.status()] == [3]
+    more = write_series(tmp_path / "ct2", 2)
+    assert dcmtk("storescu", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, more)).returncode == 0
+    assert sorted(row["instance_count"] for row in node.status()) == [2, 3]
 
 
 def test_a_second_node_cannot_share_the_port(make_node: NodeFactory) -> None:
@@ -141,9 +175,10 @@ def test_a_stop_signal_to_the_whole_group_is_a_clean_stop(make_node: NodeFactory
         wait_for_port(node.port, proc=node.proc)
         receivers = _receivers(node)
         assert len(receivers) == RECEIVERS - 1
+        committer = _commit_process(node)
         os.killpg(node.proc.pid, signum)  # the group the node leads: the node and its receivers
         assert node.proc.wait(timeout=60) == 0
-        assert _gone(receivers)
+        assert _gone([*receivers, committer])
         assert "exited with status" not in node.log.read_text()
 
 
