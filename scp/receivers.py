@@ -221,7 +221,11 @@ class ReceiverWatch:
             thread.join(timeout=timeout)
         stuck = [pid for pid, thread in zip(self.pids, self._threads, strict=True) if thread.is_alive()]
         for pid in stuck:
-            log.warning("receiver process %d did not stop in %.0f s; killing it", pid, timeout)
+            log.warning(
+                "process %d (a receiver or the commit process) did not stop in %.0f s; killing it",
+                pid,
+                timeout,
+            )
         if stuck:
             self._signal(signal.SIGKILL)
             for thread in self._threads:

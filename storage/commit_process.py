@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import resource
 import selectors
 import signal
 import socket
@@ -207,10 +208,23 @@ class CommitLoop:
         sock.close()
 
 
+def _allow_a_descriptor_per_channel() -> None:
+    """Raise the soft limit on open files to the hard one: the commit process holds a channel
+    for every store in flight on every receiver (receivers x ``node.max_associations`` at
+    most), more than a soft limit of 1024 allows on a large host."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("the commit process keeps its limit of %d open files: %s", soft, exc)
+
+
 def run_commit_process(links: list[socket.socket], database_url: str, settle_seconds: float) -> int:
     """The commit process's body (forked; see the module's docstring)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _allow_a_descriptor_per_channel()
     with open_database(database_url) as sessions:
         CommitLoop(GroupCommitter(sessions, settle_seconds, utc_now), links).run()
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import signal
 import socket
 import struct
@@ -19,6 +20,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage import commit_process
 from storage.commit_process import (
     CommitLinks,
     CommitLoop,
@@ -216,3 +218,23 @@ def test_the_commit_process_exits_once_every_client_has_closed_its_link(
         if pid:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+def test_the_commit_process_may_hold_a_channel_for_every_store_in_flight() -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit on open files here is {hard}")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a process of its own: the limit is per process
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+            commit_process._allow_a_descriptor_per_channel()
+            os.write(write, str(resource.getrlimit(resource.RLIMIT_NOFILE)[0]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    raised = int(os.read(read, 64) or b"0")
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert raised == hard or (hard == resource.RLIM_INFINITY and raised == resource.RLIM_INFINITY)
