@@ -328,6 +328,7 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
     _fast_store: StoreHandler | None
     _tmp_dir: Path | None
     _receiving: _Receiving | None
+    _spare: tuple[int, str] | None
     fast_stores: int
 
     def _convert(
@@ -336,6 +337,7 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
         self._fast_store = fast_store
         self._tmp_dir = tmp_dir
         self._receiving = None
+        self._spare = None  # the next data set's file, made while the peer was not waiting
         self.fast_stores = 0  # C-STOREs this association served on the fast path
         # pynetdicom made the thread's target from the bound method of the class it was built as
         self._target = make_target(self.run_reactor)
@@ -501,7 +503,10 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
 
     def _open_receiving(self, request: StoreRequest, context_id: int) -> _Receiving:
         context = self.assoc._accepted_cx[context_id]
-        fd, name = tempfile.mkstemp(suffix=".dcm", dir=self._tmp_dir)
+        if self._spare is not None:
+            (fd, name), self._spare = self._spare, None
+        else:
+            fd, name = tempfile.mkstemp(suffix=".dcm", dir=self._tmp_dir)
         receiving = _Receiving(request, context_id, Path(name), os.fdopen(fd, "wb"))
         if request.sop_class_uid != str(context.abstract_syntax):
             # the data set is read and dropped; the association goes on
@@ -548,6 +553,24 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
             self.socket.send(
                 command_pdu(receiving.context_id, response, self.assoc.requestor.maximum_length or 0)
             )
+            self._make_spare()
+
+    def _make_spare(self) -> None:
+        """Make the next data set's file now, while the peer reads its answer and sends the
+        next request: creating a file waits for the file system's journal, which the fsyncs of
+        the instance just stored keep busy (0.6 ms a file, measured: a sixth of a lone
+        sender's time per 512 KB instance when it was on the way of each request)."""
+        try:
+            self._spare = tempfile.mkstemp(suffix=".dcm", dir=self._tmp_dir)
+        except OSError:
+            self._spare = None  # the next request makes its own, and reports what fails
+
+    def _drop_spare(self) -> None:
+        if self._spare is not None:
+            (fd, name), self._spare = self._spare, None
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(name)
 
     def _abort_fast(self) -> None:
         if self._receiving is not None:
@@ -622,6 +645,7 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
             if self._receiving is not None:  # the association ended mid data set
                 self._receiving.discard()
                 self._receiving = None
+            self._drop_spare()
             _discard_partial(self.assoc.dimse.message)
             self._user_wake.set()  # the association thread checks dul.is_alive()
             self._wake_reader.close()

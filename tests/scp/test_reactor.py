@@ -73,11 +73,15 @@ def test_an_association_runs_on_the_overrides_and_stores_intact(scp: StorageSCP,
     for path in files:
         assert assoc.send_c_store(dcmread(path)).Status == 0x0000
     assert _fast_stores(served) == len(files)  # every C-STORE took the fast path
+    # The next data set's file, made once the last answer went out: one, empty, reused.
+    (spare,) = scp.store.tmp_dir.iterdir()
+    assert spare.stat().st_size == 0
     assoc.release()
     assert assoc.is_released
     # The acceptor side ends with the release, not after a poll's timeout or the network timeout.
     served.join(timeout=2)
     assert not served.is_alive() and served.is_released
+    assert list(scp.store.tmp_dir.iterdir()) == []  # the spare went with the association
     for path in files:
         sop = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         (stored,) = scp.store.instances_dir.glob(f"*/*/{sop}.*.dcm")
@@ -262,6 +266,12 @@ def _tmp_files(scp: StorageSCP) -> list[Path]:
     return [p for p in scp.store.tmp_dir.iterdir() if p.suffix == ".dcm"]
 
 
+def _received_files(scp: StorageSCP) -> list[Path]:
+    """Files under tmp/ holding received data, while an association goes on: its spare for the
+    next data set, made once an answer went out, is empty."""
+    return [p for p in _tmp_files(scp) if p.stat().st_size]
+
+
 def _half_sent_c_store(scp: StorageSCP, sop_instance: str) -> tuple[Association, Association, int]:
     """An association that sent a C-STORE command and the first fragment of its data set, once
     the fast path receives it into a file under tmp/: (ours, the node's, the context ID)."""
@@ -320,7 +330,7 @@ def test_a_truncated_data_set_on_the_fast_path_is_refused_and_the_node_keeps_ser
     status = command_elements(item.data)[0x0900]
     assert int.from_bytes(status, "little") in (0xA900, 0xC000, 0xC210, 0xC211)
     assert _fast_stores(served) == 1 and served.is_established
-    assert _tmp_files(scp) == []
+    assert _received_files(scp) == []
     raw.close()
 
 
@@ -441,5 +451,5 @@ def test_a_sop_class_not_negotiated_on_its_context_is_refused_0122_and_nothing_i
     assert int.from_bytes(elements[0x0900], "little") == 0x0122
     assert b"not negotiated" in elements[0x0902]
     assert _fast_stores(served) == 1 and served.is_established
-    assert _tmp_files(scp) == [] and list(scp.store.instances_dir.glob("*/*/*.dcm")) == []
+    assert _received_files(scp) == [] and list(scp.store.instances_dir.glob("*/*/*.dcm")) == []
     raw.close()
