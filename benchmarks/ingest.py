@@ -161,11 +161,21 @@ class Measured:
         )
 
 
-def peak_rss_during(pid: int, action: Callable[[], object]) -> Measured:
+# How often the peak memory is sampled while throughput is measured. A sample of PSS walks the
+# page tables of every process of the receiver: 3.9-5.7 ms for ainode's three (main, receiver,
+# commit process), 0.4 ms for Orthanc's one (measured). Every 20 ms, as the RSS run samples,
+# that took about a fifth of a core from the machine during ainode's rounds alone.
+THROUGHPUT_SAMPLE_SECONDS = 0.25
+RSS_RUN_SAMPLE_SECONDS = 0.02
+
+
+def peak_rss_during(
+    pid: int, action: Callable[[], object], every_seconds: float = THROUGHPUT_SAMPLE_SECONDS
+) -> Measured:
     """How long ``action`` took, the peak memory of ``pid`` and its children (summed PSS: for
-    one process, its RSS less its share of shared libraries), the CPU they spent, and how busy
-    the whole machine was: on two cores shared with the senders, CPU per instance is what caps
-    a receiver with many senders."""
+    one process, its RSS less its share of shared libraries; sampled every ``every_seconds``),
+    the CPU they spent, and how busy the whole machine was: on two cores shared with the
+    senders, CPU per instance is what caps a receiver with many senders."""
     peak = 0
     done = threading.Event()
     process = psutil.Process(pid)
@@ -181,7 +191,7 @@ def peak_rss_during(pid: int, action: Callable[[], object]) -> Measured:
                 peak = max(peak, sum(p.memory_full_info().pss for p in processes))
             except psutil.Error:
                 return
-            time.sleep(0.02)
+            done.wait(every_seconds)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -311,7 +321,9 @@ def main() -> None:
             senders = min(10, len(big))
             with run_ainode(folder) as (port, pid):
                 measured = peak_rss_during(
-                    pid, lambda: send_at_once(port, "AINODE", [big[i::senders] for i in range(senders)])
+                    pid,
+                    lambda: send_at_once(port, "AINODE", [big[i::senders] for i in range(senders)]),
+                    RSS_RUN_SAMPLE_SECONDS,
                 )
             print(
                 f"\nbig: {len(big)} instances of 256 MiB, {total:.2f} GiB over {senders} associations "
