@@ -69,7 +69,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -145,7 +145,8 @@ UPSTREAM_SOURCES: dict[str, tuple[Callable[..., Any], str]] = {
 }
 # The node's store: (association, SOP Class UID, SOP Instance UID, received file) -> (status,
 # error comment). It must not raise; it may remove the file.
-StoreHandler = Callable[[Association, str, str, Path], tuple[int, "str | None"]]
+# (association, SOP Class UID, SOP Instance UID, the received file, the SHA-256 of its bytes)
+StoreHandler = Callable[[Association, str, str, Path, str], tuple[int, "str | None"]]
 HANDLER_FAILED = 0xC211  # what pynetdicom answers when a C-STORE handler raises
 
 
@@ -290,6 +291,8 @@ class _Receiving:
     file: IO[bytes] | None
     failed: str | None = None
     failed_status: int = 0xA700  # Out of Resources, unless the request itself was refused
+    # of the bytes written, as they are written: the file is not read again to name it
+    sha256: Any = field(default_factory=hashlib.sha256)
 
     def write(self, data: memoryview) -> None:
         if self.file is None:
@@ -298,6 +301,8 @@ class _Receiving:
             self.file.write(data)
         except OSError as exc:
             self.fail(f"cannot write the received data set ({exc.strerror or type(exc).__name__})")
+            return
+        self.sha256.update(data)
 
     def fail(self, reason: str, status: int = 0xA700) -> None:
         self.failed, self.failed_status = reason, status
@@ -541,7 +546,11 @@ class EventDrivenDUL(DULServiceProvider):  # type: ignore[misc]
                 try:
                     store = cast(StoreHandler, self._fast_store)
                     status, comment = store(
-                        self.assoc, request.sop_class_uid, request.sop_instance_uid, receiving.path
+                        self.assoc,
+                        request.sop_class_uid,
+                        request.sop_instance_uid,
+                        receiving.path,
+                        receiving.sha256.hexdigest(),
                     )
                 except Exception:
                     log.exception("the C-STORE handler raised")

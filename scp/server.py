@@ -525,14 +525,20 @@ class StorageSCP:
         return response
 
     def store_received(
-        self, assoc: Association, sop_class: str, sop_instance: str, received: Path
+        self,
+        assoc: Association,
+        sop_class: str,
+        sop_instance: str,
+        received: Path,
+        sha256: str | None = None,
     ) -> tuple[int, str | None]:
         """Store the data set received into ``received`` (removed here, whatever happens):
-        the C-STORE status, and the error comment for a failure. Never raises."""
+        the C-STORE status, and the error comment for a failure. Never raises. ``sha256``: of
+        the file's bytes, when the receiver hashed them as it wrote them (the fast path)."""
         started = time.perf_counter()
         calling_ae = str(assoc.requestor.ae_title).strip()
         try:
-            status, reason, study = self._store(received, sop_class, sop_instance, calling_ae)
+            status, reason, study = self._store(received, sop_class, sop_instance, calling_ae, sha256)
         except Exception as exc:  # a handler must never raise into pynetdicom
             log.exception("C-STORE of %s failed unexpectedly", sop_instance)
             status, reason, study = StoreStatus.PROCESSING_FAILURE, type(exc).__name__, None
@@ -561,7 +567,7 @@ class StorageSCP:
         return int(status), reason
 
     def _store(
-        self, received: Path, sop_class: str, sop_instance: str, calling_ae: str
+        self, received: Path, sop_class: str, sop_instance: str, calling_ae: str, sha256: str | None
     ) -> tuple[StoreStatus, str, str | None]:
         try:
             self.store.check_free_space(self.settings.storage.min_free_mb)
@@ -584,7 +590,7 @@ class StorageSCP:
                 None,
             )
 
-        sha256 = sha256_of(received)
+        sha256 = sha256 or sha256_of(received)
         relative = self.store.relative_path(*uids, sha256)
         final = self.store.absolute(relative)
         try:
