@@ -29,10 +29,10 @@ association is established and pynetdicom holds no partial message, the DUL thre
 P-DATA-TF PDU itself (:meth:`EventDrivenDUL._take_pdu`): a whole C-STORE-RQ command with a data
 set, on an accepted context, is read with :mod:`scp.dimse_codec`; its data set fragments go
 straight to a file under the chunked-receive folder after the same File Meta Information
-pynetdicom writes; on the last fragment the node's store handler runs (on this thread: the
-exchange is synchronous) and the C-STORE-RSP goes out as one PDU. Everything else (C-ECHO, a
-command split over fragments, release, abort, a malformed PDU) goes to pynetdicom's own decoding,
-unchanged.
+pynetdicom writes, hashed (SHA-256) as they are written; on the last fragment the node's store
+handler runs (on this thread: the exchange is synchronous) and the C-STORE-RSP goes out as one
+PDU. Everything else (C-ECHO, a command split over fragments, release, abort, a malformed PDU)
+goes to pynetdicom's own decoding, unchanged.
 
 The UIDs: pynetdicom builds every UID it decodes through ``set_uid``, which validates it by regex
 (pydicom's UID constructor, pynetdicom's validator, the conformance check): an A-ASSOCIATE-RQ from
