@@ -302,18 +302,8 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        # With several receivers the main process purged tmp/ before forking them (scp.cli);
-        # purging here would delete what another receiver is receiving.
-        self.store.prepare(purge=not self.reuse_port)
+        self.store.prepare(purge=False)  # the folders; tmp/ is purged once the port is ours
         configure_pynetdicom(self.store.tmp_dir)
-        if self.settles:  # once per node, by the main process, not again by every receiver
-            with transaction(self.sessions) as session:
-                until = self.clock() + dt.timedelta(seconds=self.settings.study.settle_seconds)
-                if extended := extend_settle(session, None, until):
-                    log.info(
-                        "%d studies were receiving when the node last stopped: settle time restarted",
-                        extended,
-                    )
         node = self.settings.node
         handlers: list[Any] = [
             # First: a caller whose certificate does not name its calling AE title is rejected
@@ -339,6 +329,11 @@ class StorageSCP:
         )
         if not isinstance(server, NodeServer):
             raise TypeError(f"pynetdicom made a {type(server).__name__}, not a NodeServer")
+        try:
+            self._claim_storage()
+        except BaseException:
+            server.server_close()
+            raise
         server.contexts = reactor.ContextList(server.contexts)
         # this node's store, on this server (not its class: another node in the process has its own)
         server.fast_store = self.store_received
@@ -355,6 +350,25 @@ class StorageSCP:
             self.port,
             " with TLS" if node.tls_enabled else "",
         )
+
+    def _claim_storage(self) -> None:
+        """What a starting node does to its storage and database, once its port is bound and
+        before it accepts: a second node started by mistake on the same configuration fails to
+        bind first, and must not purge tmp/ under the running one (the file each association
+        holds for its next data set, the data sets in flight) nor restart its studies' settle
+        time."""
+        # With several receivers the main process purged tmp/ before forking them (scp.cli);
+        # purging here would delete what another receiver is receiving.
+        if not self.reuse_port:
+            self.store.prepare()
+        if self.settles:  # once per node, by the main process, not again by every receiver
+            with transaction(self.sessions) as session:
+                until = self.clock() + dt.timedelta(seconds=self.settings.study.settle_seconds)
+                if extended := extend_settle(session, None, until):
+                    log.info(
+                        "%d studies were receiving when the node last stopped: settle time restarted",
+                        extended,
+                    )
 
     def stop(self, grace_seconds: float = 30.0) -> None:
         """Stop accepting, let open associations finish (up to ``grace_seconds``), stop."""

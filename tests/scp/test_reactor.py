@@ -74,8 +74,8 @@ def test_an_association_runs_on_the_overrides_and_stores_intact(scp: StorageSCP,
         assert assoc.send_c_store(dcmread(path)).Status == 0x0000
     assert _fast_stores(served) == len(files)  # every C-STORE took the fast path
     # The next data set's file, made once the last answer went out: one, empty, reused.
-    (spare,) = scp.store.tmp_dir.iterdir()
-    assert spare.stat().st_size == 0
+    assert _spare_made(scp).stat().st_size == 0
+    assert list(scp.store.tmp_dir.iterdir()) == [_spare_made(scp)]
     assoc.release()
     assert assoc.is_released
     # The acceptor side ends with the release, not after a poll's timeout or the network timeout.
@@ -453,3 +453,32 @@ def test_a_sop_class_not_negotiated_on_its_context_is_refused_0122_and_nothing_i
     assert _fast_stores(served) == 1 and served.is_established
     assert _received_files(scp) == [] and list(scp.store.instances_dir.glob("*/*/*.dcm")) == []
     raw.close()
+
+
+def _spare_made(scp: StorageSCP) -> Path:
+    """The association's file for its next data set, made just after its answer went out (the
+    peer may read the answer first): waited for."""
+    deadline = time.monotonic() + 5
+    while not (files := _tmp_files(scp)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (spare,) = files
+    return spare
+
+
+def test_a_second_node_started_on_the_same_configuration_leaves_the_running_one_s_files(
+    scp: StorageSCP, tmp_path: Path
+) -> None:
+    """An operator starts the node again while it runs (one receiving process): the second one
+    cannot bind the port and must leave tmp/ alone, or the file each open association holds for
+    its next data set is gone and that C-STORE fails."""
+    first, second = write_series(tmp_path / "ct", 2, source=CT_SMALL)
+    assoc = _associate(scp.port)
+    assert assoc.send_c_store(dcmread(first)).Status == 0x0000
+    spare = _spare_made(scp)
+    again = StorageSCP(scp.settings, scp.sessions)
+    with pytest.raises(OSError):
+        again.start()
+    assert spare.exists()
+    assert assoc.send_c_store(dcmread(second)).Status == 0x0000
+    assoc.release()
+    assert len(list(scp.store.instances_dir.glob("*/*/*.dcm"))) == 2
