@@ -4,10 +4,11 @@
 
 Three sending patterns: one association of 300 CT slices; ten modalities sending 50 slices each
 at once; fifty associations of twenty small (40 KB) images at once. Prints instances/s, MB/s and
-peak RSS per receiver and round, its CPU per instance (user and system) and how busy the whole
-machine was (the senders run on it too: where it is near 100%, CPU per instance decides the
-ratio), the medians and the ratios; then the node's peak RSS while ten associations send
-``--big-gb`` GB of 256 MB multi-frame instances.
+peak RSS per receiver and round (PSS sampled every 250 ms: a lower bound), its CPU per
+instance (user and system) and how busy the whole machine was (the senders run on it too: where
+it is near 100%, CPU per instance decides the ratio), the medians and the ratios; then the
+node's peak RSS while ten associations send ``--big-gb`` GB of 256 MB multi-frame instances
+(sampled every 20 ms).
 ainode runs durable (bytes and folder fsynced, row committed, SQLite WAL synchronous=FULL, before
 each 0x0000); storescp and Orthanc run with their defaults. Orthanc 1.10 fdatasyncs each file
 but not its folder, and its SQLite index syncs only at checkpoints (seen with strace: 100
