@@ -42,13 +42,17 @@ def postgres_url() -> Iterator[str]:
     except Exception as exc:  # pragma: no cover - the machine promises PostgreSQL
         admin.dispose()
         pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is not usable: {exc}")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with admin.connect() as conn:
-        conn.execute(
-            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
-        )
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        try:
+            with admin.connect() as conn:
+                # FORCE ends the sessions and drops in one step: a node still running (a fixture
+                # torn down after this one stops it) can reconnect between a separate
+                # pg_terminate_backend and the DROP ("being accessed by other users").
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        finally:
+            admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
