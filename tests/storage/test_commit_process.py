@@ -6,6 +6,7 @@ instance's result or error, and a broken client or commit process costs only wha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import resource
 import signal
@@ -32,6 +33,7 @@ from storage.errors import DiskFull, StorageUnavailable
 from storage.group_commit import GroupCommitter
 from storage.models import Instance, utc_now
 from storage.studies import IngestOutcome, IngestResult, ReceivedInstance
+from tests.storage.test_group_commit import at_once
 from tests.storage.test_queue import instance
 
 CLIENTS = 2
@@ -62,23 +64,7 @@ def running(sessions: sessionmaker[Session]) -> Iterator[Running]:
 def record_from_threads(
     jobs: list[tuple[RemoteCommitter, ReceivedInstance]], folder: Path | None
 ) -> list[object]:
-    outcomes: list[object] = [None] * len(jobs)
-    start = threading.Barrier(len(jobs))
-
-    def one(index: int) -> None:
-        client, item = jobs[index]
-        start.wait()
-        try:
-            outcomes[index] = client.record(item, folder)
-        except Exception as exc:
-            outcomes[index] = exc
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    return outcomes
+    return at_once([functools.partial(client.record, item, folder) for client, item in jobs])
 
 
 def test_instances_from_several_processes_share_batches_and_each_gets_its_own_result(
@@ -135,6 +121,14 @@ def test_a_folder_or_bytes_that_cannot_be_synced_is_storage_unavailable(
     assert client.record(instance("3.4"), tmp_path).outcome is IngestOutcome.STORED
 
 
+def _new_channel(client: RemoteCommitter) -> socket.socket:
+    """A channel to the commit process made by hand, as RemoteCommitter makes one: our end."""
+    ours, theirs = socket.socketpair()
+    socket.send_fds(client.link, [b"+"], [theirs.fileno()])
+    theirs.close()
+    return ours
+
+
 def _closed_by_the_other_end(channel: socket.socket) -> bool:
     channel.settimeout(10)
     try:
@@ -144,33 +138,35 @@ def _closed_by_the_other_end(channel: socket.socket) -> bool:
 
 
 def test_garbage_on_a_channel_closes_that_channel_only(running: Running, tmp_path: Path) -> None:
-    ours, theirs = socket.socketpair()
-    socket.send_fds(running.clients[1].link, [b"+"], [theirs.fileno()])
-    theirs.close()
+    ours = _new_channel(running.clients[1])
     ours.sendall(struct.pack("!I", 5) + b"\x80\x05junk")  # not a pickle of a request
     assert _closed_by_the_other_end(ours)
     ours.close()
-    oversized = socket.socketpair()
-    socket.send_fds(running.clients[1].link, [b"+"], [oversized[1].fileno()])
-    oversized[1].close()
-    oversized[0].sendall(struct.pack("!I", 1 << 31))  # a length no request has
-    assert _closed_by_the_other_end(oversized[0])
-    oversized[0].close()
+    oversized = _new_channel(running.clients[1])
+    oversized.sendall(struct.pack("!I", 1 << 31))  # a length no request has
+    assert _closed_by_the_other_end(oversized)
+    oversized.close()
     assert running.clients[1].record(instance("4.1"), tmp_path).outcome is IngestOutcome.STORED
+
+
+def _fork_commit_process(links: CommitLinks, sessions: sessionmaker[Session]) -> int:
+    """The commit process, forked as the node forks it, on the test's database; its PID."""
+    url = sessions.kw["bind"].url.render_as_string(hide_password=False)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = run_commit_process(links.keep_serving(), url, 10.0)
+        finally:
+            os._exit(code)
+    return pid
 
 
 def test_a_client_whose_commit_process_is_gone_gets_storage_unavailable(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     links = CommitLinks.make(1)
-    url = sessions.kw["bind"].url.render_as_string(hide_password=False)
-    pid = os.fork()
-    if pid == 0:  # the commit process, as the node forks it
-        code = 1
-        try:
-            code = run_commit_process(links.keep_serving(), url, 10.0)
-        finally:
-            os._exit(code)
+    pid = _fork_commit_process(links, sessions)
     client = RemoteCommitter(links.keep_client(0))
     try:
         assert client.record(instance("5.1"), tmp_path).outcome is IngestOutcome.STORED
@@ -194,14 +190,7 @@ def test_the_commit_process_exits_once_every_client_has_closed_its_link(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     links = CommitLinks.make(2)
-    url = sessions.kw["bind"].url.render_as_string(hide_password=False)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = run_commit_process(links.keep_serving(), url, 10.0)
-        finally:
-            os._exit(code)
+    pid = _fork_commit_process(links, sessions)
     for link in links.serving:
         link.close()
     first, second = (RemoteCommitter(link) for link in links.clients)

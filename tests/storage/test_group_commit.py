@@ -4,8 +4,10 @@ transactions, each thread gets its own instance's result, and one bad instance f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -23,24 +25,29 @@ from tests.storage.test_queue import instance
 THREADS = 24
 
 
-def record_at_once(committer: GroupCommitter, items: list[object], folder: Path | None) -> list[object]:
-    """Each item recorded from its own thread, all released together; the result or the error."""
-    outcomes: list[object] = [None] * len(items)
-    start = threading.Barrier(len(items))
+def at_once(calls: list[Callable[[], object]]) -> list[object]:
+    """Each call in its own thread, all released together; each one's result or error."""
+    outcomes: list[object] = [None] * len(calls)
+    start = threading.Barrier(len(calls))
 
     def one(index: int) -> None:
         start.wait()
         try:
-            outcomes[index] = committer.record(items[index], folder)  # type: ignore[arg-type]
+            outcomes[index] = calls[index]()
         except Exception as exc:
             outcomes[index] = exc
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(items))]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
     return outcomes
+
+
+def record_at_once(committer: GroupCommitter, items: list[object], folder: Path | None) -> list[object]:
+    """Each item recorded from its own thread, all released together; the result or the error."""
+    return at_once([functools.partial(committer.record, item, folder) for item in items])  # type: ignore[arg-type]
 
 
 def test_concurrent_instances_share_commits_and_each_gets_its_own_result(
